@@ -1,0 +1,77 @@
+"""`create_app(settings)`: the gateway. Clients open in the lifespan and close in `finally`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from redis.asyncio import Redis
+
+from service.api import router
+from service.config import Settings
+from service.encoder import build_encoder
+from service.errors import register_error_handlers
+from service.history import HistoryStore, Keys
+from service.metrics import Metrics
+from service.prompt import load_codec
+from service.recommend import RecommendService
+from service.retrieval import open_index
+from service.routing import AdapterRegistry
+from service.scoring import EngineClient
+from service.writes import Writer
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        model_dir = settings.model_dir
+        codec = load_codec(model_dir)
+        redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
+                               socket_connect_timeout=2, health_check_interval=30)
+        index = open_index(settings.qdrant_url, settings.qdrant_api_key.get_secret_value()
+                           if settings.qdrant_api_key else None, settings.qdrant_collection, settings.edge_path)
+        timeout = httpx.Timeout(settings.engine_timeout_s, connect=settings.engine_connect_timeout_s)
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        http = httpx.AsyncClient(base_url=settings.engine_url, timeout=timeout, limits=limits)
+        try:
+            history = HistoryStore(redis, Keys(settings.redis_prefix), settings.max_history_events)
+            engine = EngineClient(http, settings.engine_model_name, codec.answer,
+                                  on_load=lambda outcome: metrics.adapter_loads.labels(outcome).inc())
+            app.state.recommender = RecommendService(
+                history, index, codec, engine, AdapterRegistry(settings.registry_dir), metrics,
+                default_k=settings.history_k, default_mode=settings.retrieval_mode,
+                default_adapter=settings.default_adapter, max_candidates=settings.max_candidates)
+            app.state.writer = Writer(history, index,
+                                      build_encoder(settings.encoder, model_dir, settings.data_dir,
+                                                    settings.encoder_dim))
+            yield
+        finally:
+            await http.aclose()
+            await index.close()
+            await redis.aclose()
+
+    app = FastAPI(title="lorec", version="0.1.0", lifespan=lifespan,
+                  description="LLM recommendations: CTR scores and ranked lists from a user's lifelong history.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    register_error_handlers(app)
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def observe_latency(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.request_seconds.labels(getattr(route, "path", "unmatched"), request.method,
+                                       str(response.status_code)).observe(time.perf_counter() - start)
+        return response
+
+    return app

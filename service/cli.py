@@ -1,0 +1,157 @@
+"""The `lorec` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import typer
+
+from service.config import Settings
+
+app = typer.Typer(help="lorec: LLM recommendations behind a REST API.", no_args_is_help=True)
+model_app = typer.Typer(help="The served model.", no_args_is_help=True)
+ingest_app = typer.Typer(help="Load data into Redis and the item index.", no_args_is_help=True)
+adapters_app = typer.Typer(help="The adapter registry.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(ingest_app, name="ingest")
+app.add_typer(adapters_app, name="adapters")
+
+DEFAULT_MOVIELENS = Path("../shared/data/ml-100k")
+log = logging.getLogger("lorec")
+
+
+def _logging() -> None:
+    logging.basicConfig(level=os.environ.get("LOREC_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@model_app.command("prepare")
+def model_prepare() -> None:
+    """Turn the packaged Gemma 3 270M GGUF into a bf16 HF folder (once), or check LOREC_MODEL."""
+    from service.model import resolve_model
+
+    _logging()
+    settings = Settings()
+    typer.echo(resolve_model(settings.model, settings.data_dir, prepare=True))
+
+
+async def _ingest(settings: Settings, directory: Path, skip_bad_lines: bool) -> dict:
+    from redis.asyncio import Redis
+
+    from service.encoder import build_encoder
+    from service.history import Keys
+    from service.ingest import ingest_movielens, read_movielens
+    from service.retrieval import open_index
+
+    data = read_movielens(directory, skip_bad_lines=skip_bad_lines)
+    for line in data.skipped:
+        log.warning("skipped %s", line)
+    model_dir = settings.model_dir
+    encoder = build_encoder(settings.encoder, model_dir, settings.data_dir, settings.encoder_dim)
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    index = open_index(settings.qdrant_url, settings.qdrant_api_key.get_secret_value()
+                       if settings.qdrant_api_key else None, settings.qdrant_collection, settings.edge_path)
+    try:
+        encoder_id = f"{settings.encoder}:{model_dir.resolve()}:{settings.encoder_dim}"
+        report = await ingest_movielens(data, redis, Keys(settings.redis_prefix), index, encoder, encoder_id)
+    finally:
+        await index.close()
+        await redis.aclose()
+    return report.as_dict()
+
+
+@ingest_app.command("movielens")
+def ingest_movielens_command(
+    directory: Path = typer.Option(..., "--dir", exists=True, file_okay=False, help="ML-100K or ML-1M folder"),
+    skip_bad_lines: bool = typer.Option(False, help="skip malformed lines instead of rejecting the file"),
+) -> None:
+    """Read GroupLens MovieLens files into Redis (history, catalog, profiles) and Qdrant (item vectors)."""
+    _logging()
+    typer.echo(json.dumps(asyncio.run(_ingest(Settings(), directory, skip_bad_lines))))
+
+
+@adapters_app.command("list")
+def adapters_list() -> None:
+    """Adapters in the registry directory."""
+    from service.routing import AdapterRegistry
+
+    settings = Settings()
+    for name in AdapterRegistry(settings.registry_dir).names():
+        typer.echo(name)
+
+
+@app.command()
+def engine(port: int = typer.Option(8100), host: str = typer.Option("127.0.0.1")) -> None:
+    """Run the vLLM engine server in the foreground."""
+    from service.processes import engine_command, engine_env
+
+    settings = Settings()
+    command = engine_command(settings, settings.model_dir, port, host)
+    os.execvpe(command[0], command, engine_env(settings))
+
+
+@app.command()
+def serve() -> None:
+    """Run the gateway (Redis, Qdrant and the engine must be reachable)."""
+    import uvicorn
+
+    from service.app import create_app
+
+    _logging()
+    settings = Settings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command()
+def up(
+    data: Path = typer.Option(None, envvar="LOREC_DATA", help=f"MovieLens folder (default {DEFAULT_MOVIELENS})"),
+    engine_port: int = typer.Option(8100),
+) -> None:
+    """Everything on embedded defaults: redis-server, Qdrant Edge, vLLM, ingestion, gateway."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.model import resolve_model
+    from service.processes import Managed, engine_command, engine_env, redis_command
+
+    _logging()
+    started = time.monotonic()
+    settings = Settings()
+    data = data or DEFAULT_MOVIELENS
+    model_dir = resolve_model(settings.model, settings.data_dir, prepare=True)
+    logs = settings.data_dir / "logs"
+    children: list[Managed] = []
+    try:
+        redis_port = urlparse(settings.redis_url).port or 6379
+        redis = Managed("redis-server", redis_command(settings.data_dir / "redis", redis_port), logs / "redis.log")
+        children.append(redis)
+        redis.wait_redis(settings.redis_url, 30)
+        settings.engine_url = f"http://127.0.0.1:{engine_port}"
+        vllm = Managed("vllm", engine_command(settings, model_dir, engine_port), logs / "vllm.log",
+                       env=engine_env(settings))
+        children.append(vllm)
+        log.info("ingesting %s (skipped when already ingested)", data)
+        log.info("ingest: %s", asyncio.run(_ingest(settings, data, skip_bad_lines=False)))
+        log.info("waiting for the vLLM engine (log: %s)", vllm.log_path)
+        vllm.wait_http(f"{settings.engine_url}/health", 900)
+        log.info("ready after %.0fs; try:\n  curl -s -X POST http://%s:%d/v1/rank -H 'content-type: application/json'"
+                 " -d '{\"user_id\": \"1\", \"item_ids\": [\"1\", \"50\", \"100\", \"181\", \"258\"], \"top_k\": 3}'",
+                 time.monotonic() - started, settings.host, settings.port)
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""All settings of the gateway and its helpers, from `LOREC_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.model import resolve_model
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOREC_", env_file=None, extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="Redis data, the embedded Qdrant shard, prepared model")
+    model: Path | None = Field(None, description="HF causal-LM folder to serve; default: prepared Gemma 3 270M")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "lorec"
+    qdrant_url: str | None = Field(None, validation_alias=AliasChoices("LOREC_QDRANT_URL", "QDRANT_URL"))
+    qdrant_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("LOREC_QDRANT_API_KEY",
+                                                                                 "QDRANT_API_KEY"))
+    qdrant_collection: str = "lorec_items"
+    encoder: str = "llm"
+    encoder_dim: int = Field(512, ge=2)
+
+    engine_url: str = "http://127.0.0.1:8100"
+    engine_model_name: str = "base"
+    engine_timeout_s: float = Field(60.0, gt=0)
+    engine_connect_timeout_s: float = Field(2.0, gt=0)
+    engine_dtype: str = "bfloat16"
+    engine_max_model_len: int = Field(2048, ge=128)
+    engine_kv_cache_gib: int = Field(2, ge=1, description="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    engine_max_loras: int = Field(4, ge=1, description="adapters in one batch")
+    engine_max_cpu_loras: int = Field(16, ge=1, description="adapters kept in engine memory")
+    engine_max_lora_rank: int = Field(16, ge=1)
+    engine_max_num_batched_tokens: int | None = None
+    adapter_dir: Path | None = Field(None, description="adapter registry; default data_dir/adapters")
+    default_adapter: str | None = Field(None, description="adapter every request uses unless it asks otherwise")
+
+    history_k: int = Field(10, ge=0, le=100)
+    retrieval_mode: Literal["subr", "recent"] = "subr"
+    max_history_events: int = Field(5000, ge=1)
+    max_candidates: int = Field(200, ge=1)
+    max_id_length: int = Field(128, ge=1)
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @field_validator("qdrant_url")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.adapter_dir or self.data_dir / "adapters"
+
+    @property
+    def edge_path(self) -> Path:
+        return self.data_dir / "qdrant-edge"
+
+    @cached_property
+    def model_dir(self) -> Path:
+        return resolve_model(self.model, self.data_dir, prepare=False)

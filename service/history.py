@@ -1,0 +1,156 @@
+"""Stage 1, history: users' lifelong behaviour, profiles and the item catalog in Redis.
+
+Key layout (every key starts with the prefix, `lorec` by default):
+
+    {p}:user:{<uid>}:events   ZSET   member "<item>\\x1f<rating>\\x1f<ts>", score ts (seconds).
+                                     Time order comes from the score; an identical event
+                                     written twice is stored once (same member).
+                                     rating is empty for a click.
+    {p}:user:{<uid>}:profile  HASH   gender, age, occupation (display text)
+    {p}:item:<iid>            HASH   title, year ("" if unknown), genres ("|"-joined)
+    {p}:users                 SET    every user id with events or a profile
+    {p}:items                 SET    every catalog item id
+    {p}:ingest:<dataset>      HASH   fingerprint and counts of a finished ingestion
+
+The `{<uid>}` hash tag keeps one user's keys in one Redis Cluster slot, so a
+request's reads for that user can share a pipeline on a cluster too. Ids may
+not contain control characters, so the separator \\x1f cannot occur in them.
+Key builders and codecs are pure functions; the async functions below do one
+non-transactional pipeline per round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from redis.asyncio import Redis
+
+from service.records import Behaviour, Item, Profile, UserContext
+
+SEP = "\x1f"
+
+
+class Keys:
+    def __init__(self, prefix: str = "lorec") -> None:
+        self.prefix = prefix
+
+    def events(self, user_id: str) -> str:
+        return f"{self.prefix}:user:{{{user_id}}}:events"
+
+    def profile(self, user_id: str) -> str:
+        return f"{self.prefix}:user:{{{user_id}}}:profile"
+
+    def item(self, item_id: str) -> str:
+        return f"{self.prefix}:item:{item_id}"
+
+    def users(self) -> str:
+        return f"{self.prefix}:users"
+
+    def items(self) -> str:
+        return f"{self.prefix}:items"
+
+    def ingest(self, dataset: str) -> str:
+        return f"{self.prefix}:ingest:{dataset}"
+
+
+# --- pure codecs ---------------------------------------------------------------------------
+
+
+def encode_event(b: Behaviour) -> str:
+    rating = "" if b.rating is None else f"{b.rating:g}"
+    return f"{b.item_id}{SEP}{rating}{SEP}{b.ts}"
+
+
+def decode_event(member: str) -> Behaviour:
+    item_id, rating, ts = member.split(SEP)
+    return Behaviour(item_id=item_id, ts=int(ts), rating=float(rating) if rating else None)
+
+
+def encode_item(item: Item) -> dict[str, str]:
+    return {"title": item.title, "year": "" if item.year is None else str(item.year), "genres": "|".join(item.genres)}
+
+
+def decode_item(item_id: str, fields: dict[str, str]) -> Item | None:
+    if not fields:
+        return None
+    year = fields.get("year") or ""
+    genres = fields.get("genres") or ""
+    return Item(item_id=item_id, title=fields["title"], year=int(year) if year else None,
+                genres=tuple(genres.split("|")) if genres else ())
+
+
+def encode_profile(profile: Profile) -> dict[str, str]:
+    return {k: v for k, v in (("gender", profile.gender), ("age", profile.age),
+                               ("occupation", profile.occupation)) if v}
+
+
+def decode_profile(fields: dict[str, str]) -> Profile:
+    return Profile(gender=fields.get("gender"), age=fields.get("age"), occupation=fields.get("occupation"))
+
+
+def time_order_key(b: Behaviour) -> tuple[int, str]:
+    """The order Redis keeps a user's events in: by time, ties by member bytes."""
+    return b.ts, encode_event(b)
+
+
+def history_bounds(as_of: int | None) -> str:
+    """Upper score bound: strictly before `as_of` (ZRANGE's "(" excludes it)."""
+    return "+inf" if as_of is None else f"({as_of}"
+
+
+# --- reads ---------------------------------------------------------------------------------
+
+
+class HistoryStore:
+    """Reads and writes of the key layout above over one async Redis client."""
+
+    def __init__(self, redis: Redis, keys: Keys, max_events: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.max_events = max_events
+
+    async def load_request(self, user_id: str, item_ids: Sequence[str], as_of: int | None
+                           ) -> tuple[UserContext, dict[str, Item | None]]:
+        """The user's profile, newest `max_events` behaviours before `as_of`, and the candidates."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrevrangebyscore(self.keys.events(user_id), history_bounds(as_of), "-inf",
+                              start=0, num=self.max_events)
+        pipe.hgetall(self.keys.profile(user_id))
+        for item_id in item_ids:
+            pipe.hgetall(self.keys.item(item_id))
+        members, profile, *items = await pipe.execute()
+        behaviours = [decode_event(m) for m in reversed(members)]
+        context = UserContext(user_id=user_id, profile=decode_profile(profile), behaviours=behaviours)
+        return context, {i: decode_item(i, f) for i, f in zip(item_ids, items)}
+
+    async def items(self, item_ids: Iterable[str]) -> dict[str, Item | None]:
+        ids = list(dict.fromkeys(item_ids))
+        pipe = self.redis.pipeline(transaction=False)
+        for item_id in ids:
+            pipe.hgetall(self.keys.item(item_id))
+        return {i: decode_item(i, f) for i, f in zip(ids, await pipe.execute())}
+
+    async def user_history(self, user_id: str, as_of: int | None, limit: int) -> UserContext:
+        context, _ = await self.load_request(user_id, [], as_of)
+        context.behaviours = context.behaviours[-limit:]
+        return context
+
+    async def user_exists(self, user_id: str) -> bool:
+        return bool(await self.redis.sismember(self.keys.users(), user_id))
+
+    # --- writes ----------------------------------------------------------------------------
+
+    async def append_events(self, events: Sequence[tuple[str, Behaviour]]) -> None:
+        """All events or none (MULTI/EXEC); re-sending the same event stores it once."""
+        pipe = self.redis.pipeline(transaction=True)
+        for user_id, behaviour in events:
+            pipe.zadd(self.keys.events(user_id), {encode_event(behaviour): behaviour.ts})
+        pipe.sadd(self.keys.users(), *{u for u, _ in events})
+        await pipe.execute()
+
+    async def put_item(self, item: Item) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.keys.item(item.item_id))
+        pipe.hset(self.keys.item(item.item_id), mapping=encode_item(item))
+        pipe.sadd(self.keys.items(), item.item_id)
+        await pipe.execute()

@@ -1,0 +1,36 @@
+"""Prometheus metrics, one registry per app (no global state at import)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.request_seconds = Histogram("lorec_request_seconds", "Request latency by route",
+                                         ["route", "method", "status"], buckets=_BUCKETS, registry=self.registry)
+        self.stage_seconds = Histogram("lorec_stage_seconds", "Latency of one stage of the request flow",
+                                       ["stage"], buckets=_BUCKETS, registry=self.registry)
+        self.engine_calls = Counter("lorec_engine_calls_total", "Scoring calls to the vLLM engine",
+                                    ["adapter", "outcome"], registry=self.registry)
+        self.engine_prompts = Counter("lorec_engine_prompts_total", "Prompts scored by the engine",
+                                      registry=self.registry)
+        self.adapter_loads = Counter("lorec_adapter_loads_total", "Adapter loads into the engine",
+                                     ["outcome"], registry=self.registry)
+
+    @contextmanager
+    def stage(self, name: str, timings: dict[str, float] | None = None):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.stage_seconds.labels(name).observe(elapsed)
+            if timings is not None:
+                timings[name] = timings.get(name, 0.0) + elapsed

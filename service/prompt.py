@@ -1,0 +1,111 @@
+"""The one prompt template, used by the gateway and the offline trainer alike.
+
+Shape (ReLLa, as published): a short profile, the K behaviours as a numbered
+list of "title (year), N stars" in time order, a note that more stars mean
+more liking, then the question about the target and an instruction to answer
+only Yes or No. The user's part comes first and the target's part last, so
+every candidate of one request shares the longest possible prefix (vLLM's
+prefix cache reuses it; in `recent` mode that is the whole history).
+
+Item text is data, not instructions: titles are quoted and stripped of
+quotes and line breaks so a title cannot close the list or start a new line
+of instructions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from service.records import Behaviour, Item, Profile
+
+ANSWER_PREFIX = "Answer:"
+YES, NO = " Yes", " No"
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f"]+')
+
+
+def quote(text: str) -> str:
+    """Item text as a quoted literal on one line."""
+    return '"' + " ".join(_UNSAFE.sub(" ", text).split()) + '"'
+
+
+def item_phrase(item: Item) -> str:
+    year = f" ({item.year})" if item.year else ""
+    return f"{quote(item.title)}{year}"
+
+
+def behaviour_phrase(behaviour: Behaviour, item: Item) -> str:
+    if behaviour.rating is None:
+        return f"{item_phrase(item)}, clicked"
+    stars = f"{behaviour.rating:g}"
+    return f"{item_phrase(item)}, {stars} star{'' if stars == '1' else 's'}"
+
+
+def profile_sentence(profile: Profile) -> str:
+    parts = []
+    if profile.gender:
+        parts.append(f"gender: {profile.gender}")
+    if profile.age:
+        parts.append(f"age: {profile.age}")
+    if profile.occupation:
+        parts.append(f"occupation: {profile.occupation}")
+    if not parts:
+        return "Nothing is known about the user's profile."
+    return "The user's profile is " + "; ".join(parts) + "."
+
+
+def user_part(profile: Profile, behaviours: Sequence[Behaviour], items: dict[str, Item]) -> str:
+    """The shared head of the prompt: profile and history, oldest first."""
+    lines = [profile_sentence(profile)]
+    if behaviours:
+        lines.append("The user watched and rated these movies, in time order:")
+        lines += [f"{i}. {behaviour_phrase(b, items[b.item_id])}" for i, b in enumerate(behaviours, 1)]
+        lines.append("More stars mean the user liked the movie more.")
+    else:
+        lines.append("The user has not rated any movie yet.")
+    return "\n".join(lines) + "\n"
+
+
+def target_part(target: Item) -> str:
+    return (
+        f"Will the user like the movie {item_phrase(target)}?\n"
+        f"Answer only Yes or No.\n{ANSWER_PREFIX}"
+    )
+
+
+def build_prompt(profile: Profile, behaviours: Sequence[Behaviour], items: dict[str, Item], target: Item) -> str:
+    """Prompt text for one (user, target) pair; `behaviours` already chosen and in time order."""
+    return user_part(profile, behaviours, items) + target_part(target)
+
+
+@dataclass(frozen=True)
+class AnswerTokens:
+    yes: int
+    no: int
+
+
+class PromptCodec:
+    """Turns prompt text into the token ids the engine (and the trainer) consume."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.answer = AnswerTokens(self._answer_token(YES), self._answer_token(NO))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def _answer_token(self, answer: str) -> int:
+        # The answer token is what the tokenizer appends to the prompt's end,
+        # whatever its vocabulary calls it (" Yes", "▁Yes", "ĠYes").
+        head = self.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+        full = self.tokenizer(ANSWER_PREFIX + answer, add_special_tokens=False)["input_ids"]
+        if full[: len(head)] != head or len(full) != len(head) + 1:
+            raise ValueError(f"{answer!r} is not one token after {ANSWER_PREFIX!r} in this tokenizer")
+        return full[-1]
+
+
+def load_codec(model_dir) -> PromptCodec:
+    from transformers import AutoTokenizer
+
+    return PromptCodec(AutoTokenizer.from_pretrained(str(model_dir)))

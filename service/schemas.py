@@ -1,0 +1,141 @@
+"""The wire: request and response bodies of the gateway."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+
+MAX_ID_LENGTH = 128
+MAX_ITEMS_PER_REQUEST = 1000
+MAX_EVENTS_PER_REQUEST = 1000
+
+
+def _int_as_str(value: object) -> object:
+    # Ids are strings; integers are accepted as their decimal form. bool is an int in Python: refuse it.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+Id = Annotated[str, BeforeValidator(_int_as_str),
+               StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScoreOptions(Strict):
+    adapter: str | None = Field(None, description='adapter name from the registry, or "base"')
+    retrieval: Literal["subr", "recent"] | None = Field(None, description="history selection; default: deployment's")
+    k: int | None = Field(None, ge=0, le=50, description="behaviours in each prompt")
+    explain: bool = Field(False, description="include each item's prompt behaviours (why)")
+    return_prompt: bool = Field(False, description="include each item's prompt token ids (debugging, audits)")
+
+
+class CtrRequest(Strict):
+    user_id: Id
+    item_ids: list[Id] = Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)
+    as_of: int | None = Field(None, ge=0, description="see only behaviours strictly before this unix time")
+    options: ScoreOptions = Field(default_factory=ScoreOptions)
+
+    @model_validator(mode="after")
+    def _unique_items(self) -> CtrRequest:
+        if len(set(self.item_ids)) != len(self.item_ids):
+            raise ValueError("item_ids must not repeat an id")
+        return self
+
+
+class RankRequest(CtrRequest):
+    top_k: int | None = Field(None, ge=1, description="how many items to return; default all")
+
+
+class BehaviourOut(BaseModel):
+    item_id: str
+    ts: int
+    rating: float | None
+    title: str | None = None
+
+
+class ItemScore(BaseModel):
+    item_id: str
+    score: float = Field(description="P(Yes) in [0, 1]")
+    logprob_yes: float
+    logprob_no: float
+    why: list[BehaviourOut] | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+class ScoreMeta(BaseModel):
+    user_id: str
+    adapter: str
+    retrieval: str
+    k: int
+    history_size: int
+
+
+class CtrResponse(ScoreMeta):
+    scores: list[ItemScore]
+
+
+class RankResponse(ScoreMeta):
+    items: list[ItemScore]
+
+
+class EventIn(Strict):
+    user_id: Id
+    item_id: Id
+    ts: int = Field(ge=0, description="unix time in seconds")
+    rating: float | None = Field(None, ge=0, le=10, description="stars; leave out for a click")
+    click: bool = False
+
+    @model_validator(mode="after")
+    def _rating_or_click(self) -> EventIn:
+        if (self.rating is None) == (not self.click):
+            raise ValueError("an event is either a rating or a click (click: true), not both or neither")
+        return self
+
+
+class EventsRequest(Strict):
+    events: list[EventIn] = Field(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)
+
+
+class EventsResponse(BaseModel):
+    stored: int
+
+
+class ProfileOut(BaseModel):
+    gender: str | None = None
+    age: str | None = None
+    occupation: str | None = None
+
+
+class HistoryResponse(BaseModel):
+    user_id: str
+    profile: ProfileOut
+    events: list[BehaviourOut]
+
+
+class ItemIn(Strict):
+    title: str = Field(min_length=1, max_length=500)
+    year: int | None = Field(None, ge=1800, le=2200)
+    genres: list[Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^|\x00-\x1f]+$")]] \
+        = Field(default_factory=list, max_length=32)
+
+
+class ItemOut(ItemIn):
+    item_id: str
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    code: int
+    field: str | None = None
+    dependency: str | None = None
+    details: list[dict] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

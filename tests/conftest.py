@@ -1,0 +1,125 @@
+"""Real servers as session fixtures: redis-server, vLLM (tiny Llama; Gemma for the marked tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from service.config import Settings
+from service.encoder import build_encoder
+from service.history import Keys
+from service.ingest import ingest_movielens, read_movielens
+from service.model import resolve_model
+from service.processes import Managed, engine_command, engine_env, free_port, redis_command
+from service.retrieval import open_index
+from tests.utils.tiny_model import build_random_adapter, build_tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+ML100K = Path(os.environ.get("LOREC_TEST_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))
+ENGINE_START_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lorec")
+
+
+@pytest.fixture(scope="session")
+def redis_url(workdir):
+    port = free_port()
+    server = Managed("redis-server", redis_command(workdir / "redis", port), workdir / "logs" / "redis.log")
+    url = f"redis://127.0.0.1:{port}/0"
+    server.wait_redis(url, 30)
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(workdir) -> Path:
+    return build_tiny_llama(workdir / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(workdir, tiny_model) -> Path:
+    registry = workdir / "adapters"
+    build_random_adapter(tiny_model, registry / "tiny-random-v1")
+    return registry
+
+
+def start_engine(settings: Settings, model_dir: Path, log_path: Path) -> tuple[Managed, str]:
+    port = free_port()
+    engine = Managed("vllm", engine_command(settings, model_dir, port), log_path, env=engine_env(settings))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        engine.wait_http(f"{url}/health", ENGINE_START_TIMEOUT_S)
+    except BaseException:
+        engine.stop()
+        raise
+    return engine, url
+
+
+def make_settings(workdir: Path, model: Path, redis_url: str, **overrides) -> Settings:
+    values = dict(data_dir=workdir / "data", model=model, redis_url=redis_url, engine_kv_cache_gib=1,
+                  engine_max_model_len=4096, adapter_dir=workdir / "adapters", qdrant_url=None)
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(workdir, tiny_model, redis_url, adapter_dir):
+    engine, url = start_engine(make_settings(workdir, tiny_model, redis_url), tiny_model,
+                               workdir / "logs" / "vllm-tiny.log")
+    yield url
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def gemma_model() -> Path:
+    configured = os.environ.get("LOREC_MODEL")
+    return resolve_model(Path(configured) if configured else None, REPO / "var", prepare=True)
+
+
+@pytest.fixture(scope="session")
+def gemma_engine(workdir, gemma_model, redis_url, tiny_engine):
+    engine, url = start_engine(make_settings(workdir, gemma_model, redis_url), gemma_model,
+                               workdir / "logs" / "vllm-gemma.log")
+    yield url
+    engine.stop()
+
+
+async def _ingest(settings: Settings) -> dict:
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    index = open_index(settings.qdrant_url, None, settings.qdrant_collection, settings.edge_path)
+    encoder = build_encoder(settings.encoder, settings.model_dir, settings.data_dir, settings.encoder_dim)
+    try:
+        report = await ingest_movielens(read_movielens(ML100K), redis, Keys(settings.redis_prefix), index,
+                                        encoder, encoder_id=f"tiny:{settings.model_dir}")
+        return report.as_dict()
+    finally:
+        await index.close()
+        await redis.aclose()
+
+
+@pytest.fixture(scope="session")
+def ingested(workdir, tiny_model, redis_url) -> dict:
+    """ML-100K in Redis and the embedded Qdrant Edge index, item vectors from the tiny model."""
+    return asyncio.run(_ingest(make_settings(workdir, tiny_model, redis_url)))
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(workdir, tiny_model, redis_url, tiny_engine, ingested) -> Settings:
+    return make_settings(workdir, tiny_model, redis_url, engine_url=tiny_engine)
+
+
+@pytest.fixture(scope="session")
+def gateway(tiny_settings):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(tiny_settings)) as client:
+        yield client
