@@ -128,10 +128,12 @@ def up(
     logs = settings.data_dir / "logs"
     children: list[Managed] = []
     try:
-        redis_port = urlparse(settings.redis_url).port or 6379
-        redis = Managed("redis-server", redis_command(settings.data_dir / "redis", redis_port), logs / "redis.log")
-        children.append(redis)
-        redis.wait_redis(settings.redis_url, 30)
+        if not _redis_answers(settings.redis_url):
+            redis_port = urlparse(settings.redis_url).port or 6379
+            redis = Managed("redis-server", redis_command(settings.data_dir / "redis", redis_port),
+                            logs / "redis.log")
+            children.append(redis)
+            redis.wait_redis(settings.redis_url, 30)
         settings.engine_url = f"http://127.0.0.1:{engine_port}"
         vllm = Managed("vllm", engine_command(settings, model_dir, engine_port), logs / "vllm.log",
                        env=engine_env(settings))
@@ -147,6 +149,15 @@ def up(
     finally:
         for child in reversed(children):
             child.stop()
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
 
 
 def main() -> None:

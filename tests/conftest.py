@@ -106,8 +106,12 @@ async def _ingest(settings: Settings) -> dict:
 
 @pytest.fixture(scope="session")
 def ingested(workdir, tiny_model, redis_url) -> dict:
-    """ML-100K in Redis and the embedded Qdrant Edge index, item vectors from the tiny model."""
-    return asyncio.run(_ingest(make_settings(workdir, tiny_model, redis_url)))
+    """ML-100K in Redis and the embedded Qdrant Edge index, item vectors from the tiny model.
+
+    Ingested twice: the second report shows whether a re-run is idempotent."""
+    settings = make_settings(workdir, tiny_model, redis_url)
+    first = asyncio.run(_ingest(settings))
+    return {**first, "rerun": asyncio.run(_ingest(settings))}
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,101 @@
+"""One test suite for both ItemIndex implementations: Qdrant Edge (embedded) and qdrant-client.
+
+The server implementation runs here against qdrant-client's local mode, which speaks the same
+client API as a Qdrant server (compose and Kubernetes point QDRANT_URL at a real one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.records import Behaviour
+from service.retrieval import brute_force_nearest, open_index, pick_subr, select_behaviours
+
+N_ITEMS, DIM = 400, 32
+
+
+@pytest.fixture(params=["edge", "qdrant-client"])
+def index(request, tmp_path):
+    url = None if request.param == "edge" else ":memory:"
+    idx = open_index(url, None, "items", tmp_path / "edge")
+    yield idx
+    asyncio.run(idx.close())
+
+
+def _vectors(seed=0):
+    rng = np.random.default_rng(seed)
+    return [f"m{i}" for i in range(N_ITEMS)], rng.normal(size=(N_ITEMS, DIM)).astype(np.float32)
+
+
+def test_nearest_within_history_matches_brute_force(index):
+    ids, vectors = _vectors()
+
+    async def run():
+        await index.ensure(DIM)
+        await index.upsert(ids, vectors)
+        assert await index.count() == N_ITEMS
+        allowed = ids[::3]
+        hits = await index.nearest_within(vectors[:20], allowed, 10)
+        return allowed, hits
+
+    allowed, hits = asyncio.run(run())
+    by_id = dict(zip(ids, vectors))
+    for q, got in zip(vectors[:20], hits):
+        assert got == brute_force_nearest(q, {a: by_id[a] for a in allowed}, 10)
+        assert set(got) <= set(allowed)
+
+
+def test_subr_selection_is_nearest_k_in_time_order(index):
+    ids, vectors = _vectors(1)
+    rng = np.random.default_rng(2)
+    history_ids = list(rng.choice(ids[:300], size=60, replace=False))
+    behaviours = [Behaviour(item_id=i, ts=1000 + n, rating=float(n % 5 + 1)) for n, i in enumerate(history_ids)]
+    targets = ["m350", "m351", "never-indexed"]
+
+    async def run():
+        await index.ensure(DIM)
+        await index.upsert(ids, vectors)
+        return await select_behaviours(index, behaviours, targets, 8, "subr")
+
+    chosen = asyncio.run(run())
+    by_id = dict(zip(ids, vectors))
+    for target in targets[:2]:
+        expected = brute_force_nearest(by_id[target], {i: by_id[i] for i in history_ids}, 8)
+        assert sorted(b.item_id for b in chosen[target]) == sorted(expected)
+        assert [b.ts for b in chosen[target]] == sorted(b.ts for b in chosen[target])
+    assert chosen["never-indexed"] == behaviours[-8:], "a target without a vector falls back to recent"
+
+
+def test_short_history_is_used_whole_and_recent_mode_takes_the_last_k(index):
+    behaviours = [Behaviour(item_id=f"m{i}", ts=i) for i in range(5)]
+    assert asyncio.run(pick_subr(index, behaviours, ["m9"], 10)) == {"m9": behaviours}
+    assert asyncio.run(select_behaviours(index, behaviours, ["a", "b"], 2, "recent")) == \
+        {"a": behaviours[-2:], "b": behaviours[-2:]}
+
+
+def test_reopened_edge_shard_keeps_points(tmp_path):
+    ids, vectors = _vectors(3)
+
+    async def write():
+        idx = open_index(None, None, "items", tmp_path / "edge")
+        await idx.ensure(DIM)
+        await idx.upsert(ids[:10], vectors[:10])
+        await idx.close()
+
+    async def read():
+        idx = open_index(None, None, "items", tmp_path / "edge")
+        try:
+            with pytest.raises(ValueError):
+                await idx.ensure(DIM + 1)
+            return idx.dim, await idx.count(), await idx.vectors(["m3"])
+        finally:
+            await idx.close()
+
+    asyncio.run(write())
+    dim, count, got = asyncio.run(read())
+    assert (dim, count) == (DIM, 10)
+    cos = got["m3"] @ vectors[3] / (np.linalg.norm(got["m3"]) * np.linalg.norm(vectors[3]))
+    assert cos == pytest.approx(1.0, abs=1e-5)
