@@ -29,6 +29,7 @@ log = logging.getLogger("lorec")
 def _logging() -> None:
     logging.basicConfig(level=os.environ.get("LOREC_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call is noise
 
 
 @model_app.command("prepare")

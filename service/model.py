@@ -61,6 +61,7 @@ def prepare_default_model(model_dir: Path) -> Path:
     (staging / _DONE_MARKER).write_text(json.dumps({"source": packaged.MODEL_NAME, "dtype": "bfloat16"}))
     shutil.rmtree(model_dir, ignore_errors=True)
     staging.rename(model_dir)  # atomic: a folder with the marker is always complete
+    gguf_path.unlink(missing_ok=True)  # 240 MB; the package can assemble it again
     log.info("prepared %s from %s", model_dir, gguf_path)
     return model_dir
 
