@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -122,6 +124,8 @@ def up(
     from service.processes import Managed, engine_command, engine_env, redis_command
 
     _logging()
+    # SIGTERM must unwind through `finally` so the children stop too (uvicorn re-raises it on exit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     settings = Settings()
     data = data or DEFAULT_MOVIELENS

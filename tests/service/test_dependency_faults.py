@@ -1,0 +1,37 @@
+"""Dependencies that are not there: a defined answer (503 naming the dependency), never a 500."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.processes import free_port
+
+
+def test_engine_down_answers_503_naming_vllm(tiny_settings, tmp_path):
+    settings = tiny_settings.model_copy(update={"engine_url": f"http://127.0.0.1:{free_port()}",
+                                                "data_dir": tmp_path / "data"})
+    with TestClient(create_app(settings)) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["dependencies"]["vllm"].startswith("engine unreachable")
+        assert ready.json()["dependencies"]["redis"] == "ok"
+        response = client.post("/v1/ctr", json={"user_id": "1", "item_ids": ["1"], "options": {"retrieval": "recent"}})
+        assert response.status_code == 503
+        assert response.json()["error"]["dependency"] == "vllm"
+        assert 'lorec_engine_calls_total{adapter="base",outcome="error"} 1.0' in client.get("/metrics").text
+
+
+def test_redis_down_answers_503_naming_redis_and_writes_nothing(tiny_settings, tmp_path):
+    settings = tiny_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0",
+                                                "data_dir": tmp_path / "data"})
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").json()["dependencies"]["redis"] != "ok"
+        for method, path, body in (("post", "/v1/ctr", {"user_id": "1", "item_ids": ["1"]}),
+                                   ("post", "/v1/events", {"events": [{"user_id": "1", "item_id": "1", "ts": 1,
+                                                                       "rating": 4}]}),
+                                   ("get", "/v1/users/1/history", None)):
+            response = client.request(method, path, json=body)
+            assert response.status_code == 503, (path, response.text)
+            assert response.json()["error"]["dependency"] == "redis"
