@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -62,6 +61,6 @@ class Settings(BaseSettings):
     def edge_path(self) -> Path:
         return self.data_dir / "qdrant-edge"
 
-    @cached_property
+    @property
     def model_dir(self) -> Path:
         return resolve_model(self.model, self.data_dir, prepare=False)

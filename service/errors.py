@@ -7,6 +7,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from qdrant_client.http.exceptions import ApiException as QdrantApiError
+from qdrant_client.http.exceptions import ResponseHandlingException as QdrantTransportError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -48,6 +50,8 @@ def as_api_error(exc: Exception) -> ApiError | None:
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
         return DependencyError("redis", f"redis unavailable: {exc.__class__.__name__}",
                                timeout=isinstance(exc, RedisTimeoutError))
+    if isinstance(exc, (QdrantApiError, QdrantTransportError)):
+        return DependencyError("qdrant", f"qdrant unavailable: {exc.__class__.__name__}")
     if isinstance(exc, EngineError):
         return DependencyError("vllm", str(exc), timeout=exc.timeout)
     if isinstance(exc, AdapterNotFound):
@@ -75,7 +79,8 @@ def register_error_handlers(app: FastAPI) -> None:
         return respond(error)
 
     # Registered per class so they are answered inside the app, not by the server-error layer.
-    for known in (ApiError, RedisConnectionError, RedisTimeoutError, EngineError, AdapterNotFound):
+    for known in (ApiError, RedisConnectionError, RedisTimeoutError, EngineError, AdapterNotFound,
+                  QdrantApiError, QdrantTransportError):
         app.add_exception_handler(known, _known)
 
     @app.exception_handler(Exception)

@@ -91,6 +91,9 @@ class EngineClient:
             "return_tokens_as_token_ids": True,
         }
         response = await self._post("/v1/completions", payload)
+        if response.status_code == 404 and adapter is not None:
+            # The engine lost the adapter (restarted): load it again on the next request.
+            self._loaded.discard(adapter)
         if response.status_code != 200:
             raise EngineError(f"engine answered {response.status_code}: {response.text[:300]}")
         return parse_answer_logprobs(response.json(), self.answer, len(prompts))

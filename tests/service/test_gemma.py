@@ -29,7 +29,6 @@ def test_rank_through_gemma(gemma_engine, gemma_model, tiny_settings, tmp_path):
     shutil.copytree(tiny_settings.data_dir, data_dir, ignore=shutil.ignore_patterns("*.lock"))
     settings = tiny_settings.model_copy(update={"model": gemma_model, "engine_url": gemma_engine,
                                                 "data_dir": data_dir})
-    settings.__dict__.pop("model_dir", None)
     items = [str(i) for i in range(1, 21)]
     with TestClient(create_app(settings)) as client:
         response = client.post("/v1/rank", json={"user_id": "1", "item_ids": items, "top_k": 20})
