@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 import typer
 
+from adapters.cli import train_app
 from service.config import Settings
 
 app = typer.Typer(help="lorec: LLM recommendations behind a REST API.", no_args_is_help=True)
@@ -23,6 +24,7 @@ adapters_app = typer.Typer(help="The adapter registry.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(train_app, name="train")
 
 DEFAULT_MOVIELENS = Path("../shared/data/ml-100k")
 log = logging.getLogger("lorec")
@@ -81,12 +83,15 @@ def ingest_movielens_command(
 
 @adapters_app.command("list")
 def adapters_list() -> None:
-    """Adapters in the registry directory."""
+    """Adapters in the registry directory, with their validation AUC where a manifest has one."""
+    from adapters.export import read_manifest
     from service.routing import AdapterRegistry
 
     settings = Settings()
     for name in AdapterRegistry(settings.registry_dir).names():
-        typer.echo(name)
+        manifest = read_manifest(settings.registry_dir, name)
+        auc = (manifest.get("validation") or {}).get("auc")
+        typer.echo(f"{name}\t{manifest.get('dataset', '-')}\tvalid_auc={auc if auc is None else round(auc, 4)}")
 
 
 @app.command()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from adapters.samples import prompt_ids, samples, user_timelines
+from adapters.samples import build_samples, prompt_ids, user_timelines
 from service.ingest import read_movielens
 from service.prompt import load_codec
 from tests.conftest import ML100K
@@ -17,8 +17,8 @@ def test_trainer_and_gateway_prompts_are_identical_tokens(gateway, tiny_settings
     data = read_movielens(ML100K)
     catalog = {i.item_id: i for i in data.items}
     timeline = user_timelines(data)["13"]
-    sample = next(s for s in samples(data) if s.user_id == "13" and len(s.history) >= 40)
-    assert all(b.ts < sample.ts for b in sample.history) and len(sample.history) < len(timeline)
+    sample = next(s for s in build_samples(data) if s.user_id == "13" and s.end >= 40)
+    assert all(b.ts < sample.ts for b in sample.history()) and sample.end < len(timeline)
 
     codec = load_codec(tiny_settings.model_dir)
     index = gateway.app.state.recommender.index  # same vectors as the gateway; trainers open the same store
@@ -26,5 +26,5 @@ def test_trainer_and_gateway_prompts_are_identical_tokens(gateway, tiny_settings
 
     body = gateway.post("/v1/ctr", json={"user_id": "13", "item_ids": [sample.item_id], "as_of": sample.ts,
                                           "options": {"retrieval": mode, "return_prompt": True}}).json()
-    assert body["history_size"] == len(sample.history)
+    assert body["history_size"] == len(sample.history())
     assert body["scores"][0]["prompt_token_ids"] == offline

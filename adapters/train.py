@@ -1,0 +1,192 @@
+"""LoRA training (ReiT) with peft + transformers on the served model, on CPU in bf16.
+
+Only the answer matters: prompts are left-padded so the answer position is
+the last one for every row, the model computes logits there alone
+(`logits_to_keep=1`), and the loss is cross-entropy on the answer token
+(" Yes" for label 1, " No" for 0). Scores are the same two-way softmax the
+gateway computes from vLLM. Validation AUC picks the checkpoint and stops
+training early; the test split is not touched here. A run directory holds
+the latest state (adapter, optimizer, step, best metrics), so an interrupted
+run resumes where it stopped.
+
+A plain loop rather than `transformers.Trainer`: the Trainer computes
+full-sequence logits in its loss and evaluation, the thing this trainer is
+built to avoid, and its evaluation would need overriding anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+from tqdm import tqdm
+
+from adapters.samples import PromptedSample
+from service.prompt import AnswerTokens
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass
+class TrainSettings:
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    lr: float = 1e-3
+    batch_size: int = 8
+    max_epochs: int = 2
+    eval_every: int = 64  # optimizer steps
+    patience: int = 3  # evaluations without a better validation AUC
+    seed: int = 0
+    threads: int | None = None
+
+
+def metrics(labels: Sequence[int], scores: Sequence[float]) -> dict[str, float]:
+    labels, scores = np.asarray(labels), np.clip(np.asarray(scores, dtype=np.float64), 1e-7, 1 - 1e-7)
+    auc = float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) > 1 else float("nan")
+    return {"auc": auc, "logloss": float(log_loss(labels, scores, labels=[0, 1])),
+            "acc": float(accuracy_score(labels, scores > 0.5)), "n": int(len(labels))}
+
+
+def load_model(model_dir: Path, lora: LoraSettings | None = None, adapter_dir: Path | None = None):
+    """The base model in bf16, with a fresh LoRA (`lora`), a saved one (`adapter_dir`), or none."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=lora is not None)
+    if lora is not None:
+        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+        return get_peft_model(model, config)
+    return model
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def answer_logits(model, rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Logits at the answer position only: shape (batch, vocab)."""
+    ids, mask = _left_pad(rows, pad_id)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the positions
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=False)
+    return out.logits[:, -1, :].float()
+
+
+@torch.inference_mode()
+def score(model, rows: Sequence[Sequence[int]], answer: AnswerTokens, pad_id: int, batch_size: int = 16,
+          progress: str | None = None) -> list[float]:
+    """P(Yes) = softmax over the two answer tokens, as the gateway computes it."""
+    model.eval()
+    out: list[float] = []
+    for start in tqdm(range(0, len(rows), batch_size), desc=progress, disable=progress is None, unit="batch"):
+        logits = answer_logits(model, rows[start:start + batch_size], pad_id)
+        two = torch.log_softmax(logits, -1)[:, [answer.yes, answer.no]]
+        out += torch.softmax(two, -1)[:, 0].tolist()
+    return out
+
+
+class Run:
+    """The run directory: latest state for resuming, best adapter by validation AUC."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.state_file = path / "state.json"
+
+    def state(self) -> dict | None:
+        return json.loads(self.state_file.read_text()) if self.state_file.exists() else None
+
+    def save(self, model, optimizer, state: dict, best: bool) -> None:
+        latest = self.path / "latest"
+        tmp = self.path / "latest.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        shutil.rmtree(latest, ignore_errors=True)
+        tmp.rename(latest)
+        if best:
+            shutil.rmtree(self.path / "best", ignore_errors=True)
+            model.save_pretrained(str(self.path / "best"))
+        tmp_state = self.state_file.with_suffix(".tmp")
+        tmp_state.write_text(json.dumps(state, indent=1))
+        tmp_state.replace(self.state_file)
+
+
+def train_lora(model_dir: Path, train: Sequence[PromptedSample], valid: Sequence[PromptedSample],
+               answer: AnswerTokens, pad_id: int, run_dir: Path, settings: TrainSettings) -> dict:
+    """Train (or resume) one LoRA adapter; returns the final state with the best validation metrics."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    run = Run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = run.state() or {"step": 0, "best": None, "evals": [], "stale": 0, "seconds": 0.0, "done": False,
+                            "settings": json.loads(json.dumps(asdict(settings))), "n_train": len(train),
+                            "n_valid": len(valid)}
+    if state["done"]:
+        return state
+    resume = run_dir / "latest" if state["step"] else None
+    model = load_model(model_dir, settings.lora, adapter_dir=resume)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    if resume is not None:
+        optimizer.load_state_dict(torch.load(resume / "optimizer.pt"))
+
+    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+    total = steps_per_epoch * settings.max_epochs
+    valid_rows, valid_labels = [p.input_ids for p in valid], [p.sample.label for p in valid]
+    targets = torch.tensor([answer.yes, answer.no])
+    progress = tqdm(total=total, initial=state["step"], desc="train", unit="step")
+    started = time.monotonic() - state["seconds"]
+    while state["step"] < total and not state["done"]:
+        epoch, offset = divmod(state["step"], steps_per_epoch)
+        order = list(range(len(train)))
+        random.Random(settings.seed + epoch).shuffle(order)  # same order on resume
+        batch = [train[i] for i in order[offset * settings.batch_size:(offset + 1) * settings.batch_size]]
+        model.train()
+        logits = answer_logits(model, [p.input_ids for p in batch], pad_id)
+        labels = targets[torch.tensor([1 - p.sample.label for p in batch])]  # label 1 -> yes, 0 -> no
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        state["step"] += 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss.item():.4f}", best_auc=_fmt(state["best"]))
+        if state["step"] % settings.eval_every == 0 or state["step"] == total:
+            result = metrics(valid_labels, score(model, valid_rows, answer, pad_id))
+            improved = state["best"] is None or result["auc"] > state["best"]["auc"]
+            state["evals"].append({"step": state["step"], "loss": loss.item(), **result})
+            state["best"] = {"step": state["step"], **result} if improved else state["best"]
+            state["stale"] = 0 if improved else state["stale"] + 1
+            state["done"] = state["stale"] >= settings.patience or state["step"] == total
+            state["seconds"] = time.monotonic() - started
+            run.save(model, optimizer, state, best=improved)
+            progress.set_postfix(loss=f"{loss.item():.4f}", val_auc=f"{result['auc']:.4f}",
+                                 best_auc=_fmt(state["best"]))
+    progress.close()
+    return state
+
+
+def _fmt(best: dict | None) -> str:
+    return "-" if best is None else f"{best['auc']:.4f}"
