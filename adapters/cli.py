@@ -114,3 +114,114 @@ def reit(
                 "validation": state["best"], "train_seconds": state["seconds"], "steps": state["step"]}
     path = export_adapter(run_dir / "best", settings.registry_dir, name, settings.model_dir, manifest)
     typer.echo(json.dumps({"adapter": name, "path": str(path), "validation": state["best"]}))
+
+
+def record_result(path: Path, dataset: str, method: str, result: dict) -> None:
+    """Merge one method's figures into `{dataset: {method: {...}}}` (benchmarks/results/quality.json)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.setdefault(dataset, {})[method] = result
+    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
+async def _offline_prompts(settings: Settings, data, samples, k: int, mode: str) -> list[list[int]]:
+    from adapters.samples import prompt_ids
+    from service.prompt import load_codec
+    from service.records import Profile
+
+    codec = load_codec(settings.model_dir)
+    catalog = {i.item_id: i for i in data.items}
+    async with offline_index(settings) as index:
+        return [await prompt_ids(s, data.profiles.get(s.user_id, Profile()), catalog, index, codec, k, mode)
+                for s in samples]
+
+
+def eval_command(
+    directory: Path = typer.Option(..., "--dir", exists=True, file_okay=False, help="MovieLens folder"),
+    gateway: str = typer.Option("http://127.0.0.1:8000", help="the running gateway"),
+    adapter: str = typer.Option("base", help='adapter name in the registry, or "base" (zero-shot)'),
+    split: str = typer.Option("test"),
+    n: int = typer.Option(10_000, help="seeded subsample of the split (0: all of it)"),
+    seed: int = typer.Option(0),
+    k: int = typer.Option(10), retrieval: str = typer.Option("subr"),
+    concurrency: int = typer.Option(8),
+    offline: bool = typer.Option(True, help="also score with transformers + peft and compare"),
+    method: str = typer.Option(None, help="record under this method name in --out"),
+    out: Path = typer.Option(Path("benchmarks/results/quality.json")),
+) -> None:
+    """AUC / LogLoss / ACC on a split through the running gateway (each sample at its own as_of)."""
+    import sys
+    import time
+
+    from adapters.evaluate import agreement, score_via_gateway, summarize
+    from adapters.samples import build_samples, draw, split_by_time
+    from adapters.train import load_model, score
+    from service.ingest import read_movielens
+    from service.prompt import load_codec
+    from service.routing import BASE, AdapterRegistry
+
+    settings = Settings()
+    data = read_movielens(directory)
+    pool = split_by_time(build_samples(data))[split]
+    samples = draw(pool, n, seed) if n else pool
+    started = time.monotonic()
+    served = asyncio.run(score_via_gateway(gateway, samples, adapter, k, retrieval, concurrency))
+    result = {**summarize(samples, served.scores), "n_test": len(samples), "split": split, "seed": seed,
+              "k": k, "retrieval": retrieval, "adapter": adapter, "kind": "llm",
+              "gateway_seconds": round(time.monotonic() - started, 1),
+              "command": "lorec eval " + " ".join(sys.argv[2:])}
+    if offline:
+        prompts = asyncio.run(_offline_prompts(settings, data, samples, k, retrieval))
+        codec = load_codec(settings.model_dir)
+        adapter_dir = None if adapter == BASE else AdapterRegistry(settings.registry_dir).path(adapter)
+        model = load_model(settings.model_dir, adapter_dir=adapter_dir)
+        pad = codec.tokenizer.pad_token_id if codec.tokenizer.pad_token_id is not None else 0
+        offline_scores = score(model, prompts, codec.answer, pad, progress="offline")
+        result["offline"] = {**summarize(samples, offline_scores),
+                             **agreement(samples, served.scores, offline_scores, served.prompts, prompts)}
+    typer.echo(json.dumps(result))
+    if method:
+        record_result(out, dataset_name(data.name, directory), method, result)
+    if offline and not result["offline"]["agree"]:
+        typer.echo("gateway and offline scores differ: see offline.worst", err=True)
+        raise typer.Exit(1)
+
+
+@train_app.command("crm")
+def crm(
+    directory: Path = typer.Option(..., "--dir", exists=True, file_okay=False, help="MovieLens folder"),
+    epochs: int = typer.Option(5), seed: int = typer.Option(0),
+    eval_n: int = typer.Option(10_000, help="also report on this seeded test subsample (the LLM's slice)"),
+    eval_seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("benchmarks/results/quality.json")),
+    record: bool = typer.Option(True, help="record the figures in --out"),
+) -> None:
+    """Train the DIN baseline on the whole train split (last 60 behaviours); test once at the end."""
+    import sys
+
+    import torch
+
+    from adapters.crm import Vocab, encode, predict, train_din
+    from adapters.samples import build_samples, draw, split_by_time
+    from adapters.train import metrics
+    from service.ingest import read_movielens
+
+    settings = Settings()
+    data = read_movielens(directory)
+    parts = split_by_time(build_samples(data))
+    vocab = Vocab.of(data)
+    model, report = train_din(encode(parts["train"], data, vocab), encode(parts["valid"], data, vocab), vocab,
+                              epochs=epochs, seed=seed)
+    dataset = dataset_name(data.name, directory)
+    test_full = metrics([s.label for s in parts["test"]], predict(model, encode(parts["test"], data, vocab)))
+    sliced = draw(parts["test"], eval_n, eval_seed)
+    test_slice = metrics([s.label for s in sliced], predict(model, encode(sliced, data, vocab)))
+    path = settings.data_dir / "crm" / f"{dataset}-din.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "vocab": vocab.__dict__}, path)
+    result = {**test_slice, "n_test": len(sliced), "n_train": len(parts["train"]), "kind": "crm",
+              "test_full": test_full, "valid": report["valid"], "train_seconds": round(report["train_seconds"], 1),
+              "seed": eval_seed, "command": "lorec train " + " ".join(sys.argv[2:])}
+    typer.echo(json.dumps(result))
+    if record:
+        record_result(out, dataset, "crm-din", result)

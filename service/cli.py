@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import typer
 
-from adapters.cli import train_app
+from adapters.cli import eval_command, train_app
 from service.config import Settings
 
 app = typer.Typer(help="lorec: LLM recommendations behind a REST API.", no_args_is_help=True)
@@ -25,6 +25,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(train_app, name="train")
+app.command("eval")(eval_command)
 
 DEFAULT_MOVIELENS = Path("../shared/data/ml-100k")
 log = logging.getLogger("lorec")

@@ -127,3 +127,27 @@ def gateway(tiny_settings):
 
     with TestClient(create_app(tiny_settings)) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def http_gateway(tiny_settings, workdir):
+    """`lorec serve` as a separate process, configured by environment only, on a copy of the data folder
+    (one process at a time may open a Qdrant Edge shard). Yields (base url, its environment)."""
+    import shutil
+    import sys
+
+    data_dir = workdir / "http-gateway-data"
+    shutil.copytree(tiny_settings.data_dir, data_dir)
+    port = free_port()
+    env = {**os.environ, "LOREC_DATA_DIR": str(data_dir), "LOREC_MODEL": str(tiny_settings.model),
+           "LOREC_REDIS_URL": tiny_settings.redis_url, "LOREC_ENGINE_URL": tiny_settings.engine_url,
+           "LOREC_ADAPTER_DIR": str(tiny_settings.registry_dir), "LOREC_PORT": str(port)}
+    env.pop("QDRANT_URL", None)
+    lorec = Path(sys.executable).with_name("lorec")
+    server = Managed("gateway", [str(lorec), "serve"], workdir / "logs" / "gateway.log", env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_http(f"{base}/readyz", 120)
+        yield base, env, server
+    finally:
+        server.stop()

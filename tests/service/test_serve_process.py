@@ -2,38 +2,37 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
-from pathlib import Path
-
 import httpx
 
-from service.processes import Managed, free_port
+
+def test_lorec_serve_process_answers_rank(http_gateway, gateway):
+    base, _, _ = http_gateway
+    request = {"user_id": 1, "item_ids": [1, 2, 3], "top_k": 2}
+    response = httpx.post(f"{base}/v1/rank", json=request, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["items"]) == 2 and body["items"][0]["score"] >= body["items"][1]["score"]
+    expected = gateway.post("/v1/rank", json=request).json()
+    assert [i["item_id"] for i in body["items"]] == [i["item_id"] for i in expected["items"]]
 
 
-def test_lorec_serve_process_answers_rank(tiny_settings, tmp_path, gateway):
-    # One process at a time may open a Qdrant Edge shard: this gateway gets a copy of the data folder.
+def test_lorec_serve_stops_gracefully(tiny_settings, tmp_path):
+    import os
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from service.processes import Managed, free_port
+
     data_dir = tmp_path / "data"
     shutil.copytree(tiny_settings.data_dir, data_dir)
     port = free_port()
     env = {**os.environ, "LOREC_DATA_DIR": str(data_dir), "LOREC_MODEL": str(tiny_settings.model),
            "LOREC_REDIS_URL": tiny_settings.redis_url, "LOREC_ENGINE_URL": tiny_settings.engine_url,
-           "LOREC_ADAPTER_DIR": str(tiny_settings.registry_dir), "LOREC_PORT": str(port)}
-    env.pop("QDRANT_URL", None)
-    lorec = Path(sys.executable).with_name("lorec")
-    server = Managed("gateway", [str(lorec), "serve"], tmp_path / "gateway.log", env=env)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        server.wait_http(f"{base}/readyz", 120)
-        response = httpx.post(f"{base}/v1/rank", json={"user_id": 1, "item_ids": [1, 2, 3], "top_k": 2}, timeout=60)
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert len(body["items"]) == 2 and body["items"][0]["score"] >= body["items"][1]["score"]
-        expected = gateway.post("/v1/rank", json={"user_id": 1, "item_ids": [1, 2, 3], "top_k": 2}).json()
-        assert [i["item_id"] for i in body["items"]] == [i["item_id"] for i in expected["items"]]
-    finally:
-        server.stop()
+           "LOREC_PORT": str(port)}
+    server = Managed("gateway", [str(Path(sys.executable).with_name("lorec")), "serve"], tmp_path / "gw.log", env=env)
+    server.wait_http(f"http://127.0.0.1:{port}/healthz", 120)
+    server.stop()
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal (exit -15).
     assert server.process.returncode in (0, -15), server.tail()
     assert "Application shutdown complete" in server.tail(50)
