@@ -38,7 +38,8 @@ class ItemIndex(Protocol):
     async def ensure(self, dim: int) -> None: ...
     async def upsert(self, item_ids: Sequence[str], vectors: np.ndarray) -> None: ...
     async def vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]: ...
-    async def nearest_within(self, queries: np.ndarray, allowed: Sequence[str], k: int) -> list[list[str]]: ...
+    async def nearest_within(self, queries: np.ndarray, allowed: Sequence[str], k: int
+                             ) -> list[list[tuple[str, float]]]: ...
     async def count(self) -> int: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
@@ -94,14 +95,15 @@ class EdgeIndex:
         records = self._require().retrieve(list(by_point), with_payload=False, with_vector=True)
         return {by_point[str(r.id)]: _as_array(r.vector) for r in records}
 
-    async def nearest_within(self, queries: np.ndarray, allowed: Sequence[str], k: int) -> list[list[str]]:
+    async def nearest_within(self, queries: np.ndarray, allowed: Sequence[str], k: int
+                             ) -> list[list[tuple[str, float]]]:
         qe = self._qe
         by_point = {point_id(i): i for i in allowed}
         flt = qe.Filter(must=[qe.HasIdCondition(set(by_point))])
         requests = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(q.tolist(), using=""), filter=flt,
                                     with_payload=False, with_vector=False) for q in queries]
         results = self._require().query_batch(qe.QueryBatchRequest(requests))
-        return [[by_point[str(p.id)] for p in hits] for hits in results]
+        return [[(by_point[str(p.id)], p.score) for p in hits] for hits in results]
 
     async def count(self) -> int:
         if self._shard is None:
@@ -151,14 +153,15 @@ class ServerIndex:
                                              with_payload=False)
         return {by_point[str(r.id)]: _as_array(r.vector) for r in records}
 
-    async def nearest_within(self, queries: np.ndarray, allowed: Sequence[str], k: int) -> list[list[str]]:
+    async def nearest_within(self, queries: np.ndarray, allowed: Sequence[str], k: int
+                             ) -> list[list[tuple[str, float]]]:
         from qdrant_client import models
 
         by_point = {point_id(i): i for i in allowed}
         flt = models.Filter(must=[models.HasIdCondition(has_id=list(by_point))])
         requests = [models.QueryRequest(query=q.tolist(), filter=flt, limit=k) for q in queries]
         responses = await self.client.query_batch_points(self.collection, requests=requests)
-        return [[by_point[str(p.id)] for p in r.points] for r in responses]
+        return [[(by_point[str(p.id)], p.score) for p in r.points] for r in responses]
 
     async def count(self) -> int:
         if not await self.client.collection_exists(self.collection):
@@ -192,6 +195,14 @@ def open_index(qdrant_url: str | None, api_key: str | None, collection: str, edg
 # --- selection -----------------------------------------------------------------------------
 
 
+TIE_MARGIN = 8
+
+
+def top_k(found: Sequence[tuple[str, float]], k: int) -> list[str]:
+    """Highest similarity first; equal similarities (to 1e-6) by item id."""
+    return [i for i, _ in sorted(found, key=lambda hit: (-round(hit[1], 6), hit[0]))[:k]]
+
+
 def latest_per_item(behaviours: Sequence[Behaviour]) -> dict[str, Behaviour]:
     """A re-rated item counts once, with its latest behaviour."""
     return {b.item_id: b for b in behaviours}
@@ -210,9 +221,12 @@ async def pick_subr(index: ItemIndex, behaviours: Sequence[Behaviour], targets: 
         return {t: chosen for t in targets}
     target_vectors = await index.vectors(targets)
     searchable = [t for t in targets if t in target_vectors]
-    hits = await index.nearest_within(np.stack([target_vectors[t] for t in searchable]), list(latest), k) \
-        if searchable else []
-    picked = {t: sorted((latest[i] for i in ids), key=lambda b: b.ts) for t, ids in zip(searchable, hits)}
+    # A few more than K, so that equal similarities (e.g. one title listed twice in the catalog)
+    # are broken the same way by every caller and every copy of the index.
+    hits = await index.nearest_within(np.stack([target_vectors[t] for t in searchable]), list(latest),
+                                      k + TIE_MARGIN) if searchable else []
+    picked = {t: sorted((latest[i] for i in top_k(found, k)), key=lambda b: b.ts)
+              for t, found in zip(searchable, hits)}
     recent = pick_recent(behaviours, k)
     return {t: picked.get(t, recent) for t in targets}  # no vector for a target: recent history
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,22 +131,26 @@ def gateway(tiny_settings):
         yield client
 
 
+LOREC = str(Path(sys.executable).with_name("lorec"))
+
+
+def serve_env(settings: Settings, data_dir: Path, port: int) -> dict[str, str]:
+    """Environment for a `lorec serve` process on a copy of the data folder (one process at a time
+    may open a Qdrant Edge shard)."""
+    shutil.copytree(settings.data_dir, data_dir)
+    env = {**os.environ, "LOREC_DATA_DIR": str(data_dir), "LOREC_MODEL": str(settings.model),
+           "LOREC_REDIS_URL": settings.redis_url, "LOREC_ENGINE_URL": settings.engine_url,
+           "LOREC_ADAPTER_DIR": str(settings.registry_dir), "LOREC_PORT": str(port)}
+    env.pop("QDRANT_URL", None)
+    return env
+
+
 @pytest.fixture(scope="session")
 def http_gateway(tiny_settings, workdir):
-    """`lorec serve` as a separate process, configured by environment only, on a copy of the data folder
-    (one process at a time may open a Qdrant Edge shard). Yields (base url, its environment)."""
-    import shutil
-    import sys
-
-    data_dir = workdir / "http-gateway-data"
-    shutil.copytree(tiny_settings.data_dir, data_dir)
+    """`lorec serve` as a separate process, configured by environment only. Yields (url, env, process)."""
     port = free_port()
-    env = {**os.environ, "LOREC_DATA_DIR": str(data_dir), "LOREC_MODEL": str(tiny_settings.model),
-           "LOREC_REDIS_URL": tiny_settings.redis_url, "LOREC_ENGINE_URL": tiny_settings.engine_url,
-           "LOREC_ADAPTER_DIR": str(tiny_settings.registry_dir), "LOREC_PORT": str(port)}
-    env.pop("QDRANT_URL", None)
-    lorec = Path(sys.executable).with_name("lorec")
-    server = Managed("gateway", [str(lorec), "serve"], workdir / "logs" / "gateway.log", env=env)
+    env = serve_env(tiny_settings, workdir / "http-gateway-data", port)
+    server = Managed("gateway", [LOREC, "serve"], workdir / "logs" / "gateway.log", env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         server.wait_http(f"{base}/readyz", 120)

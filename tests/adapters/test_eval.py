@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
-from tests.conftest import ML100K
+from tests.conftest import LOREC, ML100K
 
 
 def test_lorec_eval_small_slice_agrees_with_offline(http_gateway, tmp_path):
     base, env, _ = http_gateway
     out = tmp_path / "quality.json"
-    lorec = str(Path(sys.executable).with_name("lorec"))
-    command = [lorec, "eval", "--dir", str(ML100K), "--gateway", base, "--adapter", "tiny-random-v1", "--n", "24",
+    command = [LOREC, "eval", "--dir", str(ML100K), "--gateway", base, "--adapter", "tiny-random-v1", "--n", "24",
                "--k", "5", "--method", "reit-test", "--out", str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

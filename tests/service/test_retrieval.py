@@ -44,8 +44,9 @@ def test_nearest_within_history_matches_brute_force(index):
     allowed, hits = asyncio.run(run())
     by_id = dict(zip(ids, vectors))
     for q, got in zip(vectors[:20], hits):
-        assert got == brute_force_nearest(q, {a: by_id[a] for a in allowed}, 10)
-        assert set(got) <= set(allowed)
+        assert [i for i, _ in got] == brute_force_nearest(q, {a: by_id[a] for a in allowed}, 10)
+        assert set(i for i, _ in got) <= set(allowed)
+        assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)
 
 
 def test_subr_selection_is_nearest_k_in_time_order(index):
@@ -67,6 +68,20 @@ def test_subr_selection_is_nearest_k_in_time_order(index):
         assert sorted(b.item_id for b in chosen[target]) == sorted(expected)
         assert [b.ts for b in chosen[target]] == sorted(b.ts for b in chosen[target])
     assert chosen["never-indexed"] == behaviours[-8:], "a target without a vector falls back to recent"
+
+
+def test_equal_similarities_are_broken_by_item_id(index):
+    ids, vectors = _vectors(4)
+    twins = np.stack([vectors[0], vectors[0], vectors[0]])  # one title listed three times
+    behaviours = [Behaviour(item_id=i, ts=n) for n, i in enumerate(["z-twin", "a-twin", "m-twin"] + ids[1:20])]
+
+    async def run():
+        await index.ensure(DIM)
+        await index.upsert(ids + ["z-twin", "a-twin", "m-twin"], np.concatenate([vectors, twins]))
+        return await select_behaviours(index, behaviours, [ids[0]], 2, "subr")
+
+    chosen = asyncio.run(run())[ids[0]]
+    assert [b.item_id for b in chosen] == ["a-twin", "m-twin"]  # time order of the two lowest ids
 
 
 def test_short_history_is_used_whole_and_recent_mode_takes_the_last_k(index):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import httpx
 
+from service.processes import Managed, free_port
+from tests.conftest import LOREC, serve_env
+
 
 def test_lorec_serve_process_answers_rank(http_gateway, gateway):
     base, _, _ = http_gateway
@@ -17,20 +20,9 @@ def test_lorec_serve_process_answers_rank(http_gateway, gateway):
 
 
 def test_lorec_serve_stops_gracefully(tiny_settings, tmp_path):
-    import os
-    import shutil
-    import sys
-    from pathlib import Path
-
-    from service.processes import Managed, free_port
-
-    data_dir = tmp_path / "data"
-    shutil.copytree(tiny_settings.data_dir, data_dir)
     port = free_port()
-    env = {**os.environ, "LOREC_DATA_DIR": str(data_dir), "LOREC_MODEL": str(tiny_settings.model),
-           "LOREC_REDIS_URL": tiny_settings.redis_url, "LOREC_ENGINE_URL": tiny_settings.engine_url,
-           "LOREC_PORT": str(port)}
-    server = Managed("gateway", [str(Path(sys.executable).with_name("lorec")), "serve"], tmp_path / "gw.log", env=env)
+    env = serve_env(tiny_settings, tmp_path / "data", port)
+    server = Managed("gateway", [LOREC, "serve"], tmp_path / "gw.log", env=env)
     server.wait_http(f"http://127.0.0.1:{port}/healthz", 120)
     server.stop()
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal (exit -15).

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
-from pathlib import Path
 
 import httpx
 import redis
 
 from service.processes import Managed, free_port
-from tests.conftest import ML100K
+from tests.conftest import LOREC, ML100K
 
 
 def test_lorec_up_serves_rank_and_stops_its_children(tiny_model, adapter_dir, tmp_path):
@@ -20,8 +18,7 @@ def test_lorec_up_serves_rank_and_stops_its_children(tiny_model, adapter_dir, tm
            "LOREC_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "LOREC_PORT": str(port),
            "LOREC_DATA": str(ML100K), "LOREC_ENGINE_KV_CACHE_GIB": "1", "LOREC_ADAPTER_DIR": str(adapter_dir)}
     env.pop("QDRANT_URL", None)
-    lorec = Path(sys.executable).with_name("lorec")
-    up = Managed("lorec up", [str(lorec), "up", "--engine-port", str(engine_port)], tmp_path / "up.log", env=env)
+    up = Managed("lorec up", [LOREC, "up", "--engine-port", str(engine_port)], tmp_path / "up.log", env=env)
     try:
         up.wait_http(f"http://127.0.0.1:{port}/readyz", 900)
         response = httpx.post(f"http://127.0.0.1:{port}/v1/rank",
