@@ -47,9 +47,8 @@ async def offline_index(settings: Settings):
     a time, so the trainer reads a copy of it; a Qdrant server is shared as is."""
     from service.retrieval import open_index
 
-    api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
     if settings.qdrant_url:
-        index = open_index(settings.qdrant_url, api_key, settings.qdrant_collection, settings.edge_path)
+        index = open_index(settings.qdrant_url, settings.qdrant_key, settings.qdrant_collection, settings.edge_path)
         try:
             yield index
         finally:
@@ -105,8 +104,7 @@ def reit(
     lora = LoraSettings(rank=rank, alpha=alpha, target_modules=tuple(target_modules.split(",")))
     train_settings = TrainSettings(lora=lora, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
                                    eval_every=eval_every, patience=patience, seed=seed)
-    pad_id = codec.tokenizer.pad_token_id if codec.tokenizer.pad_token_id is not None else 0
-    state = train_lora(settings.model_dir, train, valid, codec.answer, pad_id, run_dir, train_settings)
+    state = train_lora(settings.model_dir, train, valid, codec.answer, codec.pad_id, run_dir, train_settings)
     manifest = {"method": "reit", "dataset": dataset, "data_fingerprint": data.fingerprint,
                 "split_sizes": {k_: len(v) for k_, v in parts.items()}, "n_train_samples": n_train,
                 "n_train_prompts": len(train), "n_valid": len(valid), "k": k,
@@ -125,15 +123,12 @@ def record_result(path: Path, dataset: str, method: str, result: dict) -> None:
 
 
 async def _offline_prompts(settings: Settings, data, samples, k: int, mode: str) -> list[list[int]]:
-    from adapters.samples import prompt_ids
+    from adapters.samples import reit_prompts
     from service.prompt import load_codec
-    from service.records import Profile
 
-    codec = load_codec(settings.model_dir)
-    catalog = {i.item_id: i for i in data.items}
     async with offline_index(settings) as index:
-        return [await prompt_ids(s, data.profiles.get(s.user_id, Profile()), catalog, index, codec, k, mode)
-                for s in samples]
+        prompted = await reit_prompts(samples, data, index, load_codec(settings.model_dir), k, modes=(mode,))
+    return [p.input_ids for p in prompted]
 
 
 def eval_command(
@@ -175,8 +170,7 @@ def eval_command(
         codec = load_codec(settings.model_dir)
         adapter_dir = None if adapter == BASE else AdapterRegistry(settings.registry_dir).path(adapter)
         model = load_model(settings.model_dir, adapter_dir=adapter_dir)
-        pad = codec.tokenizer.pad_token_id if codec.tokenizer.pad_token_id is not None else 0
-        offline_scores = score(model, prompts, codec.answer, pad, progress="offline")
+        offline_scores = score(model, prompts, codec.answer, codec.pad_id, progress="offline")
         result["offline"] = {**summarize(samples, offline_scores),
                              **agreement(samples, served.scores, offline_scores, served.prompts, prompts)}
     typer.echo(json.dumps(result))

@@ -36,8 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         codec = load_codec(model_dir)
         redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
                                socket_connect_timeout=2, health_check_interval=30)
-        index = open_index(settings.qdrant_url, settings.qdrant_api_key.get_secret_value()
-                           if settings.qdrant_api_key else None, settings.qdrant_collection, settings.edge_path)
+        index = open_index(settings.qdrant_url, settings.qdrant_key, settings.qdrant_collection, settings.edge_path)
         timeout = httpx.Timeout(settings.engine_timeout_s, connect=settings.engine_connect_timeout_s)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         http = httpx.AsyncClient(base_url=settings.engine_url, timeout=timeout, limits=limits)

@@ -47,39 +47,16 @@ def model_prepare() -> None:
     typer.echo(resolve_model(settings.model, settings.data_dir, prepare=True))
 
 
-async def _ingest(settings: Settings, directory: Path, skip_bad_lines: bool) -> dict:
-    from redis.asyncio import Redis
-
-    from service.encoder import build_encoder
-    from service.history import Keys
-    from service.ingest import ingest_movielens, read_movielens
-    from service.retrieval import open_index
-
-    data = read_movielens(directory, skip_bad_lines=skip_bad_lines)
-    for line in data.skipped:
-        log.warning("skipped %s", line)
-    model_dir = settings.model_dir
-    encoder = build_encoder(settings.encoder, model_dir, settings.data_dir, settings.encoder_dim)
-    redis = Redis.from_url(settings.redis_url, decode_responses=True)
-    index = open_index(settings.qdrant_url, settings.qdrant_api_key.get_secret_value()
-                       if settings.qdrant_api_key else None, settings.qdrant_collection, settings.edge_path)
-    try:
-        encoder_id = f"{settings.encoder}:{model_dir.resolve()}:{settings.encoder_dim}"
-        report = await ingest_movielens(data, redis, Keys(settings.redis_prefix), index, encoder, encoder_id)
-    finally:
-        await index.close()
-        await redis.aclose()
-    return report.as_dict()
-
-
 @ingest_app.command("movielens")
 def ingest_movielens_command(
     directory: Path = typer.Option(..., "--dir", exists=True, file_okay=False, help="ML-100K or ML-1M folder"),
     skip_bad_lines: bool = typer.Option(False, help="skip malformed lines instead of rejecting the file"),
 ) -> None:
     """Read GroupLens MovieLens files into Redis (history, catalog, profiles) and Qdrant (item vectors)."""
+    from service.ingest import ingest_folder
+
     _logging()
-    typer.echo(json.dumps(asyncio.run(_ingest(Settings(), directory, skip_bad_lines))))
+    typer.echo(json.dumps(asyncio.run(ingest_folder(Settings(), directory, skip_bad_lines))))
 
 
 @adapters_app.command("list")
@@ -126,6 +103,7 @@ def up(
     import uvicorn
 
     from service.app import create_app
+    from service.ingest import ingest_folder
     from service.model import resolve_model
     from service.processes import Managed, engine_command, engine_env, redis_command
 
@@ -150,7 +128,7 @@ def up(
                        env=engine_env(settings))
         children.append(vllm)
         log.info("ingesting %s (skipped when already ingested)", data)
-        log.info("ingest: %s", asyncio.run(_ingest(settings, data, skip_bad_lines=False)))
+        log.info("ingest: %s", asyncio.run(ingest_folder(settings, data)))
         log.info("waiting for the vLLM engine (log: %s)", vllm.log_path)
         vllm.wait_http(f"{settings.engine_url}/health", 900)
         log.info("ready after %.0fs; try:\n  curl -s -X POST http://%s:%d/v1/rank -H 'content-type: application/json'"

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
         return value or None
 
     @property
+    def qdrant_key(self) -> str | None:
+        return self.qdrant_api_key.get_secret_value() if self.qdrant_api_key else None
+
+    @property
     def registry_dir(self) -> Path:
         return self.adapter_dir or self.data_dir / "adapters"
 

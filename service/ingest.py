@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -22,9 +23,12 @@ from pathlib import Path
 from redis.asyncio import Redis
 from tqdm import tqdm
 
+from service.config import Settings
 from service.history import Keys, encode_event, encode_item, encode_profile
 from service.records import Behaviour, Item, Profile
-from service.retrieval import ItemIndex
+from service.retrieval import ItemIndex, open_index
+
+log = logging.getLogger(__name__)
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
                  "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
@@ -205,3 +209,23 @@ async def ingest_movielens(data: MovieLens, redis: Redis, keys: Keys, index: Ite
     await redis.hset(keys.ingest(data.name), mapping={"fingerprint": fingerprint,
                                                       "counts": json.dumps(report.as_dict())})
     return report
+
+
+async def ingest_folder(settings: Settings, directory: Path, skip_bad_lines: bool = False) -> dict:
+    """`lorec ingest movielens`: read a folder, write Redis and the configured item index."""
+    from service.encoder import build_encoder
+
+    data = read_movielens(directory, skip_bad_lines=skip_bad_lines)
+    for line in data.skipped:
+        log.warning("skipped %s", line)
+    model_dir = settings.model_dir
+    encoder = build_encoder(settings.encoder, model_dir, settings.data_dir, settings.encoder_dim)
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    index = open_index(settings.qdrant_url, settings.qdrant_key, settings.qdrant_collection, settings.edge_path)
+    try:
+        encoder_id = f"{settings.encoder}:{model_dir.resolve()}:{settings.encoder_dim}"
+        report = await ingest_movielens(data, redis, Keys(settings.redis_prefix), index, encoder, encoder_id)
+    finally:
+        await index.close()
+        await redis.aclose()
+    return report.as_dict()

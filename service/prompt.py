@@ -92,6 +92,11 @@ class PromptCodec:
         self.tokenizer = tokenizer
         self.answer = AnswerTokens(self._answer_token(YES), self._answer_token(NO))
 
+    @property
+    def pad_id(self) -> int:
+        """Padding for batched offline scoring; any id works under the attention mask."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 

@@ -9,15 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from redis.asyncio import Redis
 
 from service.config import Settings
-from service.encoder import build_encoder
-from service.history import Keys
-from service.ingest import ingest_movielens, read_movielens
+from service.ingest import ingest_folder
 from service.model import resolve_model
 from service.processes import Managed, engine_command, engine_env, free_port, redis_command
-from service.retrieval import open_index
 from tests.utils.tiny_model import build_random_adapter, build_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,27 +89,14 @@ def gemma_engine(workdir, gemma_model, redis_url, tiny_engine):
     engine.stop()
 
 
-async def _ingest(settings: Settings) -> dict:
-    redis = Redis.from_url(settings.redis_url, decode_responses=True)
-    index = open_index(settings.qdrant_url, None, settings.qdrant_collection, settings.edge_path)
-    encoder = build_encoder(settings.encoder, settings.model_dir, settings.data_dir, settings.encoder_dim)
-    try:
-        report = await ingest_movielens(read_movielens(ML100K), redis, Keys(settings.redis_prefix), index,
-                                        encoder, encoder_id=f"tiny:{settings.model_dir}")
-        return report.as_dict()
-    finally:
-        await index.close()
-        await redis.aclose()
-
-
 @pytest.fixture(scope="session")
 def ingested(workdir, tiny_model, redis_url) -> dict:
     """ML-100K in Redis and the embedded Qdrant Edge index, item vectors from the tiny model.
 
     Ingested twice: the second report shows whether a re-run is idempotent."""
     settings = make_settings(workdir, tiny_model, redis_url)
-    first = asyncio.run(_ingest(settings))
-    return {**first, "rerun": asyncio.run(_ingest(settings))}
+    first = asyncio.run(ingest_folder(settings, ML100K))
+    return {**first, "rerun": asyncio.run(ingest_folder(settings, ML100K))}
 
 
 @pytest.fixture(scope="session")
