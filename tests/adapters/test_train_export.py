@@ -78,3 +78,19 @@ def test_train_reit_command_exports_a_listed_adapter(gateway, tiny_settings, tmp
     assert manifest["lora"]["target_modules"] == ["q_proj", "v_proj"]
     listed = runner.invoke(app, ["adapters", "list"])
     assert listed.exit_code == 0 and out["adapter"] in listed.output
+
+
+def test_answer_logits_equal_the_models_last_position_logits(tiny_settings):
+    """The trainer's head-at-the-answer-only path computes the same logits as the full model, with
+    rows of different lengths left-padded."""
+    import torch
+
+    from adapters.train import answer_logits
+
+    model = load_model(tiny_settings.model_dir, lora=LoraSettings(rank=4, alpha=8)).eval()
+    rows = [[1, 5, 9, 13, 17, 21], [1, 7, 11], [1, 30, 31, 32, 33]]
+    with torch.inference_mode():
+        fast = answer_logits(model, rows, pad_id=0)
+        for row, got in zip(rows, fast):
+            full = model(input_ids=torch.tensor([row])).logits[0, -1].float()
+            torch.testing.assert_close(got, full, atol=0.05, rtol=0.02)
