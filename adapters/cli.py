@@ -141,12 +141,15 @@ def eval_command(
     k: int = typer.Option(10), retrieval: str = typer.Option("subr"),
     concurrency: int = typer.Option(8),
     offline: bool = typer.Option(True, help="also score with transformers + peft and compare"),
+    offline_dtype: str = typer.Option("bfloat16", help="dtype of the offline reference (bfloat16 or float32)"),
     method: str = typer.Option(None, help="record under this method name in --out"),
     out: Path = typer.Option(Path("benchmarks/results/quality.json")),
 ) -> None:
     """AUC / LogLoss / ACC on a split through the running gateway (each sample at its own as_of)."""
     import sys
     import time
+
+    import torch
 
     from adapters.evaluate import agreement, score_via_gateway, summarize
     from adapters.samples import build_samples, draw, split_by_time
@@ -169,9 +172,9 @@ def eval_command(
         prompts = asyncio.run(_offline_prompts(settings, data, samples, k, retrieval))
         codec = load_codec(settings.model_dir)
         adapter_dir = None if adapter == BASE else AdapterRegistry(settings.registry_dir).path(adapter)
-        model = load_model(settings.model_dir, adapter_dir=adapter_dir)
+        model = load_model(settings.model_dir, adapter_dir=adapter_dir, dtype=getattr(torch, offline_dtype))
         offline_scores = score(model, prompts, codec.answer, codec.pad_id, progress="offline")
-        result["offline"] = {**summarize(samples, offline_scores),
+        result["offline"] = {**summarize(samples, offline_scores), "dtype": offline_dtype,
                              **agreement(samples, served.scores, offline_scores, served.prompts, prompts)}
     typer.echo(json.dumps(result))
     if method:
@@ -193,11 +196,10 @@ def crm(
     """Train the DIN baseline on the whole train split (last 60 behaviours); test once at the end."""
     import sys
 
-    import torch
-
     from adapters.crm import Vocab, encode, predict, train_din
     from adapters.samples import build_samples, draw, split_by_time
     from adapters.train import metrics
+    from service.crm import save_crm
     from service.ingest import read_movielens
 
     settings = Settings()
@@ -211,8 +213,7 @@ def crm(
     sliced = draw(parts["test"], eval_n, eval_seed)
     test_slice = metrics([s.label for s in sliced], predict(model, encode(sliced, data, vocab)))
     path = settings.data_dir / "crm" / f"{dataset}-din.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "vocab": vocab.__dict__}, path)
+    save_crm(model, vocab, path)
     result = {**test_slice, "n_test": len(sliced), "n_train": len(parts["train"]), "kind": "crm",
               "test_full": test_full, "valid": report["valid"], "train_seconds": round(report["train_seconds"], 1),
               "seed": eval_seed, "command": "lorec train " + " ".join(sys.argv[2:])}

@@ -21,7 +21,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,8 @@ from tqdm import tqdm
 
 from adapters.samples import PromptedSample
 from service.prompt import AnswerTokens
+
+Prepare = Callable[[torch.nn.Module, Sequence[int]], None]  # (model, batch row indices) before a forward
 
 
 @dataclass
@@ -61,12 +63,13 @@ def metrics(labels: Sequence[int], scores: Sequence[float]) -> dict[str, float]:
             "acc": float(accuracy_score(labels, scores > 0.5)), "n": int(len(labels))}
 
 
-def load_model(model_dir: Path, lora: LoraSettings | None = None, adapter_dir: Path | None = None):
-    """The base model in bf16, with a fresh LoRA (`lora`), a saved one (`adapter_dir`), or none."""
+def load_model(model_dir: Path, lora: LoraSettings | None = None, adapter_dir: Path | None = None,
+               dtype: torch.dtype = torch.bfloat16):
+    """The base model (bf16 unless told), with a fresh LoRA (`lora`), a saved one (`adapter_dir`), or none."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     if adapter_dir is not None:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=lora is not None)
     if lora is not None:
@@ -107,11 +110,13 @@ def answer_logits(model, rows: Sequence[Sequence[int]], pad_id: int) -> torch.Te
 
 @torch.inference_mode()
 def score(model, rows: Sequence[Sequence[int]], answer: AnswerTokens, pad_id: int, batch_size: int = 16,
-          progress: str | None = None) -> list[float]:
+          progress: str | None = None, prepare: Prepare | None = None) -> list[float]:
     """P(Yes) = softmax over the two answer tokens, as the gateway computes it."""
     model.eval()
     out: list[float] = []
     for start in tqdm(range(0, len(rows), batch_size), desc=progress, disable=progress is None, unit="batch"):
+        if prepare is not None:
+            prepare(model, range(start, min(start + batch_size, len(rows))))
         logits = answer_logits(model, rows[start:start + batch_size], pad_id)
         two = torch.log_softmax(logits, -1)[:, [answer.yes, answer.no]]
         out += torch.softmax(two, -1)[:, 0].tolist()
@@ -147,6 +152,18 @@ class Run:
 def train_lora(model_dir: Path, train: Sequence[PromptedSample], valid: Sequence[PromptedSample],
                answer: AnswerTokens, pad_id: int, run_dir: Path, settings: TrainSettings) -> dict:
     """Train (or resume) one LoRA adapter; returns the final state with the best validation metrics."""
+    def load(resume: Path | None):
+        return load_model(model_dir, settings.lora, adapter_dir=resume)
+
+    return fit(load, train, valid, answer, pad_id, run_dir, settings)
+
+
+def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[PromptedSample],
+        valid: Sequence[PromptedSample], answer: AnswerTokens, pad_id: int, run_dir: Path,
+        settings: TrainSettings, prepare: Prepare | None = None) -> dict:
+    """The training loop: `load(resume_dir or None)` gives the model (trainable parameters marked),
+    `prepare(model, rows)` is called before each forward with the batch's row indices (train rows
+    as indices into `train`; validation rows offset by len(train))."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
@@ -158,7 +175,7 @@ def train_lora(model_dir: Path, train: Sequence[PromptedSample], valid: Sequence
     if state["done"]:
         return state
     resume = run_dir / "latest" if state["step"] else None
-    model = load_model(model_dir, settings.lora, adapter_dir=resume)
+    model = load(resume)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     if resume is not None:
         optimizer.load_state_dict(torch.load(resume / "optimizer.pt"))
@@ -166,6 +183,7 @@ def train_lora(model_dir: Path, train: Sequence[PromptedSample], valid: Sequence
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     total = steps_per_epoch * settings.max_epochs
     valid_rows, valid_labels = [p.input_ids for p in valid], [p.sample.label for p in valid]
+    valid_prepare = None if prepare is None else (lambda m, rows: prepare(m, [len(train) + r for r in rows]))
     targets = torch.tensor([answer.yes, answer.no])
     progress = tqdm(total=total, initial=state["step"], desc="train", unit="step")
     started = time.monotonic() - state["seconds"]
@@ -173,8 +191,11 @@ def train_lora(model_dir: Path, train: Sequence[PromptedSample], valid: Sequence
         epoch, offset = divmod(state["step"], steps_per_epoch)
         order = list(range(len(train)))
         random.Random(settings.seed + epoch).shuffle(order)  # same order on resume
-        batch = [train[i] for i in order[offset * settings.batch_size:(offset + 1) * settings.batch_size]]
+        rows = order[offset * settings.batch_size:(offset + 1) * settings.batch_size]
+        batch = [train[i] for i in rows]
         model.train()
+        if prepare is not None:
+            prepare(model, rows)
         logits = answer_logits(model, [p.input_ids for p in batch], pad_id)
         labels = targets[torch.tensor([1 - p.sample.label for p in batch])]  # label 1 -> yes, 0 -> no
         loss = torch.nn.functional.cross_entropy(logits, labels)
@@ -185,7 +206,7 @@ def train_lora(model_dir: Path, train: Sequence[PromptedSample], valid: Sequence
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}", best_auc=_fmt(state["best"]))
         if state["step"] % settings.eval_every == 0 or state["step"] == total:
-            result = metrics(valid_labels, score(model, valid_rows, answer, pad_id))
+            result = metrics(valid_labels, score(model, valid_rows, answer, pad_id, prepare=valid_prepare))
             improved = state["best"] is None or result["auc"] > state["best"]["auc"]
             state["evals"].append({"step": state["step"], "loss": loss.item(), **result})
             state["best"] = {"step": state["step"], **result} if improved else state["best"]

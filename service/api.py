@@ -63,11 +63,12 @@ def _item_scores(result: ScoreResult, options: ScoreOptions) -> list[ItemScore]:
 def _query(body: CtrRequest) -> ScoreQuery:
     o = body.options
     return ScoreQuery(user_id=body.user_id, item_ids=body.item_ids, as_of=body.as_of, adapter=o.adapter,
-                      retrieval=o.retrieval, k=o.k)
+                      mode=o.mode, retrieval=o.retrieval, k=o.k)
 
 
 def _meta(result: ScoreResult) -> dict:
-    return dict(user_id=result.user_id, adapter=result.adapter, retrieval=result.retrieval, k=result.k,
+    return dict(user_id=result.user_id, adapter=result.adapter, adapter_mode=result.adapter_mode,
+                fallbacks=result.fallbacks or None, retrieval=result.retrieval, k=result.k,
                 history_size=result.history_size)
 
 

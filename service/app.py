@@ -16,14 +16,25 @@ from service.encoder import build_encoder
 from service.errors import register_error_handlers
 from service.history import HistoryStore, Keys
 from service.metrics import Metrics
+from service.personalize import Personalizer, open_personalizer
 from service.prompt import load_codec
 from service.recommend import RecommendService
 from service.retrieval import open_index
-from service.routing import AdapterRegistry
+from service.routing import AdapterRegistry, Router
 from service.scoring import EngineClient
 from service.writes import Writer
 
 log = logging.getLogger(__name__)
+
+
+async def load_cohorts(router: Router, personalizer: Personalizer) -> None:
+    """Cohort adapters are written and loaded at start; an engine not up yet loads them on first use."""
+    for name, path in personalizer.cohorts():
+        try:
+            await router.engine.ensure_adapter(name, path)
+        except Exception as exc:  # noqa: BLE001 - start anyway; routing retries or falls back
+            log.warning("cohort adapter %s not loaded at start: %s", name, exc)
+            return
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -44,10 +55,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             history = HistoryStore(redis, Keys(settings.redis_prefix), settings.max_history_events)
             engine = EngineClient(http, settings.engine_model_name, codec.answer,
                                   on_load=lambda outcome: metrics.adapter_loads.labels(outcome).inc())
+            personalizer = open_personalizer(settings)
+            router = Router(AdapterRegistry(settings.registry_dir), engine, settings.default_adapter,
+                            settings.adapter_mode, personalizer)
+            if personalizer is not None:
+                await load_cohorts(router, personalizer)
             app.state.recommender = RecommendService(
-                history, index, codec, engine, AdapterRegistry(settings.registry_dir), metrics,
-                default_k=settings.history_k, default_mode=settings.retrieval_mode,
-                default_adapter=settings.default_adapter, max_candidates=settings.max_candidates)
+                history, index, codec, engine, router, metrics, default_k=settings.history_k,
+                default_mode=settings.retrieval_mode, max_candidates=settings.max_candidates)
             app.state.writer = Writer(history, index,
                                       build_encoder(settings.encoder, model_dir, settings.data_dir,
                                                     settings.encoder_dim))

@@ -36,8 +36,16 @@ class Settings(BaseSettings):
     engine_max_cpu_loras: int = Field(16, ge=1, description="adapters kept in engine memory")
     engine_max_lora_rank: int = Field(16, ge=1)
     engine_max_num_batched_tokens: int | None = None
+    engine_fast_lora: bool = Field(True, description="load the lorec_cpu_lora plugin (segment-wise LoRA ops) "
+                                   "into the engine; off = vLLM's own CPU LoRA ops")
     adapter_dir: Path | None = Field(None, description="adapter registry; default data_dir/adapters")
-    default_adapter: str | None = Field(None, description="adapter every request uses unless it asks otherwise")
+    default_adapter: str | None = Field(None, description="the shared adapter (e.g. ReiT) for mode shared")
+    adapter_mode: Literal["personal", "cohort", "shared", "base"] = Field(
+        "shared", description="default adapter mode; shared without default_adapter serves the base model")
+    reclora_bank: str | None = Field(None, description="RecLoRA bank folder under data_dir/reclora "
+                                     "(personal and cohort modes)")
+    personal_refresh_events: int = Field(20, ge=1, description="a user's adapter is remade after this many events")
+    personal_cache_size: int = Field(256, ge=1, description="personal adapters kept on disk (LRU)")
 
     history_k: int = Field(10, ge=0, le=100)
     retrieval_mode: Literal["subr", "recent"] = "subr"
@@ -64,6 +72,10 @@ class Settings(BaseSettings):
     @property
     def edge_path(self) -> Path:
         return self.data_dir / "qdrant-edge"
+
+    @property
+    def reclora_dir(self) -> Path | None:
+        return self.data_dir / "reclora" / self.reclora_bank if self.reclora_bank else None
 
     @property
     def model_dir(self) -> Path:

@@ -16,7 +16,8 @@ from service.metrics import Metrics
 from service.prompt import PromptCodec, build_prompt
 from service.records import Behaviour, Item
 from service.retrieval import ItemIndex, Mode, select_behaviours
-from service.routing import AdapterRegistry, choose_route
+from service.routing import Mode as AdapterMode
+from service.routing import Router
 from service.scoring import AnswerLogprobs, EngineClient
 
 
@@ -26,6 +27,7 @@ class ScoreQuery:
     item_ids: list[str]
     as_of: int | None = None
     adapter: str | None = None
+    mode: AdapterMode | None = None
     retrieval: Mode | None = None
     k: int | None = None
 
@@ -42,27 +44,28 @@ class Scored:
 class ScoreResult:
     user_id: str
     adapter: str
+    adapter_mode: str
     retrieval: Mode
     k: int
     history_size: int
     scored: list[Scored]
     catalog: dict[str, Item]
+    fallbacks: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
 
 class RecommendService:
     def __init__(self, history: HistoryStore, index: ItemIndex, codec: PromptCodec, engine: EngineClient,
-                 registry: AdapterRegistry, metrics: Metrics, *, default_k: int, default_mode: Mode,
-                 default_adapter: str | None, max_candidates: int) -> None:
+                 router: Router, metrics: Metrics, *, default_k: int, default_mode: Mode,
+                 max_candidates: int) -> None:
         self.history = history
         self.index = index
         self.codec = codec
         self.engine = engine
-        self.registry = registry
+        self.router = router
         self.metrics = metrics
         self.default_k = default_k
         self.default_mode = default_mode
-        self.default_adapter = default_adapter
         self.max_candidates = max_candidates
 
     async def score(self, query: ScoreQuery) -> ScoreResult:
@@ -92,9 +95,7 @@ class RecommendService:
             prompts = [self.codec.encode(build_prompt(context.profile, chosen[t], known, candidates[t]))
                        for t in query.item_ids]
         with stage("routing", timings):
-            route = choose_route(query.adapter, self.default_adapter, self.registry)
-            if route.adapter is not None:
-                await self.engine.ensure_adapter(route.adapter, route.path)
+            route = await self.router.route(context, query.adapter, query.mode)
         with stage("engine", timings):
             try:
                 answers = await self.engine.score(prompts, route.adapter)
@@ -104,8 +105,8 @@ class RecommendService:
         self.metrics.engine_calls.labels(route.label, "ok").inc()
         self.metrics.engine_prompts.inc(len(prompts))
         scored = [Scored(t, a, chosen[t], p) for t, a, p in zip(query.item_ids, answers, prompts)]
-        return ScoreResult(user_id=query.user_id, adapter=route.label, retrieval=mode, k=k,
-                           history_size=len(context.behaviours), scored=scored,
+        return ScoreResult(user_id=query.user_id, adapter=route.label, adapter_mode=route.mode, retrieval=mode,
+                           k=k, history_size=len(context.behaviours), scored=scored, fallbacks=route.fallbacks,
                            catalog={**known, **{i: c for i, c in candidates.items() if c}}, timings=timings)
 
     async def rank(self, query: ScoreQuery, top_k: int | None) -> ScoreResult:

@@ -4,13 +4,29 @@ Adapters live in a registry directory, one PEFT folder per adapter name
 (`adapter_config.json` + `adapter_model.safetensors`). A new version of an
 adapter gets a new name: vLLM keys its prefix cache by adapter name.
 Names are plain tokens and paths never leave the registry root.
+
+Modes, per deployment and per request: `personal` (the user's RecLoRA adapter,
+see personalize.py), `cohort` (the nearest cohort's), `shared` (the
+deployment's default adapter, e.g. ReiT), `base`. When a mode's adapter cannot
+be had or fails to load, the next one in that order serves, the response says
+which and why, and an adapter that failed to load is quarantined (not retried).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from service.records import UserContext
+from service.scoring import AdapterLoadFailed, EngineClient
+
+log = logging.getLogger(__name__)
+Mode = Literal["personal", "cohort", "shared", "base"]
+CHAIN: tuple[Mode, ...] = ("personal", "cohort", "shared", "base")
 
 BASE = "base"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -26,6 +42,8 @@ class AdapterNotFound(LookupError):
 class Route:
     adapter: str | None  # None: the base model
     path: Path | None = None
+    mode: str = "shared"
+    fallbacks: list[dict] = field(default_factory=list)  # modes skipped on the way, with the reason
 
     @property
     def label(self) -> str:
@@ -66,3 +84,62 @@ def choose_route(requested: str | None, default: str | None, registry: AdapterRe
     if name is None or name == BASE:
         return Route(adapter=None)
     return Route(adapter=name, path=registry.path(name))
+
+
+class Router:
+    """Chooses and loads the request's adapter, falling back along personal -> cohort -> shared -> base."""
+
+    def __init__(self, registry: AdapterRegistry, engine: EngineClient, default_adapter: str | None,
+                 default_mode: Mode, personalizer=None) -> None:
+        self.registry = registry
+        self.engine = engine
+        self.default_adapter = default_adapter
+        self.default_mode = default_mode
+        self.personalizer = personalizer
+        self.quarantined: dict[str, str] = {}
+
+    async def route(self, context: UserContext, adapter: str | None, mode: Mode | None) -> Route:
+        if adapter is not None:  # an explicit adapter: that one or an error, no fallback
+            route = choose_route(adapter, None, self.registry)
+            if route.adapter is not None:
+                await self.engine.ensure_adapter(route.adapter, route.path)
+            return Route(route.adapter, route.path, mode="named" if route.adapter else "base")
+        mode = mode or self.default_mode
+        skipped: list[dict] = []
+        for step in CHAIN[CHAIN.index(mode):]:
+            try:
+                name, path = await self._resolve(step, context)
+                if name is not None:
+                    await self._load(name, path)
+                return Route(name, path, mode=step, fallbacks=skipped)
+            except (LookupError, AdapterLoadFailed) as reason:
+                skipped.append({"mode": step, "reason": str(reason)})
+        raise AssertionError("the base model is always routable")  # pragma: no cover
+
+    async def _resolve(self, mode: Mode, context: UserContext) -> tuple[str | None, Path | None]:
+        if mode == "base":
+            return None, None
+        if mode == "shared":
+            if self.default_adapter is None or self.default_adapter == BASE:
+                raise LookupError("no shared adapter configured")
+            return self.default_adapter, self.registry.path(self.default_adapter)
+        if self.personalizer is None:
+            raise LookupError("no RecLoRA bank configured")
+        if mode == "cohort":
+            return await asyncio.to_thread(self.personalizer.cohort, context.user_id, context.profile,
+                                           context.behaviours)
+        name, path, evicted = await asyncio.to_thread(self.personalizer.personal, context.user_id,
+                                                      context.profile, context.behaviours)
+        for old in evicted:  # off the disk already; free the engine's slot too
+            asyncio.create_task(self.engine.unload_adapter(old))
+        return name, path
+
+    async def _load(self, name: str, path: Path) -> None:
+        if name in self.quarantined:
+            raise AdapterLoadFailed(f"adapter {name!r} is quarantined: {self.quarantined[name]}")
+        try:
+            await self.engine.ensure_adapter(name, path)
+        except AdapterLoadFailed as exc:
+            self.quarantined[name] = str(exc)
+            log.warning("adapter %s quarantined: %s", name, exc)
+            raise

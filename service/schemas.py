@@ -27,7 +27,10 @@ class Strict(BaseModel):
 
 
 class ScoreOptions(Strict):
-    adapter: str | None = Field(None, description='adapter name from the registry, or "base"')
+    adapter: str | None = Field(None, description='adapter name from the registry, or "base" (no fallback)')
+    mode: Literal["personal", "cohort", "shared", "base"] | None = Field(
+        None, description="which adapter: the user's RecLoRA adapter, their cohort's, the shared one, or none; "
+                          "default: the deployment's")
     retrieval: Literal["subr", "recent"] | None = Field(None, description="history selection; default: deployment's")
     k: int | None = Field(None, ge=0, le=50, description="behaviours in each prompt")
     explain: bool = Field(False, description="include each item's prompt behaviours (why)")
@@ -67,9 +70,16 @@ class ItemScore(BaseModel):
     prompt_token_ids: list[int] | None = None
 
 
+class Fallback(BaseModel):
+    mode: str
+    reason: str
+
+
 class ScoreMeta(BaseModel):
     user_id: str
     adapter: str
+    adapter_mode: str = Field(description='personal, cohort, shared, base, or "named" (options.adapter)')
+    fallbacks: list[Fallback] | None = Field(None, description="modes skipped before the one that served")
     retrieval: str
     k: int
     history_size: int

@@ -30,6 +30,10 @@ class EngineError(Exception):
         self.timeout = timeout
 
 
+class AdapterLoadFailed(EngineError):
+    """The engine answered but would not load the adapter (missing, corrupt, incompatible)."""
+
+
 @dataclass(frozen=True, slots=True)
 class AnswerLogprobs:
     yes: float
@@ -113,9 +117,17 @@ class EngineClient:
         already = response.status_code == 400 and "already been loaded" in response.text
         if response.status_code != 200 and not already:
             self._on_load("error")
-            raise EngineError(f"engine could not load adapter {name!r}: {response.text[:300]}")
+            raise AdapterLoadFailed(f"engine could not load adapter {name!r}: {response.text[:300]}")
         self._loaded.add(name)
         self._on_load("loaded" if not already else "already_loaded")
+
+    async def unload_adapter(self, name: str) -> None:
+        """Best effort: an adapter evicted from the personal cache leaves the engine too."""
+        self._loaded.discard(name)
+        try:
+            await self._post("/v1/unload_lora_adapter", {"lora_name": name})
+        except EngineError:
+            pass
 
     async def ping(self) -> None:
         try:

@@ -1,0 +1,213 @@
+"""RecLoRA personalisation (part of stage 4, routing): a user's own LoRA, mixed from a meta-LoRA bank.
+
+A bank folder (written by `lorec train reclora`) holds, per adapted module,
+N meta-LoRAs (A_k: r x in, B_k: out x r) and a gate over the CRM's user vector:
+`reclora.safetensors`, `reclora.json` (settings), and `cohorts.safetensors`
+(k-means centroids of users' mixing weights). A user's adapter is
+A_u = sum_k alpha_k A_k, B_u = sum_k alpha_k B_k with alpha = gate(u): a plain
+rank-r LoRA, written here as a PEFT folder vLLM loads.
+
+Personal adapters are named `p-<bank>-<user hash>-v<version>`, the version
+counting `refresh_events` events of history, so a grown history gets a new
+name (vLLM keys its prefix cache by adapter name) and the old one ages out of
+the on-disk LRU cache. Cohort adapters `c-<bank>-<C>-<i>` mix the centroids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from service.crm import DIN, Vocab, encode_rows
+from service.records import Behaviour, Profile
+
+
+class Gate(nn.Module):
+    """LayerNorm -> Linear -> ReLU -> Linear -> softmax(/ temperature) over the bank."""
+
+    def __init__(self, user_dim: int, n_meta: int, hidden: int, temperature: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(user_dim), nn.Linear(user_dim, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, n_meta))
+        self.temperature = temperature
+
+    def forward(self, users: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(users) / self.temperature, -1)
+
+
+def mix(alpha: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_u, B_u) for each row of alpha (batch, n_meta): shapes (batch, r, in) and (batch, out, r)."""
+    return torch.einsum("bk,kri->bri", alpha, lora_a), torch.einsum("bk,kor->bor", alpha, lora_b)
+
+
+def write_peft_adapter(out: Path, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, alpha: int,
+                       base_model: str, manifest: dict | None = None) -> Path:
+    """A plain PEFT LoRA folder from {module name: (A, B)}; written aside, then renamed into place."""
+    tensors = {}
+    for name, (a, b) in weights.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(torch.bfloat16).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.to(torch.bfloat16).contiguous()
+    targets = sorted({name.rsplit(".", 1)[-1] for name in weights})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
+              "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": targets, "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
+              "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+              "alpha_pattern": {}}
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "adapter_model.safetensors"))
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
+    if manifest is not None:
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    try:
+        os.rename(tmp, out)  # a reader never sees a half-written adapter
+    except OSError:
+        _discard(tmp)
+        if not (out / "adapter_config.json").exists():  # not a concurrent writer of the same adapter
+            raise
+    return out
+
+
+def _discard(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class BankModule:
+    lora_a: torch.Tensor  # (n_meta, r, in)
+    lora_b: torch.Tensor  # (n_meta, out, r)
+    gate: Gate
+
+
+class MetaBank:
+    """A trained RecLoRA bank, read-only: gates and meta-LoRAs per module."""
+
+    def __init__(self, path: Path) -> None:
+        meta = json.loads((path / "reclora.json").read_text())
+        s = meta["settings"]
+        self.name = path.name
+        self.rank, self.alpha, self.user_dim = s["rank"], s["alpha"], meta["user_dim"]
+        self.base_model = meta.get("base_model", "")
+        self.crm = meta.get("crm", "")  # file name under data_dir/crm
+        state = load_file(str(path / "reclora.safetensors"))
+        self.modules: dict[str, BankModule] = {}
+        for name in sorted(k[: -len(".lora_A")] for k in state if k.endswith(".lora_A")):
+            key = name + ".lora_A"
+            gate = Gate(self.user_dim, s["n_meta"], s["gate_hidden"], s["temperature"])
+            gate.load_state_dict({k[len(name) + 6:]: v for k, v in state.items() if k.startswith(name + ".gate.")})
+            self.modules[name] = BankModule(state[key].float(), state[name + ".lora_B"].float(), gate.eval())
+        cohorts = path / "cohorts.safetensors"
+        self.centroids = load_file(str(cohorts))["centroids"] if cohorts.exists() else None
+
+    @torch.no_grad()
+    def alphas(self, user: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: m.gate(user.float().unsqueeze(0))[0] for name, m in self.modules.items()}
+
+    def flat(self, alphas: dict[str, torch.Tensor]) -> torch.Tensor:
+        """All modules' weights in one vector, modules sorted by name (the space cohorts live in)."""
+        return torch.cat([alphas[name] for name in self.modules])
+
+    def unflat(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = next(iter(self.modules.values())).lora_a.shape[0]
+        return {name: flat[i * n:(i + 1) * n] for i, name in enumerate(self.modules)}
+
+    @torch.no_grad()
+    def write(self, alphas: dict[str, torch.Tensor], out: Path, manifest: dict | None = None) -> Path:
+        weights = {}
+        for name, m in self.modules.items():
+            a, b = mix(alphas[name].unsqueeze(0).float(), m.lora_a, m.lora_b)
+            weights[name] = (a[0], b[0])
+        return write_peft_adapter(out, weights, self.rank, self.alpha, self.base_model, manifest)
+
+    def nearest_cohort(self, alphas: dict[str, torch.Tensor]) -> int:
+        if self.centroids is None:
+            raise LookupError(f"bank {self.name!r} has no cohorts")
+        return int(torch.cdist(self.flat(alphas).unsqueeze(0), self.centroids)[0].argmin())
+
+
+class Personalizer:
+    """Personal and cohort adapters for users, on disk under `cache_dir` (LRU-bounded)."""
+
+    def __init__(self, bank: MetaBank, crm: DIN, vocab: Vocab, cache_dir: Path, refresh_events: int,
+                 cache_size: int) -> None:
+        self.bank, self.crm, self.vocab = bank, crm, vocab
+        self.cache_dir = cache_dir
+        self.refresh_events = refresh_events
+        self.cache_size = cache_size
+        self._lru: OrderedDict[str, Path] = OrderedDict()
+        self._lock = threading.Lock()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(cache_dir.glob("p-*"), key=lambda p: p.stat().st_mtime):  # survive restarts
+            self._lru[path.name] = path
+
+    @torch.no_grad()
+    def user_alphas(self, user_id: str, profile: Profile, behaviours: list[Behaviour]) -> dict[str, torch.Tensor]:
+        batch = encode_rows([(user_id, profile, behaviours, "", 0)], self.vocab)
+        return self.bank.alphas(self.crm.user_vector(batch)[0])
+
+    def personal_name(self, user_id: str, history_size: int) -> str:
+        digest = hashlib.sha1(user_id.encode()).hexdigest()[:16]
+        return f"p-{self.bank.name}-{digest}-v{history_size // self.refresh_events}"
+
+    def cohort_name(self, cohort: int) -> str:
+        return f"c-{self.bank.name}-{len(self.bank.centroids)}-{cohort}"
+
+    def personal(self, user_id: str, profile: Profile, behaviours: list[Behaviour]) -> tuple[str, Path, list[str]]:
+        """(name, folder, evicted names): the user's adapter for this history, written if new."""
+        name = self.personal_name(user_id, len(behaviours))
+        path = self.cache_dir / name
+        if not path.exists():
+            self.bank.write(self.user_alphas(user_id, profile, behaviours), path,
+                            {"kind": "personal", "bank": self.bank.name, "history_size": len(behaviours)})
+        return name, path, self._touch(name, path)
+
+    def cohorts(self) -> list[tuple[str, Path]]:
+        """Every cohort adapter of the bank, written if missing."""
+        if self.bank.centroids is None:
+            return []
+        out = []
+        for i, centroid in enumerate(self.bank.centroids):
+            name = self.cohort_name(i)
+            path = self.cache_dir / name
+            if not path.exists():
+                self.bank.write(self.bank.unflat(centroid), path, {"kind": "cohort", "bank": self.bank.name})
+            out.append((name, path))
+        return out
+
+    def cohort(self, user_id: str, profile: Profile, behaviours: list[Behaviour]) -> tuple[str, Path]:
+        name = self.cohort_name(self.bank.nearest_cohort(self.user_alphas(user_id, profile, behaviours)))
+        return name, self.cache_dir / name
+
+    def _touch(self, name: str, path: Path) -> list[str]:
+        with self._lock:
+            self._lru[name] = path
+            self._lru.move_to_end(name)
+            evicted = []
+            while len(self._lru) > self.cache_size:
+                old, old_path = self._lru.popitem(last=False)
+                _discard(old_path)
+                evicted.append(old)
+            return evicted
+
+
+def open_personalizer(settings) -> Personalizer | None:
+    """The deployment's personaliser: its bank, the CRM the bank was trained on, the adapter cache."""
+    from service.crm import load_crm
+
+    if settings.reclora_dir is None:
+        return None
+    bank = MetaBank(settings.reclora_dir)
+    crm, vocab = load_crm(settings.data_dir / "crm" / bank.crm)
+    return Personalizer(bank, crm, vocab, settings.data_dir / "personal", settings.personal_refresh_events,
+                        settings.personal_cache_size)

@@ -1,0 +1,111 @@
+"""The engine plugin's LoRA ops equal vLLM's own torch ops on random tensors: prefill segments and
+decode tokens, one adapter, several adapters mixed in one batch, and tokens without an adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm.lora.ops import torch_ops as vllm_ops
+from vllm.lora.punica_wrapper.utils import compute_meta
+
+from service import cpu_lora
+
+SLOTS, RANK, HIDDEN, OUT = 4, 8, 64, 96
+
+
+def weights(seed: int, empty_last: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(SLOTS, 1, RANK, HIDDEN, generator=g).to(torch.bfloat16)
+    b = torch.randn(SLOTS, 1, OUT, RANK, generator=g).to(torch.bfloat16)
+    if empty_last:  # vLLM's torch ops read slot -1 as the last slot; an empty last slot makes that a no-op
+        a[-1], b[-1] = 0, 0
+    return a, b
+
+
+def token_slots(kind: str) -> torch.Tensor:
+    per_sequence = {"one": [0, 0, 0], "mixed": [0, 2, 1, 0], "with_base": [-1, 1, -1, 2], "none": [-1, -1]}[kind]
+    lengths = [5, 11, 3, 7][: len(per_sequence)]
+    return torch.repeat_interleave(torch.tensor(per_sequence), torch.tensor(lengths))
+
+
+def lora_apply(ops, x, a, b, tokens, y0, scale=2.0, prefill=True):
+    """What the CPU punica wrapper does for one LoRA linear: shrink into a float32 buffer, expand."""
+    buffer, y = torch.zeros(x.shape[0], RANK, dtype=torch.float32), y0.clone()
+    if prefill:
+        starts, lengths, slots, batches, max_len, n, _ = compute_meta(tokens)
+        ops.sgmv_shrink(x, a, buffer, starts, lengths, slots, batches, max_len, n, scale)
+        ops.sgmv_expand_slice(buffer, b, y, starts, lengths, slots, batches, max_len, n, 8, OUT, True)
+    else:
+        ops.bgmv_shrink(x, a, buffer, tokens, scale)
+        ops.bgmv_expand_slice(buffer, b, y, tokens, 8, OUT, True)
+    return y
+
+
+@pytest.mark.parametrize("prefill", [True, False], ids=["prefill", "decode"])
+@pytest.mark.parametrize("kind", ["one", "mixed", "with_base", "none"])
+def test_plugin_ops_equal_vllm_ops(kind, prefill):
+    tokens = token_slots(kind)
+    a, b = weights(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(tokens), HIDDEN, generator=g).to(torch.bfloat16)
+    y0 = torch.randn(len(tokens), OUT + 16, generator=g).to(torch.bfloat16)
+    ours = lora_apply(cpu_lora, x, a, b, tokens, y0, prefill=prefill)
+    theirs = lora_apply(vllm_ops, x, a, b, tokens, y0, prefill=prefill)
+    torch.testing.assert_close(ours, theirs, atol=0.07, rtol=0.02)
+    if kind != "none":
+        assert (ours - y0).abs().max() > 1, "the adapter term is missing"
+    base_rows = tokens < 0
+    assert torch.equal(ours[base_rows], y0[base_rows]), "tokens without an adapter must be left unchanged"
+
+
+def test_tokens_without_adapter_ignore_a_loaded_last_slot():
+    """Where vLLM's torch ops apply the last slot's weights to tokens without an adapter, ours do not."""
+    tokens = token_slots("with_base")
+    a, b = weights(0, empty_last=False)
+    x = torch.randn(len(tokens), HIDDEN).to(torch.bfloat16)
+    y0 = torch.zeros(len(tokens), OUT + 16, dtype=torch.bfloat16)
+    base_rows = tokens < 0
+    assert torch.equal(lora_apply(cpu_lora, x, a, b, tokens, y0)[base_rows], y0[base_rows])
+    assert not torch.equal(lora_apply(vllm_ops, x, a, b, tokens, y0)[base_rows], y0[base_rows])
+
+
+def test_expand_without_slice_and_broadcast_row():
+    """sgmv_expand / bgmv_expand (embedding path): overwrite and add, output padded wider than the adapter."""
+    tokens = token_slots("mixed")
+    _, b = weights(2)
+    buffer = torch.randn(len(tokens), RANK)
+    for add in (False, True):
+        start = torch.randn(len(tokens), OUT + 4).to(torch.bfloat16)
+        ours, theirs = start.clone(), start.clone()
+        meta = compute_meta(tokens)[:6]
+        cpu_lora.sgmv_expand(buffer, b, ours, *meta, add_inputs=add)
+        vllm_ops.sgmv_expand(buffer, b, theirs, *meta, add_inputs=add)
+        torch.testing.assert_close(ours, theirs, atol=0.07, rtol=0.02)
+        ours, theirs = start.clone(), start.clone()
+        cpu_lora.bgmv_expand(buffer, b, ours, tokens, add_inputs=add)
+        vllm_ops.bgmv_expand(buffer, b, theirs, tokens, add_inputs=add)
+        torch.testing.assert_close(ours, theirs, atol=0.07, rtol=0.02)
+
+
+def test_register_rebinds_the_cpu_wrapper_ops():
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    saved = {name: getattr(punica_cpu, name) for name in cpu_lora.OPS}
+    try:
+        cpu_lora.register()
+        assert all(getattr(punica_cpu, name) is op for name, op in cpu_lora.OPS.items())
+    finally:
+        for name, op in saved.items():
+            setattr(punica_cpu, name, op)
+
+
+def test_engine_process_loads_the_plugin(tiny_engine, workdir):
+    """`lorec engine` names the plugin in VLLM_PLUGINS and its entry point resolves to this module."""
+    from importlib.metadata import entry_points
+
+    from service.processes import ENGINE_PLUGIN
+
+    (entry,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == ENGINE_PLUGIN]
+    assert entry.load() is cpu_lora.register and cpu_lora.PLUGIN_NAME == ENGINE_PLUGIN
+    log = (workdir / "logs" / "vllm-tiny.log").read_text()
+    assert "segment-wise LoRA ops installed" in log
