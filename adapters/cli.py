@@ -114,6 +114,48 @@ def reit(
     typer.echo(json.dumps({"adapter": name, "path": str(path), "validation": state["best"]}))
 
 
+@train_app.command("reclora")
+def reclora(
+    directory: Path = typer.Option(..., "--dir", exists=True, file_okay=False, help="MovieLens folder"),
+    n_train: int = typer.Option(1024, "--n", help="few-shot samples drawn from train (each seen twice: ReiT)"),
+    n_valid: int = typer.Option(1000), k: int = typer.Option(10),
+    n_meta: int = typer.Option(8, help="meta-LoRAs per module"), rank: int = typer.Option(8),
+    alpha: int = typer.Option(16), target_modules: str = typer.Option("q_proj,v_proj"),
+    temperature: float = typer.Option(1.0), cohorts: str = typer.Option("8,32,128", help="k-means sizes"),
+    lr: float = typer.Option(1e-3), batch_size: int = typer.Option(8), max_epochs: int = typer.Option(2),
+    eval_every: int = typer.Option(64), patience: int = typer.Option(3), seed: int = typer.Option(0),
+    name: str = typer.Option(None, help="bank name under data_dir/reclora (default: derived)"),
+) -> None:
+    """Train a RecLoRA bank (meta-LoRAs + gates over the frozen CRM's user vector) and its cohorts."""
+    from adapters.reclora import BankSettings, cohort_centroids, load_reclora, save_cohorts, train_reclora, user_vectors
+    from adapters.train import TrainSettings
+    from service.crm import load_crm
+
+    settings = Settings()
+    data, parts, codec, train, valid = asyncio.run(_prompts(settings, directory, n_train, n_valid, k, seed))
+    dataset = dataset_name(data.name, directory)
+    crm_file = f"{dataset}-din.pt"
+    crm, vocab = load_crm(settings.data_dir / "crm" / crm_file)
+    users = user_vectors(crm, [p.sample for p in [*train, *valid]], data, vocab)
+    name = name or f"reclora-{dataset}-n{n_train}-m{n_meta}-r{rank}-s{seed}"
+    run_dir = settings.data_dir / "runs" / name
+    bank = BankSettings(n_meta=n_meta, rank=rank, alpha=alpha, target_modules=tuple(target_modules.split(",")),
+                        temperature=temperature)
+    state = train_reclora(settings.model_dir, train, valid, users, codec.answer, codec.pad_id, run_dir,
+                          TrainSettings(lr=lr, batch_size=batch_size, max_epochs=max_epochs, eval_every=eval_every,
+                                        patience=patience, seed=seed), bank)
+    model = load_reclora(settings.model_dir, bank_dir=run_dir / "best")
+    out = settings.data_dir / "reclora" / name
+    model.save(out, {"base_model": str(settings.model_dir), "crm": crm_file, "dataset": dataset,
+                     "n_train_samples": n_train, "validation": state["best"], "train_seconds": state["seconds"]})
+    # Cohorts over every train user's vector at their last train sample.
+    last = {s.user_id: s for s in parts["train"]}
+    train_users = user_vectors(crm, list(last.values()), data, vocab)
+    save_cohorts(out, {int(c): cohort_centroids(model, train_users, int(c), seed) for c in cohorts.split(",")})
+    typer.echo(json.dumps({"bank": name, "path": str(out), "validation": state["best"],
+                           "cohorts": cohorts, "train_seconds": state["seconds"]}))
+
+
 def record_result(path: Path, dataset: str, method: str, result: dict) -> None:
     """Merge one method's figures into `{dataset: {method: {...}}}` (benchmarks/results/quality.json)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,10 +173,34 @@ async def _offline_prompts(settings: Settings, data, samples, k: int, mode: str)
     return [p.input_ids for p in prompted]
 
 
+def _offline_model(settings: Settings, data, samples, adapter: str, mode: str | None, dtype):
+    """The transformers model the served scores must equal: base, a registry adapter, or (personal mode)
+    the RecLoRA bank gated on each sample's CRM user vector."""
+    from adapters.train import load_model
+    from service.routing import BASE, AdapterRegistry
+
+    if mode == "personal":
+        from adapters.reclora import load_reclora, user_vectors
+        from service.crm import load_crm
+        from service.personalize import MetaBank
+
+        bank = MetaBank(settings.reclora_dir)
+        crm, vocab = load_crm(settings.data_dir / "crm" / bank.crm)
+        users = user_vectors(crm, samples, data, vocab)
+        model = load_reclora(settings.model_dir, bank_dir=settings.reclora_dir, dtype=dtype)
+        return model, lambda m, rows: m.set_users(users[list(rows)])
+    if mode == "shared":
+        adapter = settings.default_adapter or BASE
+    adapter_dir = None if adapter == BASE else AdapterRegistry(settings.registry_dir).path(adapter)
+    return load_model(settings.model_dir, adapter_dir=adapter_dir, dtype=dtype), None
+
+
 def eval_command(
     directory: Path = typer.Option(..., "--dir", exists=True, file_okay=False, help="MovieLens folder"),
     gateway: str = typer.Option("http://127.0.0.1:8000", help="the running gateway"),
     adapter: str = typer.Option("base", help='adapter name in the registry, or "base" (zero-shot)'),
+    mode: str = typer.Option(None, help="adapter mode instead of a name: personal (the gateway's RecLoRA bank), "
+                                        "cohort, shared"),
     split: str = typer.Option("test"),
     n: int = typer.Option(10_000, help="seeded subsample of the split (0: all of it)"),
     seed: int = typer.Option(0),
@@ -153,27 +219,28 @@ def eval_command(
 
     from adapters.evaluate import agreement, score_via_gateway, summarize
     from adapters.samples import build_samples, draw, split_by_time
-    from adapters.train import load_model, score
+    from adapters.train import score
     from service.ingest import read_movielens
     from service.prompt import load_codec
-    from service.routing import BASE, AdapterRegistry
 
     settings = Settings()
     data = read_movielens(directory)
     pool = split_by_time(build_samples(data))[split]
     samples = draw(pool, n, seed) if n else pool
     started = time.monotonic()
-    served = asyncio.run(score_via_gateway(gateway, samples, adapter, k, retrieval, concurrency))
+    served = asyncio.run(score_via_gateway(gateway, samples, adapter, k, retrieval, concurrency, mode=mode))
     result = {**summarize(samples, served.scores), "n_test": len(samples), "split": split, "seed": seed,
-              "k": k, "retrieval": retrieval, "adapter": adapter, "kind": "llm",
+              "k": k, "retrieval": retrieval, "adapter": mode or adapter, "kind": "llm",
+              "served_by": served.adapters,
               "gateway_seconds": round(time.monotonic() - started, 1),
               "command": "lorec eval " + " ".join(sys.argv[2:])}
+    if offline and mode == "cohort":
+        offline = False  # no offline reference for cohort routing; the personal mode covers the bank
     if offline:
         prompts = asyncio.run(_offline_prompts(settings, data, samples, k, retrieval))
         codec = load_codec(settings.model_dir)
-        adapter_dir = None if adapter == BASE else AdapterRegistry(settings.registry_dir).path(adapter)
-        model = load_model(settings.model_dir, adapter_dir=adapter_dir, dtype=getattr(torch, offline_dtype))
-        offline_scores = score(model, prompts, codec.answer, codec.pad_id, progress="offline")
+        model, prepare = _offline_model(settings, data, samples, adapter, mode, getattr(torch, offline_dtype))
+        offline_scores = score(model, prompts, codec.answer, codec.pad_id, progress="offline", prepare=prepare)
         result["offline"] = {**summarize(samples, offline_scores), "dtype": offline_dtype,
                              **agreement(samples, served.scores, offline_scores, served.prompts, prompts)}
     typer.echo(json.dumps(result))

@@ -27,12 +27,16 @@ AGREEMENT = 0.01
 class GatewayScores:
     scores: list[float]
     prompts: list[list[int]]
+    adapters: dict[str, int]  # adapter mode that served -> samples (fallbacks show here)
 
 
 async def score_via_gateway(base_url: str, samples: Sequence[Sample], adapter: str, k: int, retrieval: str,
-                            concurrency: int = 8, api_key: str | None = None, timeout_s: float = 600
-                            ) -> GatewayScores:
-    """One request per sample at its own `as_of`; `concurrency` requests in flight so the engine batches."""
+                            concurrency: int = 8, api_key: str | None = None, timeout_s: float = 600,
+                            mode: str | None = None) -> GatewayScores:
+    """One request per sample at its own `as_of`; `concurrency` requests in flight so the engine batches.
+    `mode` (personal, cohort, shared) asks for an adapter mode instead of the adapter `adapter`."""
+    choice = {"mode": mode} if mode else {"adapter": adapter}
+    served_by: dict[str, int] = {}
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(concurrency)
     scores: list[float] = [0.0] * len(samples)
@@ -44,16 +48,17 @@ async def score_via_gateway(base_url: str, samples: Sequence[Sample], adapter: s
             async with limit:
                 response = await client.post("/v1/ctr", json={
                     "user_id": s.user_id, "item_ids": [s.item_id], "as_of": s.ts,
-                    "options": {"adapter": adapter, "k": k, "retrieval": retrieval, "return_prompt": True}})
+                    "options": {**choice, "k": k, "retrieval": retrieval, "return_prompt": True}})
             if response.status_code != 200:
                 raise RuntimeError(f"gateway answered {response.status_code} for sample {i}: {response.text[:300]}")
-            body = response.json()["scores"][0]
-            scores[i], prompts[i] = body["score"], body["prompt_token_ids"]
+            body = response.json()
+            scores[i], prompts[i] = body["scores"][0]["score"], body["scores"][0]["prompt_token_ids"]
+            served_by[body["adapter_mode"]] = served_by.get(body["adapter_mode"], 0) + 1
             progress.update(1)
 
         await asyncio.gather(*(one(i, s) for i, s in enumerate(samples)))
         progress.close()
-    return GatewayScores(scores, prompts)
+    return GatewayScores(scores, prompts, served_by)
 
 
 def agreement(samples: Sequence[Sample], served: Sequence[float], offline: Sequence[float],

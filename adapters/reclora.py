@@ -159,8 +159,9 @@ def cohort_centroids(model: RecLoRA, users: torch.Tensor, n_cohorts: int, seed: 
     return torch.from_numpy(km.cluster_centers_).float()
 
 
-def save_cohorts(bank_dir: Path, centroids: torch.Tensor) -> None:
-    save_file({"centroids": centroids.contiguous()}, str(bank_dir / "cohorts.safetensors"))
+def save_cohorts(bank_dir: Path, centroids: dict[int, torch.Tensor]) -> None:
+    """Centroids per cohort count C, keyed `c<C>` (the gateway serves one C, LOREC_COHORTS)."""
+    save_file({f"c{c}": t.contiguous() for c, t in centroids.items()}, str(bank_dir / "cohorts.safetensors"))
 
 
 def user_vectors(crm, samples: Sequence, data, vocab) -> torch.Tensor:

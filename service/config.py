@@ -44,6 +44,7 @@ class Settings(BaseSettings):
         "shared", description="default adapter mode; shared without default_adapter serves the base model")
     reclora_bank: str | None = Field(None, description="RecLoRA bank folder under data_dir/reclora "
                                      "(personal and cohort modes)")
+    cohorts: int = Field(32, ge=1, description="cohort adapters (k-means size) in cohort mode")
     personal_refresh_events: int = Field(20, ge=1, description="a user's adapter is remade after this many events")
     personal_cache_size: int = Field(256, ge=1, description="personal adapters kept on disk (LRU)")
 

@@ -93,7 +93,7 @@ class BankModule:
 class MetaBank:
     """A trained RecLoRA bank, read-only: gates and meta-LoRAs per module."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, n_cohorts: int = 32) -> None:
         meta = json.loads((path / "reclora.json").read_text())
         s = meta["settings"]
         self.name = path.name
@@ -108,7 +108,7 @@ class MetaBank:
             gate.load_state_dict({k[len(name) + 6:]: v for k, v in state.items() if k.startswith(name + ".gate.")})
             self.modules[name] = BankModule(state[key].float(), state[name + ".lora_B"].float(), gate.eval())
         cohorts = path / "cohorts.safetensors"
-        self.centroids = load_file(str(cohorts))["centroids"] if cohorts.exists() else None
+        self.centroids = load_file(str(cohorts)).get(f"c{n_cohorts}") if cohorts.exists() else None
 
     @torch.no_grad()
     def alphas(self, user: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -132,7 +132,7 @@ class MetaBank:
 
     def nearest_cohort(self, alphas: dict[str, torch.Tensor]) -> int:
         if self.centroids is None:
-            raise LookupError(f"bank {self.name!r} has no cohorts")
+            raise LookupError(f"bank {self.name!r} has no cohorts of the configured size")
         return int(torch.cdist(self.flat(alphas).unsqueeze(0), self.centroids)[0].argmin())
 
 
@@ -207,7 +207,7 @@ def open_personalizer(settings) -> Personalizer | None:
 
     if settings.reclora_dir is None:
         return None
-    bank = MetaBank(settings.reclora_dir)
+    bank = MetaBank(settings.reclora_dir, settings.cohorts)
     crm, vocab = load_crm(settings.data_dir / "crm" / bank.crm)
     return Personalizer(bank, crm, vocab, settings.data_dir / "personal", settings.personal_refresh_events,
                         settings.personal_cache_size)

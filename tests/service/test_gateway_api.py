@@ -29,7 +29,8 @@ def test_default_adapter_is_loaded_once_and_changes_scores(gateway):
     # Concurrent first requests for one new adapter trigger a single load (single-flight).
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         bodies = list(pool.map(lambda _: post(gateway, "/v1/ctr", with_adapter), range(4)))
-    loads = metrics.adapter_loads.labels("loaded")._value.get()
+    # One load request reached the engine (another test in the session may have loaded it already).
+    loads = sum(metrics.adapter_loads.labels(outcome)._value.get() for outcome in ("loaded", "already_loaded"))
     assert loads == 1
     assert all(b["adapter"] == "tiny-random-v1" for b in bodies)
     tuned = [s["score"] for s in bodies[0]["scores"]]
