@@ -1,0 +1,45 @@
+"""Load test: product-backend traffic against a running gateway (ML-100K ids).
+
+    locust -f tests/load/locustfile.py --headless -u 16 -r 4 -t 2m \
+        --host http://127.0.0.1:8000 --csv benchmarks/results/locust
+
+Mostly `/v1/rank` with 20 candidates, some `/v1/ctr` and `/v1/events`. LOREC_API_KEY, when set, is
+sent as a bearer token. Not collected by pytest (no test_ prefix); run it by hand or from the
+benchmark scripts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+from locust import HttpUser, between, task
+
+USERS = [str(u) for u in range(1, 944)]
+ITEMS = [str(i) for i in range(1, 1683)]
+
+
+class Backend(HttpUser):
+    wait_time = between(0.1, 0.5)
+
+    def on_start(self) -> None:
+        key = os.environ.get("LOREC_API_KEY")
+        if key:
+            self.client.headers["authorization"] = f"Bearer {key}"
+
+    @task(8)
+    def rank(self) -> None:
+        self.client.post("/v1/rank", json={"user_id": random.choice(USERS), "item_ids": random.sample(ITEMS, 20),
+                                           "top_k": 10}, name="/v1/rank")
+
+    @task(2)
+    def ctr(self) -> None:
+        self.client.post("/v1/ctr", json={"user_id": random.choice(USERS), "item_ids": random.sample(ITEMS, 5)},
+                         name="/v1/ctr")
+
+    @task(1)
+    def events(self) -> None:
+        event = {"user_id": random.choice(USERS), "item_id": random.choice(ITEMS), "ts": int(time.time()),
+                 "rating": random.randint(1, 5)}
+        self.client.post("/v1/events", json={"events": [event]}, name="/v1/events")
