@@ -72,15 +72,24 @@ def _meta(result: ScoreResult) -> dict:
                 history_size=result.history_size)
 
 
+def _server_timing(result: ScoreResult, response: Response) -> None:
+    """Per-stage durations (ms) in the standard Server-Timing header: benchmarks read the gateway's
+    own share of a request from it."""
+    response.headers["server-timing"] = ", ".join(f"{stage};dur={seconds * 1000:.3f}"
+                                                  for stage, seconds in result.timings.items())
+
+
 @router.post("/v1/ctr", response_model=CtrResponse, response_model_exclude_none=True, responses=ERRORS)
-async def ctr(body: CtrRequest, service: Recommender) -> CtrResponse:
+async def ctr(body: CtrRequest, service: Recommender, response: Response) -> CtrResponse:
     result = await service.score(_query(body))
+    _server_timing(result, response)
     return CtrResponse(**_meta(result), scores=_item_scores(result, body.options))
 
 
 @router.post("/v1/rank", response_model=RankResponse, response_model_exclude_none=True, responses=ERRORS)
-async def rank(body: RankRequest, service: Recommender) -> RankResponse:
+async def rank(body: RankRequest, service: Recommender, response: Response) -> RankResponse:
     result = await service.rank(_query(body), body.top_k)
+    _server_timing(result, response)
     return RankResponse(**_meta(result), items=_item_scores(result, body.options))
 
 

@@ -97,3 +97,16 @@ def test_health_ready_and_metrics(gateway):
         assert f'lorec_stage_seconds_count{{stage="{stage}"}}' in text
     assert 'lorec_request_seconds_count{method="POST",route="/v1/rank",status="200"}' in text
     assert "lorec_engine_calls_total" in text and "lorec_adapter_loads_total" in text
+
+
+def test_server_timing_header_lists_every_stage(gateway):
+    import time
+
+    started = time.perf_counter()
+    response = gateway.post("/v1/rank", json={"user_id": "4", "item_ids": ["1", "2"]})
+    wall_ms = (time.perf_counter() - started) * 1000
+    stages = dict(part.split(";dur=") for part in response.headers["server-timing"].split(", "))
+    assert list(stages) == ["history", "retrieval", "catalog", "prompt", "routing", "engine"]
+    durations = [float(v) for v in stages.values()]
+    assert all(d >= 0 for d in durations) and sum(durations) <= wall_ms
+    assert float(stages["engine"]) > 0

@@ -1,0 +1,248 @@
+"""`/v1/rank` speed against a ReLLa-style baseline, measured side by side in one run.
+
+    .venv/bin/python benchmarks/perf.py --data ../shared/data/ml-100k [--levels 1,4,16] [--adapter NAME]
+
+Starts redis-server, the vLLM engine and the gateway on LOREC_DATA_DIR (default var/, ingesting the
+MovieLens folder when needed), warms up, then for each retrieval mode (`subr`, `recent`) sends
+`/v1/rank` requests with 20 candidates and K = 10 at 1, 4 and 16 concurrent clients: latency
+p50/p95/p99, candidates scored per second, and the per-stage breakdown the gateway reports in its
+Server-Timing header. The gateway's own share is measured on a user with a 2,000-event history.
+Baseline: the same prompts scored the way ReLLa scores, HF transformers (+ PEFT for an adapter),
+batched forward passes, same model and thread count; the scores must agree (mean |delta p|).
+Physical limit: the engine's prefill tokens/s next to a plain bf16 matmul of the model's shapes.
+Writes benchmarks/results/perf.json, benchmarks/perf.md and benchmarks/perf_latency.png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+import typer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.config import Settings  # noqa: E402
+from service.processes import Managed, engine_command, engine_env, free_port, redis_command  # noqa: E402
+
+HERE = Path(__file__).parent
+CANDIDATES, K = 20, 10
+
+
+def start_stack(settings: Settings, data: Path, logs: Path) -> tuple[list[Managed], str]:
+    """redis-server, vLLM and `lorec serve` as a user runs them; returns them and the gateway URL."""
+    redis_port, engine_port, gateway_port = free_port(), free_port(), free_port()
+    redis = Managed("redis", redis_command(settings.data_dir / "redis", redis_port), logs / "perf-redis.log")
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    redis.wait_redis(redis_url, 30)
+    engine = Managed("vllm", engine_command(settings, settings.model_dir, engine_port), logs / "perf-vllm.log",
+                     env=engine_env(settings))
+    env = {**os.environ, "LOREC_REDIS_URL": redis_url, "LOREC_ENGINE_URL": f"http://127.0.0.1:{engine_port}",
+           "LOREC_PORT": str(gateway_port), "LOREC_DATA_DIR": str(settings.data_dir)}
+    lorec = str(Path(sys.executable).with_name("lorec"))
+    ingest = Managed("ingest", [lorec, "ingest", "movielens", "--dir", str(data)], logs / "perf-ingest.log", env=env)
+    if ingest.process.wait() != 0:
+        raise RuntimeError("ingestion failed:\n" + ingest.tail())
+    engine.wait_http(f"http://127.0.0.1:{engine_port}/health", 600)
+    gateway = Managed("gateway", [lorec, "serve"], logs / "perf-gateway.log", env=env)
+    url = f"http://127.0.0.1:{gateway_port}"
+    gateway.wait_http(f"{url}/readyz", 120)
+    return [gateway, engine, redis], url
+
+
+def workload(n: int, seed: int) -> list[tuple[str, list[str]]]:
+    rng = random.Random(seed)
+    return [(str(rng.randint(1, 943)), [str(i) for i in rng.sample(range(1, 1683), CANDIDATES)]) for _ in range(n)]
+
+
+async def rank_requests(url: str, requests: list[tuple[str, list[str]]], concurrency: int, mode: str,
+                        adapter: str | None) -> dict:
+    """Latencies, Server-Timing stages and bodies of `requests`, `concurrency` in flight."""
+    limit = asyncio.Semaphore(concurrency)
+    options = {"retrieval": mode, "k": K, "return_prompt": True, **({"adapter": adapter} if adapter else {})}
+    records: list[dict] = []
+
+    async def one(client: httpx.AsyncClient, user: str, items: list[str]) -> None:
+        async with limit:
+            started = time.perf_counter()
+            r = await client.post("/v1/rank", json={"user_id": user, "item_ids": items, "options": options})
+            wall = time.perf_counter() - started
+        r.raise_for_status()
+        stages = {k: float(v) / 1000 for k, v in (p.split(";dur=") for p in r.headers["server-timing"].split(", "))}
+        records.append({"wall": wall, "stages": stages, "items": r.json()["items"]})
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(one(client, u, i) for u, i in requests))
+        elapsed = time.perf_counter() - started
+    walls = np.array([r["wall"] for r in records]) * 1000
+    return {"latency_ms": {q: round(float(np.percentile(walls, p)), 1) for q, p in (("p50", 50), ("p95", 95),
+                                                                                     ("p99", 99))},
+            "candidates_per_s": round(len(records) * CANDIDATES / elapsed, 2), "requests": len(records),
+            "stages_ms": {s: round(1000 * float(np.mean([r["stages"].get(s, 0) for r in records])), 2)
+                          for s in records[0]["stages"]},
+            "records": records}
+
+
+def overhead_fraction(records: list[dict]) -> float:
+    """p99 over requests of (client wall time - engine stage) / wall time."""
+    return float(np.percentile([(r["wall"] - r["stages"]["engine"]) / r["wall"] for r in records], 99))
+
+
+async def long_history_user(url: str, n: int = 2000, user: str = "perf-2000-events") -> str:
+    rng = random.Random(7)
+    events = [{"user_id": user, "item_id": str(rng.randint(1, 1682)), "ts": 800_000_000 + i,
+               "rating": rng.randint(1, 5)} for i in range(n)]
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for start in range(0, n, 1000):
+            (await client.post("/v1/events", json={"events": events[start:start + 1000]})).raise_for_status()
+    return user
+
+
+def baseline(settings: Settings, records: list[dict], adapter: str | None) -> dict:
+    """ReLLa's way: transformers (+ PEFT) batched forward passes over the same prompts."""
+    from adapters.train import load_model, score
+    from service.prompt import load_codec
+    from service.routing import AdapterRegistry
+
+    codec = load_codec(settings.model_dir)
+    adapter_dir = AdapterRegistry(settings.registry_dir).path(adapter) if adapter else None
+    model = load_model(settings.model_dir, adapter_dir=adapter_dir)
+    prompts = [s["prompt_token_ids"] for r in records for s in r["items"]]
+    served = [s["score"] for r in records for s in r["items"]]
+    score(model, prompts[:8], codec.answer, codec.pad_id)  # warm-up
+    started = time.perf_counter()
+    scores = score(model, prompts, codec.answer, codec.pad_id, batch_size=CANDIDATES)
+    elapsed = time.perf_counter() - started
+    tokens = sum(len(p) for p in prompts)
+    return {"candidates_per_s": round(len(prompts) / elapsed, 2), "prompt_tokens_per_s": round(tokens / elapsed, 1),
+            "score_mean_abs_diff": round(float(np.mean(np.abs(np.array(scores) - np.array(served)))), 5),
+            "prompt_tokens": tokens}
+
+
+def matmul_ceiling(model_dir: Path, tokens: int = 2048) -> dict:
+    """Tokens/s a plain bf16 matmul chain of one token's linear layers would reach on this CPU."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config = config.get("text_config", config)
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    q = config["num_attention_heads"] * config.get("head_dim", h // config["num_attention_heads"])
+    kv = config["num_key_value_heads"] * config.get("head_dim", h // config["num_attention_heads"])
+    shapes = [(h, q + 2 * kv), (q, h), (h, 2 * inter), (inter, h)]
+    x = {k: torch.randn(tokens, k, dtype=torch.bfloat16) for k, _ in shapes}
+    w = [torch.randn(k, n, dtype=torch.bfloat16) for k, n in shapes]
+    for _ in range(2):
+        [x[k] @ wi for (k, _), wi in zip(shapes, w)]
+    started = time.perf_counter()
+    for _ in range(3):
+        [x[k] @ wi for (k, _), wi in zip(shapes, w)]
+    per_layer = (time.perf_counter() - started) / 3
+    flops_per_token = 2 * sum(k * n for k, n in shapes) * layers
+    return {"tokens_per_s": round(tokens / (per_layer * layers), 1),
+            "gflops": round(flops_per_token * tokens / (per_layer * layers) / 1e9, 1)}
+
+
+def write_report(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = report["levels"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, by_level in report["modes"].items():
+        for q in ("p50", "p99"):
+            ax.plot(levels, [by_level[f"c{c}"]["latency_ms"][q] / 1000 for c in levels], marker="o",
+                    label=f"{mode} {q}")
+    ax.set(xlabel="concurrent clients", ylabel="latency (s)", xscale="log", title="/v1/rank, 20 candidates, K=10")
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_name("perf_latency.png"), dpi=120)
+    lines = ["# /v1/rank performance", "", f"Machine: {report['machine']}. Command: `{report['command']}`.", "",
+             "| mode | clients | p50 ms | p95 ms | p99 ms | candidates/s | " +
+             " | ".join(f"{s} ms" for s in report["stages"]) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(report["stages"])]
+    for mode, by_level in report["modes"].items():
+        for c in levels:
+            r = by_level[f"c{c}"]
+            lines.append(f"| {mode} | {c} | " + " | ".join(str(r["latency_ms"][q]) for q in ("p50", "p95", "p99")) +
+                         f" | {r['candidates_per_s']} | " +
+                         " | ".join(str(r["stages_ms"].get(s, 0)) for s in report["stages"]) + " |")
+    b = report["baseline"]
+    lines += ["", "| figure | value |", "|---|---|",
+              f"| gateway candidates/s (subr, best level) | {report['rank_candidates_per_s']} |",
+              f"| baseline (transformers batched) candidates/s | {report['baseline_candidates_per_s']} |",
+              f"| ratio | {report['ratio']} |",
+              f"| mean abs delta p, gateway vs baseline | {report['score_mean_abs_diff']} |",
+              f"| gateway overhead, p99 fraction of request time (2,000-event history) | "
+              f"{report['gateway_overhead_p99_frac']} |",
+              f"| LoRA prefill / base (from lora_prefill.json) | {report['lora_prefill_ratio']} |",
+              f"| engine prefill tokens/s (subr c16) | {report['engine_prefill_tokens_per_s']} |",
+              f"| bf16 matmul ceiling tokens/s ({report['matmul_ceiling']['gflops']} GFLOP/s) | "
+              f"{report['matmul_ceiling']['tokens_per_s']} |",
+              f"| engine / ceiling | {report['engine_vs_ceiling']} |",
+              f"| baseline prompt tokens/s | {b['prompt_tokens_per_s']} |", "", "![latency](perf_latency.png)", ""]
+    out.with_name("perf.md").write_text("\n".join(lines))
+
+
+def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, file_okay=False),
+         levels: str = typer.Option("1,4,16"), per_level: int = typer.Option(2, help="requests per client"),
+         modes: str = typer.Option("subr,recent"), adapter: str = typer.Option(None),
+         seed: int = typer.Option(0), out: Path = typer.Option(HERE / "results" / "perf.json")) -> None:
+    settings = Settings()
+    torch.set_num_threads(os.cpu_count() or 1)
+    procs, url = start_stack(settings, data, settings.data_dir / "logs")
+    try:
+        asyncio.run(rank_requests(url, workload(2, seed + 99), 1, "subr", adapter))  # warm-up
+        level_list = [int(c) for c in levels.split(",")]
+        report: dict = {"levels": level_list, "modes": {}}
+        for mode in modes.split(","):
+            report["modes"][mode] = {}
+            for c in level_list:
+                run = asyncio.run(rank_requests(url, workload(max(c * per_level, 4), seed + c), c, mode, adapter))
+                report["modes"][mode][f"c{c}"] = run
+                typer.echo(f"{mode} c{c}: {run['latency_ms']} {run['candidates_per_s']} cand/s {run['stages_ms']}")
+        user = asyncio.run(long_history_user(url))
+        long = asyncio.run(rank_requests(url, [(user, items) for _, items in workload(8, seed + 5)], 1, "subr",
+                                         adapter))
+    finally:
+        for p in procs:
+            p.stop()
+    subr = report["modes"]["subr"]
+    best = max(subr.values(), key=lambda r: r["candidates_per_s"])
+    base = baseline(settings, subr[f"c{level_list[0]}"]["records"], adapter)
+    engine_tokens = sum(len(s["prompt_token_ids"]) for r in best["records"] for s in r["items"])
+    engine_tps = engine_tokens / (best["requests"] * CANDIDATES / best["candidates_per_s"])
+    ceiling = matmul_ceiling(settings.model_dir)
+    lora = HERE / "results" / "lora_prefill.json"
+    report.update({
+        "rank_candidates_per_s": best["candidates_per_s"], "baseline_candidates_per_s": base["candidates_per_s"],
+        "ratio": round(best["candidates_per_s"] / base["candidates_per_s"], 3),
+        "score_mean_abs_diff": base["score_mean_abs_diff"], "baseline": base,
+        "gateway_overhead_p99_frac": round(overhead_fraction(long["records"]), 4),
+        "lora_prefill_ratio": json.loads(lora.read_text())["plugin"]["ratio_to_base"] if lora.exists() else None,
+        "latency_ms": {f"c{c}": subr[f"c{c}"]["latency_ms"] for c in level_list},
+        "engine_prefill_tokens_per_s": round(engine_tps, 1), "matmul_ceiling": ceiling,
+        "engine_vs_ceiling": round(engine_tps / ceiling["tokens_per_s"], 3),
+        "stages": list(best["stages_ms"]), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+        "command": "python benchmarks/perf.py " + " ".join(sys.argv[1:])})
+    for by_level in report["modes"].values():
+        for r in by_level.values():
+            r.pop("records")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, out)
+    typer.echo(json.dumps({k: v for k, v in report.items() if k != "modes"}, indent=1))
+
+
+if __name__ == "__main__":
+    typer.run(main)
