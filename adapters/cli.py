@@ -89,6 +89,8 @@ def reit(
     target_modules: str = typer.Option("q_proj,v_proj"),
     lr: float = typer.Option(1e-3), batch_size: int = typer.Option(8), max_epochs: int = typer.Option(2),
     eval_every: int = typer.Option(64), patience: int = typer.Option(3), seed: int = typer.Option(0),
+    loss: str = typer.Option("vocab", help="vocab (LM cross-entropy on the answer token) or pair (logistic "
+                                           "loss on logit Yes - logit No)"),
     name: str = typer.Option(None, help="adapter name in the registry (default: derived, versioned)"),
     run_dir: Path = typer.Option(None, help="where checkpoints live; re-running resumes"),
 ) -> None:
@@ -99,16 +101,16 @@ def reit(
     settings = Settings()
     data, parts, codec, train, valid = asyncio.run(_prompts(settings, directory, n_train, n_valid, k, seed))
     dataset = dataset_name(data.name, directory)
-    name = name or f"reit-{dataset}-n{n_train}-k{k}-r{rank}-s{seed}"
+    name = name or f"reit-{dataset}-n{n_train}-k{k}-r{rank}-s{seed}" + ("" if loss == "vocab" else f"-{loss}")
     run_dir = run_dir or settings.data_dir / "runs" / name
     lora = LoraSettings(rank=rank, alpha=alpha, target_modules=tuple(target_modules.split(",")))
     train_settings = TrainSettings(lora=lora, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
-                                   eval_every=eval_every, patience=patience, seed=seed)
+                                   eval_every=eval_every, patience=patience, seed=seed, loss=loss)
     state = train_lora(settings.model_dir, train, valid, codec.answer, codec.pad_id, run_dir, train_settings)
     manifest = {"method": "reit", "dataset": dataset, "data_fingerprint": data.fingerprint,
                 "split_sizes": {k_: len(v) for k_, v in parts.items()}, "n_train_samples": n_train,
                 "n_train_prompts": len(train), "n_valid": len(valid), "k": k,
-                "lora": {"rank": rank, "alpha": alpha, "target_modules": lora.target_modules},
+                "lora": {"rank": rank, "alpha": alpha, "target_modules": lora.target_modules}, "loss": loss,
                 "validation": state["best"], "train_seconds": state["seconds"], "steps": state["step"]}
     path = export_adapter(run_dir / "best", settings.registry_dir, name, settings.model_dir, manifest)
     typer.echo(json.dumps({"adapter": name, "path": str(path), "validation": state["best"]}))

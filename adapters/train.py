@@ -54,6 +54,7 @@ class TrainSettings:
     patience: int = 3  # evaluations without a better validation AUC
     seed: int = 0
     threads: int | None = None
+    loss: str = "vocab"  # vocab: cross-entropy over the vocabulary; pair: logistic loss on logit(Yes) - logit(No)
 
 
 def metrics(labels: Sequence[int], scores: Sequence[float]) -> dict[str, float]:
@@ -184,7 +185,6 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompted
     total = steps_per_epoch * settings.max_epochs
     valid_rows, valid_labels = [p.input_ids for p in valid], [p.sample.label for p in valid]
     valid_prepare = None if prepare is None else (lambda m, rows: prepare(m, [len(train) + r for r in rows]))
-    targets = torch.tensor([answer.yes, answer.no])
     progress = tqdm(total=total, initial=state["step"], desc="train", unit="step")
     started = time.monotonic() - state["seconds"]
     while state["step"] < total and not state["done"]:
@@ -197,8 +197,7 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompted
         if prepare is not None:
             prepare(model, rows)
         logits = answer_logits(model, [p.input_ids for p in batch], pad_id)
-        labels = targets[torch.tensor([1 - p.sample.label for p in batch])]  # label 1 -> yes, 0 -> no
-        loss = torch.nn.functional.cross_entropy(logits, labels)
+        loss = answer_loss(logits, [p.sample.label for p in batch], answer, settings.loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -218,6 +217,19 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompted
                                  best_auc=_fmt(state["best"]))
     progress.close()
     return state
+
+
+def answer_loss(logits: torch.Tensor, labels: Sequence[int], answer: AnswerTokens, kind: str) -> torch.Tensor:
+    """Loss on the answer token only. `vocab`: the language-model loss (cross-entropy of " Yes" for
+    label 1, " No" for 0 over the whole vocabulary). `pair`: the logistic loss of the score itself,
+    sigmoid(logit Yes - logit No), which is what the gateway's two-way softmax reads."""
+    y = torch.tensor(labels, dtype=torch.float32)
+    if kind == "pair":
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits[:, answer.yes] - logits[:, answer.no], y)
+    if kind != "vocab":
+        raise ValueError(f"unknown loss {kind!r}")
+    targets = torch.where(y > 0, answer.yes, answer.no).long()
+    return torch.nn.functional.cross_entropy(logits, targets)
 
 
 def _fmt(best: dict | None) -> str:

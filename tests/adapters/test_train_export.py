@@ -94,3 +94,18 @@ def test_answer_logits_equal_the_models_last_position_logits(tiny_settings):
         for row, got in zip(rows, fast):
             full = model(input_ids=torch.tensor([row])).logits[0, -1].float()
             torch.testing.assert_close(got, full, atol=0.05, rtol=0.02)
+
+
+def test_answer_losses_prefer_the_right_answer():
+    """Both losses are lower when the logits favour the labelled answer."""
+    import torch
+
+    from adapters.train import answer_loss
+    from service.prompt import AnswerTokens
+
+    answer = AnswerTokens(yes=3, no=5)
+    right = torch.zeros(2, 8)
+    right[0, 3], right[1, 5] = 4.0, 4.0  # row 0 says Yes (label 1), row 1 says No (label 0)
+    wrong = right.flip(0)
+    for kind in ("vocab", "pair"):
+        assert answer_loss(right, [1, 0], answer, kind) < answer_loss(wrong, [1, 0], answer, kind)
