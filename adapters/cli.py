@@ -95,7 +95,7 @@ def reit(
     run_dir: Path = typer.Option(None, help="where checkpoints live; re-running resumes"),
 ) -> None:
     """Train a ReiT LoRA adapter (recent-K + SUBR-K prompts) and export it into the registry."""
-    from adapters.export import export_adapter
+    from adapters.export import export_adapter, read_manifest
     from adapters.train import LoraSettings, TrainSettings, train_lora
 
     settings = Settings()
@@ -112,7 +112,11 @@ def reit(
                 "n_train_prompts": len(train), "n_valid": len(valid), "k": k,
                 "lora": {"rank": rank, "alpha": alpha, "target_modules": lora.target_modules}, "loss": loss,
                 "validation": state["best"], "train_seconds": state["seconds"], "steps": state["step"]}
-    path = export_adapter(run_dir / "best", settings.registry_dir, name, settings.model_dir, manifest)
+    if (settings.registry_dir / name).exists() and read_manifest(settings.registry_dir, name).get("validation") \
+            == state["best"]:  # this run was exported already (a re-run of a finished run)
+        path = settings.registry_dir / name
+    else:
+        path = export_adapter(run_dir / "best", settings.registry_dir, name, settings.model_dir, manifest)
     typer.echo(json.dumps({"adapter": name, "path": str(path), "validation": state["best"]}))
 
 
