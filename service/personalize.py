@@ -7,10 +7,11 @@ N meta-LoRAs (A_k: r x in, B_k: out x r) and a gate over the CRM's user vector:
 A_u = sum_k alpha_k A_k, B_u = sum_k alpha_k B_k with alpha = gate(u): a plain
 rank-r LoRA, written here as a PEFT folder vLLM loads.
 
-Personal adapters are named `p-<bank>-<user hash>-v<version>`, the version
-counting `refresh_events` events of history, so a grown history gets a new
-name (vLLM keys its prefix cache by adapter name) and the old one ages out of
-the on-disk LRU cache. Cohort adapters `c-<bank>-<C>-<i>` mix the centroids.
+Personal adapters are named `p-<bank>-<bank hash>-<user hash>-v<version>`, the
+version counting `refresh_events` events of history, so a grown history (or a
+retrained bank) gets a new name (vLLM keys its prefix cache by adapter name)
+and the old one ages out of the on-disk LRU cache. Cohort adapters
+`c-<bank>-<bank hash>-<C>-<i>` mix the centroids.
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ class MetaBank:
         self.rank, self.alpha, self.user_dim = s["rank"], s["alpha"], meta["user_dim"]
         self.base_model = meta.get("base_model", "")
         self.crm = meta.get("crm", "")  # file name under data_dir/crm
-        state = load_file(str(path / "reclora.safetensors"))
+        weights = path / "reclora.safetensors"
+        # Adapter names carry the bank's content hash: a retrained bank never reuses a cached adapter.
+        self.version = hashlib.sha1(weights.read_bytes()).hexdigest()[:8]
+        state = load_file(str(weights))
         self.modules: dict[str, BankModule] = {}
         for name in sorted(k[: -len(".lora_A")] for k in state if k.endswith(".lora_A")):
             key = name + ".lora_A"
@@ -158,10 +162,10 @@ class Personalizer:
 
     def personal_name(self, user_id: str, history_size: int) -> str:
         digest = hashlib.sha1(user_id.encode()).hexdigest()[:16]
-        return f"p-{self.bank.name}-{digest}-v{history_size // self.refresh_events}"
+        return f"p-{self.bank.name}-{self.bank.version}-{digest}-v{history_size // self.refresh_events}"
 
     def cohort_name(self, cohort: int) -> str:
-        return f"c-{self.bank.name}-{len(self.bank.centroids)}-{cohort}"
+        return f"c-{self.bank.name}-{self.bank.version}-{len(self.bank.centroids)}-{cohort}"
 
     def personal(self, user_id: str, profile: Profile, behaviours: list[Behaviour]) -> tuple[str, Path, list[str]]:
         """(name, folder, evicted names): the user's adapter for this history, written if new."""
