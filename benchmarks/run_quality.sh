@@ -10,7 +10,8 @@
 # TRAIN_ARGS replaces the trainer's options, default "--n-valid 500 --eval-every 32"; EVAL_ARGS adds
 # eval options, e.g. "--offline-dtype float32"). RECLORA_N="256 ..." also trains the CRM when missing
 # and a RecLoRA bank per N, restarts the gateway on it and evaluates mode personal and the cohorts
-# (SKIP_REIT=1 skips the ReiT runs). EVAL_N defaults to 10000 (the issue's minimum seeded slice);
+# (SKIP_REIT=1 skips the ReiT runs; COHORTS="8 32 128" the cohort sizes evaluated; RECLORA_ARGS replaces
+# TRAIN_ARGS for the bank). EVAL_N defaults to 10000 (the issue's minimum seeded slice);
 # LoRA evaluation has its own size (LORA_EVAL_N).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,10 +48,12 @@ start_gateway
 done
 for n in ${RECLORA_N:-}; do
   ls "$LOREC_DATA_DIR"/crm/*-din.pt >/dev/null 2>&1 || $LOREC train crm --dir "$DATA"
-  bank=$($LOREC train reclora --dir "$DATA" --n "$n" ${TRAIN_ARGS:---n-valid 500 --eval-every 32} | json_field bank)
-  for c in 8 32 128; do
+  bank=$($LOREC train reclora --dir "$DATA" --n "$n" ${RECLORA_ARGS:-${TRAIN_ARGS:---n-valid 500 --eval-every 32}} \
+    | json_field bank)
+  start_gateway LOREC_RECLORA_BANK="$bank"
+  evaluate --mode personal --n "$LORA_EVAL_N" --method "reclora-personal"
+  for c in ${COHORTS:-8 32 128}; do
     start_gateway LOREC_RECLORA_BANK="$bank" LOREC_COHORTS=$c
-    [ $c != 8 ] || evaluate --mode personal --n "$LORA_EVAL_N" --method "reclora-personal"
     evaluate --mode cohort --n "$LORA_EVAL_N" --method "reclora-cohort-$c"
   done
 done
