@@ -182,6 +182,20 @@ async def _offline_prompts(settings: Settings, data, samples, k: int, mode: str)
     return [p.input_ids for p in prompted]
 
 
+def _training_facts(settings: Settings, adapter: str, mode: str | None) -> dict:
+    """n_train and train_seconds of what is evaluated, from the adapter's manifest or the bank's."""
+    from adapters.export import read_manifest
+    from service.routing import BASE
+
+    if mode in ("personal", "cohort"):
+        meta = json.loads((settings.reclora_dir / "reclora.json").read_text())
+    elif mode is None and adapter != BASE:
+        meta = read_manifest(settings.registry_dir, adapter)
+    else:
+        return {}
+    return {"n_train": meta.get("n_train_samples"), "train_seconds": meta.get("train_seconds")}
+
+
 def _offline_model(settings: Settings, data, samples, adapter: str, mode: str | None, dtype):
     """The transformers model the served scores must equal: base, a registry adapter, or (personal mode)
     the RecLoRA bank gated on each sample's CRM user vector."""
@@ -243,6 +257,7 @@ def eval_command(
               "served_by": served.adapters,
               "gateway_seconds": round(time.monotonic() - started, 1),
               "command": "lorec eval " + " ".join(sys.argv[2:])}
+    result.update(_training_facts(settings, adapter, mode))
     if offline and mode == "cohort":
         offline = False  # no offline reference for cohort routing; the personal mode covers the bank
     if offline:
