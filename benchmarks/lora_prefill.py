@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import random
 import sys
@@ -115,8 +116,8 @@ def main(prompts: int = typer.Option(20, help="prompts per batch"), tokens: int 
         report = {variant: run_engine(settings, fast, adapters, settings.data_dir / f"bench-{variant}.log", **sizes)
                   for variant, fast in (("plugin", True), ("vllm_ops", False))}
     report.update({"prompts_per_batch": prompts, "tokens_per_prompt": tokens + 1, "rounds": rounds,
-                   "model": settings.model, "dtype": settings.engine_dtype, "machine": platform.processor() or
-                   platform.machine(), "cpus": torch.get_num_threads(),
+                   "model": settings.model_dir.name, "dtype": settings.engine_dtype,
+                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU", "cpus": os.cpu_count(),
                    "command": "python benchmarks/lora_prefill.py " + " ".join(sys.argv[1:])})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
