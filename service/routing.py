@@ -97,6 +97,7 @@ class Router:
         self.default_mode = default_mode
         self.personalizer = personalizer
         self.quarantined: dict[str, str] = {}
+        self._unloads: set[asyncio.Task] = set()  # referenced until done (the loop keeps weak refs only)
 
     async def route(self, context: UserContext, adapter: str | None, mode: Mode | None) -> Route:
         if adapter is not None:  # an explicit adapter: that one or an error, no fallback
@@ -131,7 +132,9 @@ class Router:
         name, path, evicted = await asyncio.to_thread(self.personalizer.personal, context.user_id,
                                                       context.profile, context.behaviours)
         for old in evicted:  # off the disk already; free the engine's slot too
-            asyncio.create_task(self.engine.unload_adapter(old))
+            task = asyncio.create_task(self.engine.unload_adapter(old))
+            self._unloads.add(task)
+            task.add_done_callback(self._unloads.discard)
         return name, path
 
     async def _load(self, name: str, path: Path) -> None:
