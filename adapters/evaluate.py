@@ -42,7 +42,7 @@ async def score_via_gateway(base_url: str, samples: Sequence[Sample], adapter: s
     scores: list[float] = [0.0] * len(samples)
     prompts: list[list[int]] = [[] for _ in samples]
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, headers=headers) as client:
-        progress = tqdm(total=len(samples), desc=f"gateway {adapter}", unit="sample")
+        progress = tqdm(total=len(samples), desc=f"gateway {mode or adapter}", unit="sample")
 
         async def one(i: int, s: Sample) -> None:
             async with limit:
