@@ -248,6 +248,9 @@ def eval_command(
 
     settings = Settings()
     data = read_movielens(directory)
+    if mode in ("personal", "cohort") and settings.reclora_dir is None:
+        raise typer.BadParameter("set LOREC_RECLORA_BANK to the bank the gateway serves", param_hint="--mode")
+    facts = _training_facts(settings, adapter, mode)
     pool = split_by_time(build_samples(data))[split]
     samples = draw(pool, n, seed) if n else pool
     started = time.monotonic()
@@ -257,7 +260,7 @@ def eval_command(
               "served_by": served.adapters,
               "gateway_seconds": round(time.monotonic() - started, 1),
               "command": "lorec eval " + " ".join(sys.argv[2:])}
-    result.update(_training_facts(settings, adapter, mode))
+    result.update(facts)
     if offline and mode == "cohort":
         offline = False  # no offline reference for cohort routing; the personal mode covers the bank
     if offline:

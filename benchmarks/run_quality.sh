@@ -50,10 +50,11 @@ for n in ${RECLORA_N:-}; do
   ls "$LOREC_DATA_DIR"/crm/*-din.pt >/dev/null 2>&1 || $LOREC train crm --dir "$DATA"
   bank=$($LOREC train reclora --dir "$DATA" --n "$n" ${RECLORA_ARGS:-${TRAIN_ARGS:---n-valid 500 --eval-every 32}} \
     | json_field bank)
-  start_gateway LOREC_RECLORA_BANK="$bank"
+  export LOREC_RECLORA_BANK="$bank"  # the gateway serves it, the evaluation reads it for the offline reference
+  start_gateway
   evaluate --mode personal --n "$LORA_EVAL_N" --method "reclora-personal"
   for c in ${COHORTS:-8 32 128}; do
-    start_gateway LOREC_RECLORA_BANK="$bank" LOREC_COHORTS=$c
+    start_gateway LOREC_COHORTS=$c
     evaluate --mode cohort --n "$LORA_EVAL_N" --method "reclora-cohort-$c"
   done
 done
