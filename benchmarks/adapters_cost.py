@@ -114,7 +114,7 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
     procs, url = start_stack(settings, data, settings.data_dir / "logs")
     engine = procs[1]
     try:
-        work = workload(3 * users, 11)
+        work = workload(6 * users, 11)
         cold, warm = [], []
 
         async def cold_and_warm() -> None:
@@ -135,11 +135,14 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
                 shutil.copytree(next(cache.glob("p-*")), registry / name)
             names.append(name)
         rss_before = rss_kib(engine.process.pid)
-        requests = [(str(200 + i), work[2 * users + (i % users)][1][:candidates]) for i in range(users)]
-        asyncio.run(throughput(url, [(u, c, names[i]) for i, (u, c) in enumerate(requests)], concurrency))  # load all
-        rss_after = rss_kib(engine.process.pid)
-        rates = {n: asyncio.run(throughput(url, [(u, c, names[i % n]) for i, (u, c) in enumerate(requests)],
-                                           concurrency)) for n in (1, 8, users)}
+        def requests(case: int) -> list[tuple[str, list[str]]]:
+            # Fresh candidates per case: a repeated prompt would hit vLLM's prefix cache.
+            return [(str(200 + i), work[(2 + case) * users + i][1][:candidates]) for i in range(users)]
+
+        asyncio.run(throughput(url, [(u, c, names[i]) for i, (u, c) in enumerate(requests(0))], concurrency))
+        rss_after = rss_kib(engine.process.pid)  # every adapter loaded
+        rates = {n: asyncio.run(throughput(url, [(u, c, names[i % n]) for i, (u, c) in enumerate(requests(case))],
+                                           concurrency)) for case, n in enumerate((1, 8, users), start=1)}
     finally:
         for p in procs:
             p.stop()
