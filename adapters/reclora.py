@@ -89,11 +89,6 @@ class RecLoRA(nn.Module):
         for layer in self.layers.values():
             layer.alpha = None if users is None else layer.gate(users.float())
 
-    def alphas(self, user: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Mixing weights per module for one user vector."""
-        with torch.no_grad():
-            return {name: layer.gate(user.float().unsqueeze(0))[0] for name, layer in self.layers.items()}
-
     # The trainer's answer_logits reads these off the model it is given.
     def get_base_model(self) -> nn.Module:
         return self.model

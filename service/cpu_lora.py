@@ -54,8 +54,8 @@ def lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, runs: list[Run], dt
     return outputs
 
 
-def _write(output: torch.Tensor, columns: slice, values: torch.Tensor, add: bool, rows: int | None = None) -> None:
-    target = output[:rows, columns] if rows is not None else output[:, columns]
+def _write(output: torch.Tensor, columns: slice, values: torch.Tensor, add: bool) -> None:
+    target = output[:, columns]
     if add:
         target += values
     else:
