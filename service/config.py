@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     personal_cache_size: int = Field(256, ge=1, description="personal adapters kept on disk (LRU)")
 
     history_k: int = Field(10, ge=0, le=100)
-    retrieval_mode: Literal["subr", "recent"] = "subr"
+    retrieval_mode: Literal["subr", "recent", "slate"] = "subr"
     max_history_events: int = Field(5000, ge=1)
     max_candidates: int = Field(200, ge=1)
     max_id_length: int = Field(128, ge=1)

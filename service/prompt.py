@@ -110,6 +110,27 @@ class PromptCodec:
         return full[-1]
 
 
+class PromptTooLong(ValueError):
+    """Even with no history the target's part does not fit the token budget."""
+
+
+def encode_within_budget(codec: PromptCodec, profile: Profile, behaviours: Sequence[Behaviour],
+                         items: dict[str, Item], target: Item, max_tokens: int) -> tuple[list[int], list[Behaviour]]:
+    """Token ids of the prompt and the behaviours it shows, at most `max_tokens` long.
+
+    The oldest behaviours are dropped first; the profile, the target and the question never are.
+    """
+    kept = list(behaviours)
+    while True:
+        ids = codec.encode(build_prompt(profile, kept, items, target))
+        if len(ids) <= max_tokens:
+            return ids, kept
+        if not kept:
+            raise PromptTooLong(f"the prompt for item {target.item_id} needs {len(ids)} tokens, "
+                                f"more than the budget of {max_tokens}")
+        kept = kept[1:]
+
+
 def load_codec(model_dir) -> PromptCodec:
     from transformers import AutoTokenizer
 

@@ -3,7 +3,10 @@
 SUBR (ReLLa): for each target item, the K behaviours of the user whose items
 are nearest to the target by cosine similarity of item vectors, searched in
 Qdrant with a filter `has_id in history`; shown in time order. `recent`: the
-last K behaviours, the same for every candidate.
+last K behaviours, the same for every candidate. `slate`: one search for the
+whole request, the K history items nearest the candidates' centroid, so every
+candidate's prompt shares one history prefix (vLLM's prefix cache computes it
+once) at the cost of per-candidate relevance.
 
 One small interface, `ItemIndex`, two implementations: `EdgeIndex` runs
 Qdrant's engine in-process (qdrant-edge, the embedded default) and
@@ -23,7 +26,8 @@ import numpy as np
 
 from service.records import Behaviour
 
-Mode = Literal["subr", "recent"]
+Mode = Literal["subr", "recent", "slate"]
+MODES: tuple[str, ...] = ("subr", "recent", "slate")
 _ID_NAMESPACE = uuid.UUID("6f1d3c1e-6a43-4c55-9b39-1f3c0c8a2b11")
 
 
@@ -231,12 +235,26 @@ async def pick_subr(index: ItemIndex, behaviours: Sequence[Behaviour], targets: 
     return {t: picked.get(t, recent) for t in targets}  # no vector for a target: recent history
 
 
+async def pick_slate(index: ItemIndex, behaviours: Sequence[Behaviour], targets: Sequence[str], k: int
+                     ) -> list[Behaviour]:
+    """The K history items nearest the centroid of the candidates' unit vectors, in time order."""
+    latest = latest_per_item(behaviours)
+    if len(latest) <= k:
+        return sorted(latest.values(), key=lambda b: b.ts)
+    target_vectors = list((await index.vectors(targets)).values())
+    if not target_vectors:  # no candidate has a vector: recent history
+        return pick_recent(behaviours, k)
+    units = np.stack(target_vectors) / (np.linalg.norm(target_vectors, axis=1, keepdims=True) + 1e-12)
+    (found,) = await index.nearest_within(units.mean(axis=0, keepdims=True), list(latest), k + TIE_MARGIN)
+    return sorted((latest[i] for i in top_k(found, k)), key=lambda b: b.ts)
+
+
 async def select_behaviours(index: ItemIndex, behaviours: Sequence[Behaviour], targets: Sequence[str],
                             k: int, mode: Mode) -> dict[str, list[Behaviour]]:
-    if mode == "recent":
-        recent = pick_recent(behaviours, k)
-        return {t: recent for t in targets}
-    return await pick_subr(index, behaviours, targets, k)
+    if mode == "subr":
+        return await pick_subr(index, behaviours, targets, k)
+    shared = pick_recent(behaviours, k) if mode == "recent" else await pick_slate(index, behaviours, targets, k)
+    return {t: shared for t in targets}
 
 
 def brute_force_nearest(query: np.ndarray, candidates: dict[str, np.ndarray], k: int) -> list[str]:

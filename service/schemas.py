@@ -31,7 +31,7 @@ class ScoreOptions(Strict):
     mode: Literal["personal", "cohort", "shared", "base"] | None = Field(
         None, description="which adapter: the user's RecLoRA adapter, their cohort's, the shared one, or none; "
                           "default: the deployment's")
-    retrieval: Literal["subr", "recent"] | None = Field(None, description="history selection; default: deployment's")
+    retrieval: Literal["subr", "recent", "slate"] | None = Field(None, description="history selection; default: deployment's")
     k: int | None = Field(None, ge=0, le=50, description="behaviours in each prompt")
     explain: bool = Field(False, description="include each item's prompt behaviours (why)")
     return_prompt: bool = Field(False, description="include each item's prompt token ids (debugging, audits)")

@@ -70,6 +70,27 @@ def test_subr_selection_is_nearest_k_in_time_order(index):
     assert chosen["never-indexed"] == behaviours[-8:], "a target without a vector falls back to recent"
 
 
+def test_slate_selection_is_one_history_nearest_the_candidates_centroid(index):
+    ids, vectors = _vectors(5)
+    history_ids = ids[:80]
+    behaviours = [Behaviour(item_id=i, ts=2000 - n) for n, i in enumerate(history_ids)][::-1]
+    targets = ["m300", "m301", "m302", "never-indexed"]
+
+    async def run():
+        await index.ensure(DIM)
+        await index.upsert(ids, vectors)
+        return await select_behaviours(index, behaviours, targets, 6, "slate")
+
+    chosen = asyncio.run(run())
+    by_id = dict(zip(ids, vectors))
+    units = [by_id[t] / np.linalg.norm(by_id[t]) for t in targets[:3]]
+    expected = brute_force_nearest(np.mean(units, axis=0), {i: by_id[i] for i in history_ids}, 6)
+    first = chosen[targets[0]]
+    assert all(chosen[t] == first for t in targets), "one shared history for every candidate"
+    assert sorted(b.item_id for b in first) == sorted(expected)
+    assert [b.ts for b in first] == sorted(b.ts for b in first)
+
+
 def test_equal_similarities_are_broken_by_item_id(index):
     ids, vectors = _vectors(4)
     twins = np.stack([vectors[0], vectors[0], vectors[0]])  # one title listed three times

@@ -1,0 +1,65 @@
+"""Engine settings on this CPU: prefill tokens/s of the vLLM engine under each configuration, one run.
+
+    .venv/bin/python benchmarks/engine_settings.py [--prompts 20] [--tokens 210] [--rounds 2]
+
+Starts the engine (prepared model under LOREC_DATA_DIR, the lorec_cpu_lora plugin on) once per
+configuration — dtype bfloat16 / float32, max_num_batched_tokens default / 1024 / 8192 — and scores
+the same kind of batches as benchmarks/lora_prefill.py: distinct random prompts (no prefix-cache
+hits) through the base model, one rank-8 q/v adapter and 8 adapters mixed. Reports tokens/s and the
+ratio to the shipped default (first row). Results go to benchmarks/results/engine_settings.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import typer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lora_prefill import make_adapters, run_engine  # noqa: E402
+
+from service.config import Settings  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "engine_settings.json"
+CONFIGS = {
+    "bf16 (default)": {},
+    "fp32": {"engine_dtype": "float32"},
+    "bf16, max_num_batched_tokens=1024": {"engine_max_num_batched_tokens": 1024},
+    "bf16, max_num_batched_tokens=8192": {"engine_max_num_batched_tokens": 8192},
+}
+
+
+def main(prompts: int = typer.Option(20, help="prompts per batch"), tokens: int = typer.Option(210),
+         rounds: int = typer.Option(2), only: str = typer.Option("", help="comma-separated config names"),
+         out: Path = typer.Option(RESULTS)) -> None:
+    settings = Settings()
+    sizes = {"prompts": prompts, "tokens": tokens, "rounds": rounds}
+    chosen = {k: v for k, v in CONFIGS.items() if not only or k in only.split(",")}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = make_adapters(settings.model_dir, Path(tmp), 8)
+        for name, update in chosen.items():
+            log = settings.data_dir / "logs" / f"engine-settings-{len(results)}.log"
+            results[name] = run_engine(settings.model_copy(update=update), True, adapters, log, **sizes)
+            typer.echo(f"{name}: {results[name]['tokens_per_s']}")
+    default = next(iter(results.values()))["tokens_per_s"]
+    for r in results.values():
+        r["ratio_to_default"] = {k: round(v / default[k], 3) for k, v in r["tokens_per_s"].items()}
+    report = {"configs": results, "prompts_per_batch": prompts, "tokens_per_prompt": tokens + 1,
+              "kv_cache_gib": settings.engine_kv_cache_gib,
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+              "command": "python benchmarks/engine_settings.py " + " ".join(sys.argv[1:])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    typer.echo(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    typer.run(main)
