@@ -254,7 +254,10 @@ def eval_command(
     pool = split_by_time(build_samples(data))[split]
     samples = draw(pool, n, seed) if n else pool
     started = time.monotonic()
-    served = asyncio.run(score_via_gateway(gateway, samples, adapter, k, retrieval, concurrency, mode=mode))
+    from service.auth import client_key
+
+    served = asyncio.run(score_via_gateway(gateway, samples, adapter, k, retrieval, concurrency,
+                                           api_key=client_key(settings), mode=mode))
     result = {**summarize(samples, served.scores), "n_test": len(samples), "split": split, "seed": seed,
               "k": k, "retrieval": retrieval, "adapter": mode or adapter, "kind": "llm",
               "served_by": served.adapters,

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perf import start_stack, workload  # noqa: E402
 
+from service.auth import auth_headers  # noqa: E402
 from service.config import Settings  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -67,7 +68,7 @@ async def timed_rank(client: httpx.AsyncClient, user: str, items: list[str], opt
 
 async def throughput(url: str, requests: list[tuple[str, list[str], str]], concurrency: int) -> float:
     limit = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=900, headers=auth_headers(Settings())) as client:
         async def one(user: str, items: list[str], adapter: str) -> None:
             async with limit:
                 await timed_rank(client, user, items, {"adapter": adapter})
@@ -118,7 +119,7 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
         cold, warm = [], []
 
         async def cold_and_warm() -> None:
-            async with httpx.AsyncClient(base_url=url, timeout=900) as client:
+            async with httpx.AsyncClient(base_url=url, timeout=900, headers=auth_headers(Settings())) as client:
                 await timed_rank(client, work[0][0], work[0][1][:candidates], {"mode": "base"})  # warm the engine
                 for i in range(8):
                     user = str(100 + i)

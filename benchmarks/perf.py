@@ -31,6 +31,7 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from service.auth import auth_headers  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.processes import Managed, engine_command, engine_env, free_port, redis_command  # noqa: E402
 
@@ -47,7 +48,9 @@ def start_stack(settings: Settings, data: Path, logs: Path) -> tuple[list[Manage
     engine = Managed("vllm", engine_command(settings, settings.model_dir, engine_port), logs / "perf-vllm.log",
                      env=engine_env(settings))
     env = {**os.environ, "LOREC_REDIS_URL": redis_url, "LOREC_ENGINE_URL": f"http://127.0.0.1:{engine_port}",
-           "LOREC_PORT": str(gateway_port), "LOREC_DATA_DIR": str(settings.data_dir)}
+           "LOREC_PORT": str(gateway_port), "LOREC_DATA_DIR": str(settings.data_dir),
+           # 16 clients queue ~30 requests of ~10 s each on 2 cores: measure the queue, do not time it out.
+           "LOREC_ENGINE_TIMEOUT_S": "1800", "LOREC_REQUEST_DEADLINE_S": "1800"}
     lorec = str(Path(sys.executable).with_name("lorec"))
     ingest = Managed("ingest", [lorec, "ingest", "movielens", "--dir", str(data)], logs / "perf-ingest.log", env=env)
     if ingest.process.wait() != 0:
@@ -80,7 +83,7 @@ async def rank_requests(url: str, requests: list[tuple[str, list[str]]], concurr
         stages = {k: float(v) / 1000 for k, v in (p.split(";dur=") for p in r.headers["server-timing"].split(", "))}
         records.append({"wall": wall, "stages": stages, "items": r.json()["items"]})
 
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600, headers=auth_headers(Settings())) as client:
         started = time.perf_counter()
         await asyncio.gather(*(one(client, u, i) for u, i in requests))
         elapsed = time.perf_counter() - started
@@ -103,7 +106,7 @@ async def long_history_user(url: str, n: int = 2000) -> str:
     rng = random.Random(7)
     events = [{"user_id": user, "item_id": str(rng.randint(1, 1682)), "ts": 800_000_000 + i,
                "rating": rng.randint(1, 5)} for i in range(n)]
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth_headers(Settings(), "write")) as client:
         for start in range(0, n, 1000):
             (await client.post("/v1/events", json={"events": events[start:start + 1000]})).raise_for_status()
     return user

@@ -9,11 +9,13 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.auth import require
 from service.errors import ApiError, as_api_error
 from service.recommend import RecommendService, ScoreQuery, ScoreResult
 from service.records import Behaviour, Item
 from service.schemas import (
     MAX_ID_LENGTH,
+    AdaptersResponse,
     BehaviourOut,
     CtrRequest,
     CtrResponse,
@@ -43,7 +45,8 @@ def get_writer(request: Request) -> Writer:
 Recommender = Annotated[RecommendService, Depends(get_recommender)]
 Writes = Annotated[Writer, Depends(get_writer)]
 PathId = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[^\x00-\x1f\x7f]+$")]
-ERRORS = {code: {"model": ErrorResponse} for code in (404, 422, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 422, 503, 504)}
+READ, WRITE, ADMIN = require("read"), require("write"), require("admin")
 
 router = APIRouter()
 
@@ -63,13 +66,14 @@ def _item_scores(result: ScoreResult, options: ScoreOptions) -> list[ItemScore]:
 def _query(body: CtrRequest) -> ScoreQuery:
     o = body.options
     return ScoreQuery(user_id=body.user_id, item_ids=body.item_ids, as_of=body.as_of, adapter=o.adapter,
-                      mode=o.mode, retrieval=o.retrieval, k=o.k)
+                      mode=o.mode, retrieval=o.retrieval, k=o.k, skip_unknown=o.skip_unknown)
 
 
 def _meta(result: ScoreResult) -> dict:
     return dict(user_id=result.user_id, adapter=result.adapter, adapter_mode=result.adapter_mode,
                 fallbacks=result.fallbacks or None, retrieval=result.retrieval, k=result.k,
-                history_size=result.history_size)
+                history_size=result.history_size, degraded=result.degraded or None,
+                skipped=result.skipped or None)
 
 
 def _server_timing(result: ScoreResult, response: Response) -> None:
@@ -79,27 +83,30 @@ def _server_timing(result: ScoreResult, response: Response) -> None:
                                                   for stage, seconds in result.timings.items())
 
 
-@router.post("/v1/ctr", response_model=CtrResponse, response_model_exclude_none=True, responses=ERRORS)
+@router.post("/v1/ctr", response_model=CtrResponse, response_model_exclude_none=True, responses=ERRORS,
+             dependencies=[READ])
 async def ctr(body: CtrRequest, service: Recommender, response: Response) -> CtrResponse:
     result = await service.score(_query(body))
     _server_timing(result, response)
     return CtrResponse(**_meta(result), scores=_item_scores(result, body.options))
 
 
-@router.post("/v1/rank", response_model=RankResponse, response_model_exclude_none=True, responses=ERRORS)
+@router.post("/v1/rank", response_model=RankResponse, response_model_exclude_none=True, responses=ERRORS,
+             dependencies=[READ])
 async def rank(body: RankRequest, service: Recommender, response: Response) -> RankResponse:
     result = await service.rank(_query(body), body.top_k)
     _server_timing(result, response)
     return RankResponse(**_meta(result), items=_item_scores(result, body.options))
 
 
-@router.post("/v1/events", response_model=EventsResponse, responses=ERRORS)
+@router.post("/v1/events", response_model=EventsResponse, responses=ERRORS, dependencies=[WRITE])
 async def events(body: EventsRequest, writer: Writes) -> EventsResponse:
-    await writer.append_events(body.events)
-    return EventsResponse(stored=len(body.events))
+    stored = await writer.append_events(body.events)
+    return EventsResponse(accepted=len(body.events), stored=stored)
 
 
-@router.get("/v1/users/{user_id}/history", response_model=HistoryResponse, responses=ERRORS)
+@router.get("/v1/users/{user_id}/history", response_model=HistoryResponse, responses=ERRORS,
+            dependencies=[READ])
 async def history(user_id: PathId, service: Recommender,
                   limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
                   as_of: Annotated[int | None, Query(ge=0)] = None) -> HistoryResponse:
@@ -113,10 +120,18 @@ async def history(user_id: PathId, service: Recommender,
                            events=[_behaviour_out(b, known) for b in context.behaviours])
 
 
-@router.put("/v1/items/{item_id}", response_model=ItemOut, responses=ERRORS)
+@router.put("/v1/items/{item_id}", response_model=ItemOut, responses=ERRORS, dependencies=[WRITE])
 async def put_item(item_id: PathId, body: ItemIn, writer: Writes) -> ItemOut:
     await writer.put_items([Item(item_id=item_id, title=body.title, year=body.year, genres=tuple(body.genres))])
     return ItemOut(item_id=item_id, **body.model_dump())
+
+
+@router.get("/v1/adapters", response_model=AdaptersResponse, responses=ERRORS, dependencies=[ADMIN])
+async def adapters(service: Recommender) -> AdaptersResponse:
+    router_ = service.router
+    return AdaptersResponse(registry=router_.registry.names(), loaded=sorted(router_.engine.loaded_adapters),
+                            quarantined=sorted(router_.quarantined), default=router_.default_adapter,
+                            mode=router_.default_mode)
 
 
 @router.get("/healthz")

@@ -11,17 +11,19 @@ from fastapi import FastAPI, Request
 from redis.asyncio import Redis
 
 from service.api import router
+from service.auth import load_keyring
 from service.config import Settings
+from service.crm import CrmScorer
 from service.encoder import build_encoder
 from service.errors import register_error_handlers
 from service.history import HistoryStore, Keys
 from service.metrics import Metrics
 from service.personalize import Personalizer, open_personalizer
 from service.prompt import load_codec
-from service.recommend import RecommendService
+from service.recommend import Limits, RecommendService
 from service.retrieval import open_index
 from service.routing import AdapterRegistry, Router
-from service.scoring import EngineClient
+from service.scoring import EngineClient, EnginePool
 from service.writes import Writer
 
 log = logging.getLogger(__name__)
@@ -50,25 +52,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         index = open_index(settings.qdrant_url, settings.qdrant_key, settings.qdrant_collection, settings.edge_path)
         timeout = httpx.Timeout(settings.engine_timeout_s, connect=settings.engine_connect_timeout_s)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        http = httpx.AsyncClient(base_url=settings.engine_url, timeout=timeout, limits=limits)
+        https = [httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) for url in settings.engine_urls]
         try:
             history = HistoryStore(redis, Keys(settings.redis_prefix), settings.max_history_events)
-            engine = EngineClient(http, settings.engine_model_name, codec.answer,
-                                  on_load=lambda outcome: metrics.adapter_loads.labels(outcome).inc())
+            engine = EnginePool([EngineClient(http, settings.engine_model_name, codec.answer,
+                                              on_load=lambda outcome: metrics.adapter_loads.labels(outcome).inc())
+                                 for http in https])
             personalizer = open_personalizer(settings)
             router = Router(AdapterRegistry(settings.registry_dir), engine, settings.default_adapter,
                             settings.adapter_mode, personalizer)
             if personalizer is not None:
                 await load_cohorts(router, personalizer)
+            limits = Limits(max_candidates=settings.max_candidates, max_prompt_tokens=settings.prompt_budget,
+                            deadline_s=settings.request_deadline_s, retrieval_timeout_s=settings.retrieval_timeout_s)
+            crm = CrmScorer(settings.data_dir / "crm" / settings.crm_fallback) if settings.crm_fallback else None
             app.state.recommender = RecommendService(
                 history, index, codec, engine, router, metrics, default_k=settings.history_k,
-                default_mode=settings.retrieval_mode, max_candidates=settings.max_candidates)
+                default_mode=settings.retrieval_mode, limits=limits, crm=crm)
             app.state.writer = Writer(history, index,
                                       build_encoder(settings.encoder, model_dir, settings.data_dir,
                                                     settings.encoder_dim))
             yield
         finally:
-            await http.aclose()
+            for http in https:
+                await http.aclose()
             await index.close()
             await redis.aclose()
 
@@ -76,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="LLM recommendations: CTR scores and ranked lists from a user's lifelong history.")
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.keyring = load_keyring(settings)
     register_error_handlers(app)
     app.include_router(router)
 

@@ -131,10 +131,13 @@ def up(
         log.info("ingest: %s", asyncio.run(ingest_folder(settings, data)))
         log.info("waiting for the vLLM engine (log: %s)", vllm.log_path)
         vllm.wait_http(f"{settings.engine_url}/health", 900)
-        log.info("ready after %.0fs; try:\n  curl -s -X POST http://%s:%d/v1/rank -H 'content-type: application/json'"
+        gateway = create_app(settings)  # generates and prints an API key when none is configured
+        log.info("ready after %.0fs; try (KEY: an API key, e.g. the one printed above, stored in %s):\n"
+                 "  curl -s -X POST http://%s:%d/v1/rank -H \"authorization: Bearer $KEY\" "
+                 "-H 'content-type: application/json'"
                  " -d '{\"user_id\": \"1\", \"item_ids\": [\"1\", \"50\", \"100\", \"181\", \"258\"], \"top_k\": 3}'",
-                 time.monotonic() - started, settings.host, settings.port)
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+                 time.monotonic() - started, settings.key_file, settings.host, settings.port)
+        uvicorn.run(gateway, host=settings.host, port=settings.port, log_level="info")
     finally:
         for child in reversed(children):
             child.stop()

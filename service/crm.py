@@ -6,7 +6,8 @@ behaviours (item id + rating embeddings); the attention unit reads
 target, user and profile embeddings in an MLP that outputs the CTR logit.
 `user_vector` (user embedding + mean of the history embeddings) is what the
 RecLoRA gate reads. The trainer (adapters/crm.py) fits it; the gateway loads
-it to personalise adapters (stage 4, routing).
+it to personalise adapters (stage 4, routing) and, as `CrmScorer`, scores
+candidates when the LLM engine fails (stage 5's fallback).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from service.ingest import MovieLens
 from service.records import Behaviour, Profile
+from service.scoring import AnswerLogprobs
 
 LONG_HISTORY = 60
 
@@ -122,3 +124,19 @@ def load_crm(path: Path) -> tuple[DIN, Vocab]:
     model = DIN(vocab)
     model.load_state_dict(saved["state_dict"])
     return model.eval(), vocab
+
+
+class CrmScorer:
+    """The CRM as a stand-in for the LLM: P(like) as the two answer log-probabilities."""
+
+    def __init__(self, path: Path) -> None:
+        self.model, self.vocab = load_crm(path)
+        self.name = path.stem
+
+    @torch.no_grad()
+    def answers(self, user_id: str, profile: Profile | None, behaviours: Sequence[Behaviour],
+                targets: Sequence[str]) -> list[AnswerLogprobs]:
+        batch = encode_rows([(user_id, profile, behaviours, t, 0) for t in targets], self.vocab)
+        logits = self.model(batch)
+        return [AnswerLogprobs(yes=float(y), no=float(n))
+                for y, n in zip(nn.functional.logsigmoid(logits), nn.functional.logsigmoid(-logits))]

@@ -21,6 +21,10 @@ from typing import Protocol
 import numpy as np
 
 
+class EncoderNotReady(LookupError):
+    """Item vectors need the PCA fitted on a first catalog (ingestion)."""
+
+
 class ItemEncoder(Protocol):
     def fit(self, texts: list[str]) -> np.ndarray:
         """Encode the whole catalog, (re)fitting any learned reduction; returns the vectors."""
@@ -103,7 +107,7 @@ class LLMEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if self.pca is None:
-            raise LookupError("the item encoder has not been fitted: ingest a catalog first")
+            raise EncoderNotReady("the item encoder has not been fitted: ingest a catalog first")
         return self.pca.transform(self.hidden_states(texts))
 
 

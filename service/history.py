@@ -6,6 +6,7 @@ Key layout (every key starts with the prefix, `lorec` by default):
                                      Time order comes from the score; an identical event
                                      written twice is stored once (same member).
                                      rating is empty for a click.
+    {p}:user:{<uid>}:eids     HASH   client event id -> member: a retried event is stored once
     {p}:user:{<uid>}:profile  HASH   gender, age, occupation (display text)
     {p}:item:<iid>            HASH   title, year ("" if unknown), genres ("|"-joined)
     {p}:users                 SET    every user id with events or a profile
@@ -36,6 +37,9 @@ class Keys:
 
     def events(self, user_id: str) -> str:
         return f"{self.prefix}:user:{{{user_id}}}:events"
+
+    def event_ids(self, user_id: str) -> str:
+        return f"{self.prefix}:user:{{{user_id}}}:eids"
 
     def profile(self, user_id: str) -> str:
         return f"{self.prefix}:user:{{{user_id}}}:profile"
@@ -101,6 +105,16 @@ def history_bounds(as_of: int | None) -> str:
 # --- reads ---------------------------------------------------------------------------------
 
 
+# An event with a client id is stored only if that id is new for the user; both keys share the
+# user's hash tag, so the script runs on one Redis Cluster slot.
+STORE_ONCE = """
+if redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[1]) == 1 then
+  return redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+end
+return 0
+"""
+
+
 class HistoryStore:
     """Reads and writes of the key layout above over one async Redis client."""
 
@@ -108,6 +122,7 @@ class HistoryStore:
         self.redis = redis
         self.keys = keys
         self.max_events = max_events
+        self._store_once = redis.register_script(STORE_ONCE)
 
     async def load_request(self, user_id: str, item_ids: Sequence[str], as_of: int | None
                            ) -> tuple[UserContext, dict[str, Item | None]]:
@@ -140,13 +155,22 @@ class HistoryStore:
 
     # --- writes ----------------------------------------------------------------------------
 
-    async def append_events(self, events: Sequence[tuple[str, Behaviour]]) -> None:
-        """All events or none (MULTI/EXEC); re-sending the same event stores it once."""
+    async def append_events(self, events: Sequence[tuple[str, Behaviour, str | None]]) -> int:
+        """All events or none (MULTI/EXEC); returns how many were new.
+
+        Re-sending an identical event, or any event under a client event id already seen for
+        that user, stores nothing."""
         pipe = self.redis.pipeline(transaction=True)
-        for user_id, behaviour in events:
-            pipe.zadd(self.keys.events(user_id), {encode_event(behaviour): behaviour.ts})
-        pipe.sadd(self.keys.users(), *{u for u, _ in events})
-        await pipe.execute()
+        for user_id, behaviour, event_id in events:
+            member = encode_event(behaviour)
+            if event_id is None:
+                pipe.zadd(self.keys.events(user_id), {member: behaviour.ts})
+            else:
+                await self._store_once(keys=[self.keys.events(user_id), self.keys.event_ids(user_id)],
+                                       args=[member, behaviour.ts, event_id], client=pipe)  # queued
+        pipe.sadd(self.keys.users(), *{u for u, _, _ in events})
+        results = await pipe.execute()
+        return sum(int(r) for r in results[:-1])
 
     async def put_item(self, item: Item) -> None:
         pipe = self.redis.pipeline(transaction=True)

@@ -45,6 +45,8 @@ def engine_command(settings: Settings, model_dir: Path, port: int, host: str = "
     ]
     if settings.engine_max_num_batched_tokens:
         command += ["--max-num-batched-tokens", str(settings.engine_max_num_batched_tokens)]
+    if settings.engine_block_size:
+        command += ["--block-size", str(settings.engine_block_size)]
     return command
 
 

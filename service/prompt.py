@@ -25,9 +25,14 @@ YES, NO = " Yes", " No"
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f"]+')
 
 
+def one_line(text: str) -> str:
+    """Text without line breaks, control characters or double quotes."""
+    return " ".join(_UNSAFE.sub(" ", text).split())
+
+
 def quote(text: str) -> str:
     """Item text as a quoted literal on one line."""
-    return '"' + " ".join(_UNSAFE.sub(" ", text).split()) + '"'
+    return '"' + one_line(text) + '"'
 
 
 def item_phrase(item: Item) -> str:
@@ -44,12 +49,9 @@ def behaviour_phrase(behaviour: Behaviour, item: Item) -> str:
 
 def profile_sentence(profile: Profile) -> str:
     parts = []
-    if profile.gender:
-        parts.append(f"gender: {profile.gender}")
-    if profile.age:
-        parts.append(f"age: {profile.age}")
-    if profile.occupation:
-        parts.append(f"occupation: {profile.occupation}")
+    for name, value in (("gender", profile.gender), ("age", profile.age), ("occupation", profile.occupation)):
+        if value and one_line(value):
+            parts.append(f"{name}: {one_line(value)}")
     if not parts:
         return "Nothing is known about the user's profile."
     return "The user's profile is " + "; ".join(parts) + "."

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from service.records import UserContext
-from service.scoring import AdapterLoadFailed, EngineClient
+from service.scoring import AdapterLoadFailed, EnginePool
 
 log = logging.getLogger(__name__)
 Mode = Literal["personal", "cohort", "shared", "base"]
@@ -89,7 +89,7 @@ def choose_route(requested: str | None, default: str | None, registry: AdapterRe
 class Router:
     """Chooses and loads the request's adapter, falling back along personal -> cohort -> shared -> base."""
 
-    def __init__(self, registry: AdapterRegistry, engine: EngineClient, default_adapter: str | None,
+    def __init__(self, registry: AdapterRegistry, engine: EnginePool, default_adapter: str | None,
                  default_mode: Mode, personalizer=None) -> None:
         self.registry = registry
         self.engine = engine

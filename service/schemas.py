@@ -31,10 +31,14 @@ class ScoreOptions(Strict):
     mode: Literal["personal", "cohort", "shared", "base"] | None = Field(
         None, description="which adapter: the user's RecLoRA adapter, their cohort's, the shared one, or none; "
                           "default: the deployment's")
-    retrieval: Literal["subr", "recent", "slate"] | None = Field(None, description="history selection; default: deployment's")
+    retrieval: Literal["subr", "recent", "slate"] | None = Field(
+        None, description="history selection: per-candidate SUBR, the last K, or one SUBR history for the whole "
+                          "slate; default: the deployment's")
     k: int | None = Field(None, ge=0, le=50, description="behaviours in each prompt")
     explain: bool = Field(False, description="include each item's prompt behaviours (why)")
     return_prompt: bool = Field(False, description="include each item's prompt token ids (debugging, audits)")
+    skip_unknown: bool = Field(False, description="score the known items and list unknown ones in `skipped` "
+                                                   "instead of answering 404")
 
 
 class CtrRequest(Strict):
@@ -78,11 +82,15 @@ class Fallback(BaseModel):
 class ScoreMeta(BaseModel):
     user_id: str
     adapter: str
-    adapter_mode: str = Field(description='personal, cohort, shared, base, or "named" (options.adapter)')
+    adapter_mode: str = Field(description='personal, cohort, shared, base, "named" (options.adapter), '
+                                          '"crm" (the LLM failed; the CRM scored) or "none" (nothing to score)')
     fallbacks: list[Fallback] | None = Field(None, description="modes skipped before the one that served")
     retrieval: str
     k: int
     history_size: int
+    degraded: list[str] | None = Field(None, description='parts that failed and were stood in for: "retrieval" '
+                                       '(recent history used), "llm" (CRM scores)')
+    skipped: list[str] | None = Field(None, description="unknown item ids left out (options.skip_unknown)")
 
 
 class CtrResponse(ScoreMeta):
@@ -94,6 +102,8 @@ class RankResponse(ScoreMeta):
 
 
 class EventIn(Strict):
+    event_id: Id | None = Field(None, description="client's id for the event: a retry with the same id is "
+                                                  "stored once")
     user_id: Id
     item_id: Id
     ts: int = Field(ge=0, description="unix time in seconds")
@@ -112,7 +122,8 @@ class EventsRequest(Strict):
 
 
 class EventsResponse(BaseModel):
-    stored: int
+    accepted: int = Field(description="events in the request, all written to Redis")
+    stored: int = Field(description="of those, how many were new (the rest were retries or repeats)")
 
 
 class ProfileOut(BaseModel):
@@ -136,6 +147,14 @@ class ItemIn(Strict):
 
 class ItemOut(ItemIn):
     item_id: str
+
+
+class AdaptersResponse(BaseModel):
+    registry: list[str] = Field(description="servable adapters in the registry")
+    loaded: list[str] = Field(description="adapters this gateway has loaded into the engine")
+    quarantined: list[str] = Field(description="adapters the engine refused; not retried until restart")
+    default: str | None
+    mode: str
 
 
 class ErrorBody(BaseModel):

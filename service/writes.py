@@ -18,9 +18,10 @@ class Writer:
         self.encoder = encoder
         self._encode_lock = asyncio.Lock()
 
-    async def append_events(self, events: Sequence[EventIn]) -> None:
-        await self.history.append_events(
-            [(e.user_id, Behaviour(item_id=e.item_id, ts=e.ts, rating=e.rating)) for e in events])
+    async def append_events(self, events: Sequence[EventIn]) -> int:
+        """How many of `events` were new (retries and exact repeats are stored once)."""
+        return await self.history.append_events(
+            [(e.user_id, Behaviour(item_id=e.item_id, ts=e.ts, rating=e.rating), e.event_id) for e in events])
 
     async def put_items(self, items: Sequence[Item]) -> None:
         # The encoder runs the LLM on CPU: keep it off the event loop, one batch at a time.

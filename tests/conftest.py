@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sys
@@ -19,6 +20,11 @@ from tests.utils.tiny_model import build_random_adapter, build_tiny_llama
 REPO = Path(__file__).resolve().parents[1]
 ML100K = Path(os.environ.get("LOREC_TEST_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))
 ENGINE_START_TIMEOUT_S = 900
+# Test API keys: one per scope and one with all of them (what most tests use).
+KEYS = {"test-admin-key-0123456789": ["read", "write", "admin"], "test-read-key-0123456789": ["read"],
+        "test-write-key-0123456789": ["write"]}
+ADMIN_KEY, READ_KEY, WRITE_KEY = KEYS
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +68,7 @@ def start_engine(settings: Settings, model_dir: Path, log_path: Path) -> tuple[M
 
 def make_settings(workdir: Path, model: Path, redis_url: str, **overrides) -> Settings:
     values = dict(data_dir=workdir / "data", model=model, redis_url=redis_url, engine_kv_cache_gib=1,
-                  engine_max_model_len=4096, adapter_dir=workdir / "adapters", qdrant_url=None)
+                  engine_max_model_len=4096, adapter_dir=workdir / "adapters", qdrant_url=None, api_keys=KEYS)
     values.update(overrides)
     return Settings(**values)
 
@@ -110,7 +116,7 @@ def gateway(tiny_settings):
 
     from service.app import create_app
 
-    with TestClient(create_app(tiny_settings)) as client:
+    with TestClient(create_app(tiny_settings), headers=AUTH) as client:
         yield client
 
 
@@ -123,7 +129,8 @@ def serve_env(settings: Settings, data_dir: Path, port: int) -> dict[str, str]:
     shutil.copytree(settings.data_dir, data_dir)
     env = {**os.environ, "LOREC_DATA_DIR": str(data_dir), "LOREC_MODEL": str(settings.model),
            "LOREC_REDIS_URL": settings.redis_url, "LOREC_ENGINE_URL": settings.engine_url,
-           "LOREC_ADAPTER_DIR": str(settings.registry_dir), "LOREC_PORT": str(port)}
+           "LOREC_ADAPTER_DIR": str(settings.registry_dir), "LOREC_PORT": str(port),
+           "LOREC_API_KEYS": json.dumps(KEYS)}
     env.pop("QDRANT_URL", None)
     return env
 

@@ -3,8 +3,11 @@
     locust -f tests/load/locustfile.py --headless -u 16 -r 4 -t 2m \
         --host http://127.0.0.1:8000 --csv benchmarks/results/locust
 
-Mostly `/v1/rank` with 20 candidates, some `/v1/ctr` and `/v1/events`. LOREC_API_KEY, when set, is
-sent as a bearer token. Not collected by pytest (no test_ prefix); run it by hand or from the
+(`bash benchmarks/run_load.sh USERS DURATION RETRIEVAL` starts the stack and runs exactly this.)
+
+Mostly `/v1/rank` with 20 candidates, some `/v1/ctr` and `/v1/events` (each with a client event id,
+as a backend that retries would send). LOREC_API_KEY (scopes read and write) is sent as a bearer
+token. Not collected by pytest (no test_ prefix); run it by hand or from the
 benchmark scripts.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import uuid
 
 from locust import HttpUser, between, task
 
@@ -40,6 +44,7 @@ class Backend(HttpUser):
 
     @task(1)
     def events(self) -> None:
-        event = {"user_id": random.choice(USERS), "item_id": random.choice(ITEMS), "ts": int(time.time()),
+        event = {"event_id": uuid.uuid4().hex, "user_id": random.choice(USERS), "item_id": random.choice(ITEMS),
+                 "ts": int(time.time()),
                  "rating": random.randint(1, 5)}
         self.client.post("/v1/events", json={"events": [event]}, name="/v1/events")

@@ -6,12 +6,13 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.processes import free_port
+from tests.conftest import AUTH
 
 
 def test_engine_down_answers_503_naming_vllm(tiny_settings, tmp_path):
     settings = tiny_settings.model_copy(update={"engine_url": f"http://127.0.0.1:{free_port()}",
                                                 "data_dir": tmp_path / "data"})
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=AUTH) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["dependencies"]["vllm"].startswith("engine unreachable")
@@ -25,7 +26,7 @@ def test_engine_down_answers_503_naming_vllm(tiny_settings, tmp_path):
 def test_redis_down_answers_503_naming_redis_and_writes_nothing(tiny_settings, tmp_path):
     settings = tiny_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0",
                                                 "data_dir": tmp_path / "data"})
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=AUTH) as client:
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").json()["dependencies"]["redis"] != "ok"
         for method, path, body in (("post", "/v1/ctr", {"user_id": "1", "item_ids": ["1"]}),

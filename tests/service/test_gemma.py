@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from service.prompt import load_codec
+from tests.conftest import AUTH
 
 pytestmark = pytest.mark.gemma
 
@@ -30,7 +31,7 @@ def test_rank_through_gemma(gemma_engine, gemma_model, tiny_settings, tmp_path):
     settings = tiny_settings.model_copy(update={"model": gemma_model, "engine_url": gemma_engine,
                                                 "data_dir": data_dir})
     items = [str(i) for i in range(1, 21)]
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=AUTH) as client:
         response = client.post("/v1/rank", json={"user_id": "1", "item_ids": items, "top_k": 20})
         assert response.status_code == 200, response.text
         ranked = response.json()["items"]

@@ -16,7 +16,7 @@ from service.crm import DIN, Vocab, encode_rows, save_crm
 from service.ingest import read_movielens
 from service.prompt import load_codec
 from service.records import Behaviour, Profile
-from tests.conftest import ML100K
+from tests.conftest import AUTH, ML100K
 
 N_COHORTS = 4
 
@@ -51,7 +51,7 @@ def bank(tiny_settings, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(bank):
-    with TestClient(create_app(bank["settings"])) as c:
+    with TestClient(create_app(bank["settings"]), headers=AUTH) as c:
         yield c
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import httpx
 
 from service.processes import Managed, free_port
-from tests.conftest import LOREC, serve_env
+from tests.conftest import AUTH, LOREC, serve_env
 
 
 def test_lorec_serve_process_answers_rank(http_gateway, gateway):
     base, _, _ = http_gateway
     request = {"user_id": 1, "item_ids": [1, 2, 3], "top_k": 2}
-    response = httpx.post(f"{base}/v1/rank", json=request, timeout=60)
+    response = httpx.post(f"{base}/v1/rank", json=request, headers=AUTH, timeout=60)
     assert response.status_code == 200, response.text
     body = response.json()
     assert len(body["items"]) == 2 and body["items"][0]["score"] >= body["items"][1]["score"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -21,8 +22,12 @@ def test_lorec_up_serves_rank_and_stops_its_children(tiny_model, adapter_dir, tm
     up = Managed("lorec up", [LOREC, "up", "--engine-port", str(engine_port)], tmp_path / "up.log", env=env)
     try:
         up.wait_http(f"http://127.0.0.1:{port}/readyz", 900)
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/rank",
-                              json={"user_id": "1", "item_ids": ["1", "50", "100"], "top_k": 2}, timeout=60)
+        request = {"user_id": "1", "item_ids": ["1", "50", "100"], "top_k": 2}
+        rank = f"http://127.0.0.1:{port}/v1/rank"
+        assert httpx.post(rank, json=request, timeout=60).status_code == 401, "not open without a key"
+        (key,) = json.loads((tmp_path / "data" / "api-keys.json").read_text())
+        assert key in up.tail(200), "the generated key is printed once"
+        response = httpx.post(rank, json=request, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         assert response.status_code == 200, response.text
         assert len(response.json()["items"]) == 2
         assert (tmp_path / "data" / "redis" / "appendonlydir").is_dir(), "redis runs with AOF"

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Locust load test against the real stack, stats into benchmarks/results/locust-u<USERS>_*.csv.
+#
+#   bash benchmarks/run_load.sh [USERS] [DURATION] [RETRIEVAL]      # e.g. 4 3m subr
+#
+# Starts redis-server, the vLLM engine and the gateway on $LOREC_DATA_DIR (default var/, ML-100K
+# ingested when needed), runs tests/load/locustfile.py headless for DURATION with USERS simulated
+# backends (mostly /v1/rank with 20 candidates, some /v1/ctr and /v1/events), then stops everything.
+# RETRIEVAL sets the gateway's LOREC_RETRIEVAL_MODE (subr, recent or slate).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+USERS=${1:-4}; DURATION=${2:-3m}; RETRIEVAL=${3:-subr}
+export LOREC_DATA_DIR=${LOREC_DATA_DIR:-var} LOREC_REDIS_URL=${LOREC_REDIS_URL:-redis://127.0.0.1:6399/0}
+export LOREC_PORT=${LOREC_PORT:-8010} LOREC_ENGINE_URL=http://127.0.0.1:8110 LOREC_RETRIEVAL_MODE=$RETRIEVAL
+LOREC=.venv/bin/lorec
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+if ! redis-cli -u "$LOREC_REDIS_URL" ping >/dev/null 2>&1; then
+  mkdir -p "$LOREC_DATA_DIR/redis"
+  redis_port=$(echo "$LOREC_REDIS_URL" | sed -E 's#.*:([0-9]+)/.*#\1#')
+  redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$(realpath "$LOREC_DATA_DIR/redis")" \
+    --appendonly yes --appendfsync everysec --save "" >"$LOREC_DATA_DIR/redis-load.log" 2>&1 &
+  pids+=($!); sleep 1
+fi
+$LOREC ingest movielens --dir "${LOREC_DATA:-../shared/data/ml-100k}"
+$LOREC engine --port 8110 >"$LOREC_DATA_DIR/logs/vllm-load.log" 2>&1 & pids+=($!)
+until curl -fs http://127.0.0.1:8110/health >/dev/null; do sleep 5; done
+$LOREC serve >"$LOREC_DATA_DIR/logs/gateway-load.log" 2>&1 & pids+=($!)
+until curl -fs "http://127.0.0.1:$LOREC_PORT/readyz" >/dev/null; do sleep 2; done
+export LOREC_API_KEY=${LOREC_API_KEY:-$(.venv/bin/python -c "
+from service.auth import client_key; from service.config import Settings; print(client_key(Settings(), 'write'))")}
+# Warm-up so the first measured requests do not pay for adapter loading and kernel start-up.
+curl -fs -X POST "http://127.0.0.1:$LOREC_PORT/v1/rank" -H "authorization: Bearer $LOREC_API_KEY" \
+  -H 'content-type: application/json' -d '{"user_id": "1", "item_ids": ["1", "2", "3"]}' >/dev/null
+.venv/bin/locust -f tests/load/locustfile.py --headless -u "$USERS" -r "$USERS" -t "$DURATION" \
+  --host "http://127.0.0.1:$LOREC_PORT" --csv "benchmarks/results/locust-u$USERS-$RETRIEVAL" --only-summary

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Evaluations of already trained adapters through the real serving path (no training), into
+# benchmarks/results/quality.json:
+#
+#   bash benchmarks/run_study.sh ../shared/data/ml-100k ADAPTER BANK [N]
+#
+# - retrieval study (issue 5): the ReiT adapter ADAPTER with `recent` and `slate` history on the same
+#   seeded N test samples as its `subr` row (methods reit-<...>-recent / -slate);
+# - RecLoRA (issue 4): the bank BANK in personal mode with the adapter refreshed at every event
+#   (LOREC_PERSONAL_REFRESH_EVENTS=1, the offline reference's exact-history gating) and its cohorts
+#   (COHORTS, default "8 128"; 32 is in run_quality.sh's rows).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:?MovieLens folder}; ADAPTER=${2:?ReiT adapter name}; BANK=${3:?RecLoRA bank name}; N=${4:-500}
+export LOREC_DATA_DIR=${LOREC_DATA_DIR:-var} LOREC_REDIS_URL=${LOREC_REDIS_URL:-redis://127.0.0.1:6399/0}
+LOREC=.venv/bin/lorec
+PORT=${LOREC_PORT:-8000}; export LOREC_PORT=$PORT LOREC_ENGINE_URL=http://127.0.0.1:8100
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+if ! redis-cli -u "$LOREC_REDIS_URL" ping >/dev/null 2>&1; then
+  redis_port=$(echo "$LOREC_REDIS_URL" | sed -E 's#.*:([0-9]+)/.*#\1#')
+  redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$(realpath "$LOREC_DATA_DIR/redis")" --appendonly yes \
+    --appendfsync everysec --save "" >"$LOREC_DATA_DIR/redis.log" 2>&1 &
+  pids+=($!); sleep 1
+fi
+$LOREC engine --port 8100 >"$LOREC_DATA_DIR/vllm-study.log" 2>&1 & pids+=($!)
+until curl -fs http://127.0.0.1:8100/health >/dev/null; do sleep 5; done
+gateway=
+start_gateway() {
+  [ -z "$gateway" ] || { kill "$gateway"; wait "$gateway" 2>/dev/null || true; }
+  env "$@" $LOREC serve >>"$LOREC_DATA_DIR/gateway-study.log" 2>&1 & gateway=$!; pids+=($gateway)
+  until curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null; do sleep 2; done
+}
+evaluate() { $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" --n "$N" ${EVAL_ARGS:-} "$@" || true; }
+start_gateway
+for retrieval in ${RETRIEVALS:-recent slate}; do
+  evaluate --adapter "$ADAPTER" --retrieval "$retrieval" --no-offline --method "${METHOD:-reit-n256}-$retrieval"
+done
+export LOREC_RECLORA_BANK=$BANK
+start_gateway LOREC_PERSONAL_REFRESH_EVENTS=1
+evaluate --mode personal --method reclora-personal-refresh1 --offline-dtype float32
+for c in ${COHORTS:-8 128}; do
+  start_gateway LOREC_COHORTS=$c
+  evaluate --mode cohort --method "reclora-cohort-$c" --no-offline
+done
