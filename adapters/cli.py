@@ -229,6 +229,9 @@ def eval_command(
     seed: int = typer.Option(0),
     k: int = typer.Option(10), retrieval: str = typer.Option("subr"),
     concurrency: int = typer.Option(8),
+    slate_size: int = typer.Option(0, help="score slates: one user's consecutive test samples, up to this many "
+                                           "per request at the earliest one's as_of (n // slate_size slates); "
+                                           "0: one sample per request"),
     offline: bool = typer.Option(True, help="also score with transformers + peft and compare"),
     offline_dtype: str = typer.Option("bfloat16", help="dtype of the offline reference (bfloat16 or float32)"),
     method: str = typer.Option(None, help="record under this method name in --out"),
@@ -252,10 +255,14 @@ def eval_command(
         raise typer.BadParameter("set LOREC_RECLORA_BANK to the bank the gateway serves", param_hint="--mode")
     facts = _training_facts(settings, adapter, mode)
     pool = split_by_time(build_samples(data))[split]
-    samples = draw(pool, n, seed) if n else pool
-    started = time.monotonic()
     from service.auth import client_key
 
+    started = time.monotonic()
+    if slate_size:
+        _eval_slates(gateway, pool, n, slate_size, seed, adapter, k, retrieval, client_key(settings), method, out,
+                     dataset_name(data.name, directory), started)
+        return
+    samples = draw(pool, n, seed) if n else pool
     served = asyncio.run(score_via_gateway(gateway, samples, adapter, k, retrieval, concurrency,
                                            api_key=client_key(settings), mode=mode))
     result = {**summarize(samples, served.scores), "n_test": len(samples), "split": split, "seed": seed,
@@ -279,6 +286,26 @@ def eval_command(
     if offline and not result["offline"]["agree"]:
         typer.echo("gateway and offline scores differ: see offline.worst", err=True)
         raise typer.Exit(1)
+
+
+def _eval_slates(gateway: str, pool, n: int, size: int, seed: int, adapter: str, k: int, retrieval: str,
+                 api_key: str | None, method: str | None, out: Path, dataset: str, started: float) -> None:
+    """Quality when each request carries a slate (what `slate` retrieval shares one history over)."""
+    import sys
+    import time
+
+    from adapters.evaluate import score_slates_via_gateway, slates, summarize
+
+    groups = slates(pool, max(1, n // size), size, seed)
+    scores = asyncio.run(score_slates_via_gateway(gateway, groups, adapter, k, retrieval, api_key=api_key))
+    samples = [s for g in groups for s in g]
+    result = {**summarize(samples, [p for ps in scores for p in ps]), "n_test": len(samples), "slates": len(groups),
+              "slate_size": size, "seed": seed, "k": k, "retrieval": retrieval, "adapter": adapter, "kind": "llm",
+              "gateway_seconds": round(time.monotonic() - started, 1),
+              "command": "lorec eval " + " ".join(sys.argv[2:])}
+    typer.echo(json.dumps(result))
+    if method:
+        record_result(out, dataset, method, result)
 
 
 @train_app.command("crm")

@@ -10,6 +10,8 @@ report lists the samples that differ most.
 from __future__ import annotations
 
 import asyncio
+import random
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,6 +61,43 @@ async def score_via_gateway(base_url: str, samples: Sequence[Sample], adapter: s
         await asyncio.gather(*(one(i, s) for i, s in enumerate(samples)))
         progress.close()
     return GatewayScores(scores, prompts, served_by)
+
+
+def slates(pool: Sequence[Sample], n_slates: int, size: int, seed: int) -> list[list[Sample]]:
+    """Test samples grouped as a ranking request carries them: one user's consecutive samples in time
+    order, up to `size` distinct items a slate; `n_slates` of them drawn with a fixed seed."""
+    by_user: dict[str, list[Sample]] = defaultdict(list)
+    for sample in sorted(pool, key=lambda s: (s.user_id, s.ts, s.item_id)):
+        if sample.item_id not in {s.item_id for s in by_user[sample.user_id]}:
+            by_user[sample.user_id].append(sample)
+    chunks = [samples[i:i + size] for _, samples in sorted(by_user.items()) for i in range(0, len(samples), size)]
+    return random.Random(seed).sample(chunks, min(n_slates, len(chunks)))
+
+
+async def score_slates_via_gateway(base_url: str, groups: Sequence[Sequence[Sample]], adapter: str, k: int,
+                                   retrieval: str, concurrency: int = 2, api_key: str | None = None,
+                                   timeout_s: float = 1800) -> list[list[float]]:
+    """One request per slate at `as_of` its earliest sample: no behaviour of the slate, or later, leaks."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    limit = asyncio.Semaphore(concurrency)
+    scores: list[list[float]] = [[] for _ in groups]
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, headers=headers) as client:
+        progress = tqdm(total=len(groups), desc=f"gateway slates {retrieval}", unit="slate")
+
+        async def one(i: int, group: Sequence[Sample]) -> None:
+            async with limit:
+                response = await client.post("/v1/ctr", json={
+                    "user_id": group[0].user_id, "item_ids": [s.item_id for s in group],
+                    "as_of": min(s.ts for s in group), "options": {"adapter": adapter, "k": k,
+                                                                  "retrieval": retrieval}})
+            if response.status_code != 200:
+                raise RuntimeError(f"gateway answered {response.status_code} for slate {i}: {response.text[:300]}")
+            scores[i] = [s["score"] for s in response.json()["scores"]]
+            progress.update(1)
+
+        await asyncio.gather(*(one(i, g) for i, g in enumerate(groups)))
+        progress.close()
+    return scores
 
 
 def agreement(samples: Sequence[Sample], served: Sequence[float], offline: Sequence[float],

@@ -4,8 +4,9 @@
 #
 #   bash benchmarks/run_study.sh ../shared/data/ml-100k ADAPTER BANK [N]
 #
-# - retrieval study (issue 5): the ReiT adapter ADAPTER with `recent` and `slate` history on the same
-#   seeded N test samples as its `subr` row (methods reit-<...>-recent / -slate);
+# - retrieval study (issue 5): the ReiT adapter ADAPTER scoring slates (one user's consecutive test
+#   samples, 20 per request at the earliest one's as_of; N / 20 seeded slates) with `subr`, `recent`
+#   and `slate` history (methods reit-n256-slates-<retrieval>): same requests, only the history differs;
 # - RecLoRA (issue 4): the bank BANK in personal mode with the adapter refreshed at every event
 #   (LOREC_PERSONAL_REFRESH_EVENTS=1, the offline reference's exact-history gating) and its cohorts
 #   (COHORTS, default "8 128"; 32 is in run_quality.sh's rows).
@@ -33,8 +34,8 @@ start_gateway() {
 }
 evaluate() { $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" --n "$N" ${EVAL_ARGS:-} "$@" || true; }
 start_gateway
-for retrieval in ${RETRIEVALS:-recent slate}; do
-  evaluate --adapter "$ADAPTER" --retrieval "$retrieval" --no-offline --method "${METHOD:-reit-n256}-$retrieval"
+for retrieval in ${RETRIEVALS:-subr recent slate}; do
+  evaluate --adapter "$ADAPTER" --retrieval "$retrieval" --slate-size 20 --method "${METHOD:-reit-n256}-slates-$retrieval"
 done
 export LOREC_RECLORA_BANK=$BANK
 start_gateway LOREC_PERSONAL_REFRESH_EVENTS=1
