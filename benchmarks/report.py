@@ -50,7 +50,7 @@ def plot(results: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for dataset, methods in results.items():
-        points = sorted((_n_of(m), r["auc"]) for m, r in methods.items() if m.startswith("reit-n") and _n_of(m))
+        points = sorted((_n_of(m), r["auc"]) for m, r in methods.items() if re.fullmatch(r"reit-n\d+", m))
         if points:
             ax.plot(*zip(*points), marker="o", label=f"{dataset} ReiT LoRA")
             drawn = True

@@ -194,6 +194,7 @@ class RecommendService:
     def _degrade(self, part: str, degraded: list[str]) -> None:
         degraded.append(part)
         self.metrics.degraded.labels(part).inc()
+
     async def rank(self, query: ScoreQuery, top_k: int | None) -> ScoreResult:
         result = await self.score(query)
         # Stable sort: equal scores keep the request's order.

@@ -21,3 +21,27 @@ def test_lorec_eval_small_slice_agrees_with_offline(http_gateway, tmp_path):
     assert result["offline"]["mean_abs_delta_p"] < 0.01
     recorded = json.loads(out.read_text())["ml-100k"]["reit-test"]
     assert recorded["auc"] == result["auc"] and recorded["command"].startswith("lorec eval --dir")
+
+
+def test_slates_are_one_users_consecutive_distinct_items():
+    from adapters.evaluate import slates
+    from adapters.samples import Sample
+
+    pool = [Sample(user_id=f"u{u}", item_id=f"i{(u * 7 + t) % 9}", ts=100 + t, label=t % 2, timeline=(), end=0)
+            for u in range(6) for t in range(12)]
+    groups = slates(pool, 5, 4, seed=3)
+    assert groups == slates(pool, 5, 4, seed=3) and len(groups) == 5
+    for group in groups:
+        assert len({s.user_id for s in group}) == 1 and 1 <= len(group) <= 4
+        assert [s.ts for s in group] == sorted(s.ts for s in group)
+        assert len({s.item_id for s in group}) == len(group)
+
+
+def test_lorec_eval_scores_slates_through_the_gateway(http_gateway, tmp_path):
+    base, env, _ = http_gateway
+    command = [LOREC, "eval", "--dir", str(ML100K), "--gateway", base, "--adapter", "tiny-random-v1", "--n", "20",
+               "--slate-size", "5", "--retrieval", "slate", "--out", str(tmp_path / "q.json")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["slates"] == 4 and 4 <= result["n_test"] <= 20 and 0 <= result["auc"] <= 1

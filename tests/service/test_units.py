@@ -82,6 +82,7 @@ def test_adapter_registry_confines_paths(tmp_path):
     assert choose_route(None, "good-v1", registry).path == (root / "good-v1").resolve()
     assert choose_route("base", "good-v1", registry).adapter is None
     assert choose_route(None, None, registry).label == "base"
-    for bad in ("../outside", "/abs", "sneaky", "missing", ".hidden"):
+    for bad in ("../outside", "/abs", str(outside), "sneaky", "missing", ".hidden", "good-v1/../../outside", "..",
+                "a/b"):
         with pytest.raises(AdapterNotFound):
             registry.path(bad)
