@@ -77,6 +77,9 @@ def load_keyring(settings) -> KeyRing | None:
         return None
     keys = {**parse_keys(settings.api_keys), **read_key_file(settings.key_file)}
     if not keys:
+        if settings.key_file.exists():
+            raise ValueError(f"{settings.key_file} holds no API key: add one, or remove the file to have one "
+                             "generated")
         key = generate_key_file(settings.key_file)
         # Printed once to the console for the operator, never through logging.
         print(f"lorec: generated an API key with scopes {', '.join(SCOPES)} (stored in "

@@ -14,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.auth import KeyRing, parse_keys
+from service.auth import KeyRing, load_keyring, parse_keys
+from service.config import Settings
 from tests.conftest import ADMIN_KEY, READ_KEY, WRITE_KEY
 
 RANK = ("post", "/v1/rank", {"user_id": "1", "item_ids": ["1", "2"], "options": {"retrieval": "recent", "k": 2}})
@@ -98,3 +99,11 @@ def test_keys_and_prompts_stay_out_of_info_logs(gateway, caplog):
     logged = caplog.text
     assert ADMIN_KEY not in logged and "wrong-key-but-long-enough" not in logged
     assert not any(t in logged for t in titles), "prompt text (history titles) must not be logged at INFO"
+
+
+def test_an_empty_key_file_stops_the_gateway_instead_of_running_open(tmp_path):
+    key_file = tmp_path / "keys.json"
+    key_file.write_text("{}")
+    with pytest.raises(ValueError, match="holds no API key"):
+        load_keyring(Settings(data_dir=tmp_path, api_keys={}, api_keys_file=key_file))
+    assert json.loads(key_file.read_text()) == {}, "an operator's file is never overwritten"
