@@ -17,7 +17,6 @@ Writes benchmarks/results/adapters.json.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import statistics
@@ -32,6 +31,7 @@ import typer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_io import command, save  # noqa: E402
 from perf import start_stack, workload  # noqa: E402
 
 from service.auth import auth_headers  # noqa: E402
@@ -157,10 +157,8 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
               "adapter_bytes": adapter_bytes,
               "engine_rss_per_adapter_bytes": round((rss_after - rss_before) * 1024 / users),
               "candidates_per_request": candidates, "requests": users, "concurrency": concurrency, "bank": bank,
-              "command": "python benchmarks/adapters_cost.py " + " ".join(sys.argv[1:])}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    typer.echo(json.dumps(result, indent=1))
+              "command": command()}
+    save(out, result)
 
 
 if __name__ == "__main__":

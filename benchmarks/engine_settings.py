@@ -11,9 +11,6 @@ ratio to the shipped default (first row). Results go to benchmarks/results/engin
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +20,7 @@ import typer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_io import command, machine, save  # noqa: E402
 from lora_prefill import make_adapters, run_engine  # noqa: E402
 
 from service.config import Settings  # noqa: E402
@@ -54,11 +52,9 @@ def main(prompts: int = typer.Option(20, help="prompts per batch"), tokens: int 
         r["ratio_to_default"] = {k: round(v / default[k], 3) for k, v in r["tokens_per_s"].items()}
     report = {"configs": results, "prompts_per_batch": prompts, "tokens_per_prompt": tokens + 1,
               "kv_cache_gib": settings.engine_kv_cache_gib,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-              "command": "python benchmarks/engine_settings.py " + " ".join(sys.argv[1:])}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    typer.echo(json.dumps(report, indent=1))
+              "machine": machine(),
+              "command": command()}
+    save(out, report)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ Results go to benchmarks/results/lora_prefill.json with the command.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -26,6 +24,8 @@ import torch
 import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_io import command, machine, save  # noqa: E402
 
 from service.config import Settings  # noqa: E402
 from service.processes import Managed, engine_command, engine_env, free_port  # noqa: E402
@@ -117,11 +117,9 @@ def main(prompts: int = typer.Option(20, help="prompts per batch"), tokens: int 
                   for variant, fast in (("plugin", True), ("vllm_ops", False))}
     report.update({"prompts_per_batch": prompts, "tokens_per_prompt": tokens + 1, "rounds": rounds,
                    "model": settings.model_dir.name, "dtype": settings.engine_dtype,
-                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU", "cpus": os.cpu_count(),
-                   "command": "python benchmarks/lora_prefill.py " + " ".join(sys.argv[1:])})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    typer.echo(json.dumps(report, indent=1))
+                   "machine": machine(), "cpus": os.cpu_count(),
+                   "command": command()})
+    save(out, report)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -30,6 +29,8 @@ import torch
 import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_io import command, machine, save  # noqa: E402
 
 from service.auth import auth_headers  # noqa: E402
 from service.config import Settings  # noqa: E402
@@ -251,16 +252,14 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
         "engine_prefill_tokens_per_s": round(engine_tps, 1), "matmul_ceiling": ceiling,
         "engine_vs_ceiling": round(engine_tps / ceiling["tokens_per_s"], 3),
         "stages": list(best["stages_ms"]), "adapter": adapter,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-        "command": "python benchmarks/perf.py " + " ".join(sys.argv[1:])})
+        "machine": machine(),
+        "command": command()})
     long.pop("records")
     for by_level in report["modes"].values():
         for r in by_level.values():
             r.pop("records")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    save(out, report, shown={k: v for k, v in report.items() if k != "modes"})
     write_report(report, out)
-    typer.echo(json.dumps({k: v for k, v in report.items() if k != "modes"}, indent=1))
 
 
 if __name__ == "__main__":

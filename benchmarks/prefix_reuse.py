@@ -13,9 +13,6 @@ without a shared prefix (`subr`-like) as the reference. Results: benchmarks/resu
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import platform
 import random
 import sys
 import time
@@ -25,6 +22,8 @@ import httpx
 import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_io import command, machine, save  # noqa: E402
 
 from service.config import Settings  # noqa: E402
 from service.processes import Managed, engine_command, engine_env, free_port  # noqa: E402
@@ -88,11 +87,9 @@ def main(prefix: int = typer.Option(200), suffix: int = typer.Option(25), rounds
         typer.echo(f"block {size}: {results[f'block_size={size}']}")
     report = {"seconds_for_20_prompts": results, "prefix_tokens": prefix + 1, "suffix_tokens": suffix,
               "model": settings.model_dir.name, "dtype": settings.engine_dtype,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-              "command": "python benchmarks/prefix_reuse.py " + " ".join(sys.argv[1:])}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    typer.echo(json.dumps(report, indent=1))
+              "machine": machine(),
+              "command": command()}
+    save(out, report)
 
 
 if __name__ == "__main__":

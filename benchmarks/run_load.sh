@@ -12,21 +12,11 @@ cd "$(dirname "$0")/.."
 USERS=${1:-4}; DURATION=${2:-3m}; RETRIEVAL=${3:-subr}
 export LOREC_DATA_DIR=${LOREC_DATA_DIR:-var} LOREC_REDIS_URL=${LOREC_REDIS_URL:-redis://127.0.0.1:6399/0}
 export LOREC_PORT=${LOREC_PORT:-8010} LOREC_ENGINE_URL=http://127.0.0.1:8110 LOREC_RETRIEVAL_MODE=$RETRIEVAL
-LOREC=.venv/bin/lorec
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-if ! redis-cli -u "$LOREC_REDIS_URL" ping >/dev/null 2>&1; then
-  mkdir -p "$LOREC_DATA_DIR/redis"
-  redis_port=$(echo "$LOREC_REDIS_URL" | sed -E 's#.*:([0-9]+)/.*#\1#')
-  redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$(realpath "$LOREC_DATA_DIR/redis")" \
-    --appendonly yes --appendfsync everysec --save "" >"$LOREC_DATA_DIR/redis-load.log" 2>&1 &
-  pids+=($!); sleep 1
-fi
+source benchmarks/stack.sh
+start_redis "$LOREC_DATA_DIR/redis-load.log"
 $LOREC ingest movielens --dir "${LOREC_DATA:-../shared/data/ml-100k}"
-$LOREC engine --port 8110 >"$LOREC_DATA_DIR/logs/vllm-load.log" 2>&1 & pids+=($!)
-until curl -fs http://127.0.0.1:8110/health >/dev/null; do sleep 5; done
-$LOREC serve >"$LOREC_DATA_DIR/logs/gateway-load.log" 2>&1 & pids+=($!)
-until curl -fs "http://127.0.0.1:$LOREC_PORT/readyz" >/dev/null; do sleep 2; done
+start_engine 8110 "$LOREC_DATA_DIR/logs/vllm-load.log"
+gateway_restart "$LOREC_DATA_DIR/logs/gateway-load.log"
 export LOREC_API_KEY=${LOREC_API_KEY:-$(.venv/bin/python -c "
 from service.auth import client_key; from service.config import Settings; print(client_key(Settings(), 'write'))")}
 # Warm-up so the first measured requests do not pay for adapter loading and kernel start-up.

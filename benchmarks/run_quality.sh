@@ -18,25 +18,12 @@ cd "$(dirname "$0")/.."
 DATA=${1:?MovieLens folder}; EVAL_N=${2:-10000}; LORA_EVAL_N=${3:-$EVAL_N}; shift $(( $# < 3 ? $# : 3 ))
 N_TRAIN=("${@:-256 1024 4096}")
 export LOREC_DATA_DIR=${LOREC_DATA_DIR:-var} LOREC_REDIS_URL=${LOREC_REDIS_URL:-redis://127.0.0.1:6399/0}
-LOREC=.venv/bin/lorec
 PORT=${LOREC_PORT:-8000}; export LOREC_PORT=$PORT LOREC_ENGINE_URL=http://127.0.0.1:8100
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-if ! redis-cli -u "$LOREC_REDIS_URL" ping >/dev/null 2>&1; then
-  mkdir -p "$LOREC_DATA_DIR/redis"
-  redis_port=$(echo "$LOREC_REDIS_URL" | sed -E 's#.*:([0-9]+)/.*#\1#')
-  redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$(realpath "$LOREC_DATA_DIR/redis")" --appendonly yes --save "" >"$LOREC_DATA_DIR/redis.log" 2>&1 &
-  pids+=($!); sleep 1
-fi
+source benchmarks/stack.sh
+start_redis "$LOREC_DATA_DIR/redis.log"
 $LOREC ingest movielens --dir "$DATA"
-$LOREC engine --port 8100 >"$LOREC_DATA_DIR/vllm-quality.log" 2>&1 & pids+=($!)
-until curl -fs http://127.0.0.1:8100/health >/dev/null; do sleep 5; done
-gateway=
-start_gateway() {  # env assignments for the gateway, e.g. LOREC_RECLORA_BANK=...
-  [ -z "$gateway" ] || { kill "$gateway"; wait "$gateway" 2>/dev/null || true; }
-  env "$@" $LOREC serve >>"$LOREC_DATA_DIR/gateway-quality.log" 2>&1 & gateway=$!; pids+=($gateway)
-  until curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null; do sleep 2; done
-}
+start_engine 8100 "$LOREC_DATA_DIR/vllm-quality.log"
+start_gateway() { gateway_restart "$LOREC_DATA_DIR/gateway-quality.log" "$@"; }  # env, e.g. LOREC_RECLORA_BANK=...
 evaluate() { $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" ${EVAL_ARGS:-} "$@" || true; }
 json_field() { .venv/bin/python -c "import json,sys; print(json.loads(sys.stdin.read().splitlines()[-1])['$1'])"; }
 start_gateway

@@ -14,24 +14,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?MovieLens folder}; ADAPTER=${2:?ReiT adapter name}; BANK=${3:?RecLoRA bank name}; N=${4:-500}
 export LOREC_DATA_DIR=${LOREC_DATA_DIR:-var} LOREC_REDIS_URL=${LOREC_REDIS_URL:-redis://127.0.0.1:6399/0}
-LOREC=.venv/bin/lorec
 PORT=${LOREC_PORT:-8000}; export LOREC_PORT=$PORT LOREC_ENGINE_URL=http://127.0.0.1:8100
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-if ! redis-cli -u "$LOREC_REDIS_URL" ping >/dev/null 2>&1; then
-  redis_port=$(echo "$LOREC_REDIS_URL" | sed -E 's#.*:([0-9]+)/.*#\1#')
-  redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$(realpath "$LOREC_DATA_DIR/redis")" --appendonly yes \
-    --appendfsync everysec --save "" >"$LOREC_DATA_DIR/redis.log" 2>&1 &
-  pids+=($!); sleep 1
-fi
-$LOREC engine --port 8100 >"$LOREC_DATA_DIR/vllm-study.log" 2>&1 & pids+=($!)
-until curl -fs http://127.0.0.1:8100/health >/dev/null; do sleep 5; done
-gateway=
-start_gateway() {
-  [ -z "$gateway" ] || { kill "$gateway"; wait "$gateway" 2>/dev/null || true; }
-  env "$@" $LOREC serve >>"$LOREC_DATA_DIR/gateway-study.log" 2>&1 & gateway=$!; pids+=($gateway)
-  until curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null; do sleep 2; done
-}
+source benchmarks/stack.sh
+start_redis "$LOREC_DATA_DIR/redis.log"
+start_engine 8100 "$LOREC_DATA_DIR/vllm-study.log"
+start_gateway() { gateway_restart "$LOREC_DATA_DIR/gateway-study.log" "$@"; }
 evaluate() { $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" --n "$N" ${EVAL_ARGS:-} "$@" || true; }
 start_gateway
 for retrieval in ${RETRIEVALS:-subr recent slate}; do

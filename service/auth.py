@@ -33,9 +33,6 @@ class KeyRing:
     def __init__(self, keys: dict[str, frozenset[str]]) -> None:
         self._keys = [(k.encode(), scopes) for k, scopes in keys.items()]
 
-    def __len__(self) -> int:
-        return len(self._keys)
-
     def scopes(self, presented: str) -> frozenset[str] | None:
         """The presented key's scopes; every stored key is compared, so timing says nothing."""
         found = None
@@ -70,12 +67,17 @@ def generate_key_file(path: Path) -> str:
     return key
 
 
+def configured_keys(settings) -> dict[str, frozenset[str]]:
+    """Keys from the settings and the key file together."""
+    return {**parse_keys(settings.api_keys), **read_key_file(settings.key_file)}
+
+
 def load_keyring(settings) -> KeyRing | None:
     """The gateway's keys, generated when none is configured; None when auth is switched off."""
     if not settings.auth_enabled:
         log.warning("API keys are switched off (LOREC_AUTH_ENABLED=false): every caller has every scope")
         return None
-    keys = {**parse_keys(settings.api_keys), **read_key_file(settings.key_file)}
+    keys = configured_keys(settings)
     if not keys:
         if settings.key_file.exists():
             raise ValueError(f"{settings.key_file} holds no API key: add one, or remove the file to have one "
@@ -92,8 +94,7 @@ def client_key(settings, scope: Scope = "read") -> str | None:
     """A key for lorec's own clients (eval, benchmarks): LOREC_API_KEY, else the first with `scope`."""
     if os.environ.get("LOREC_API_KEY"):
         return os.environ["LOREC_API_KEY"]
-    keys = {**parse_keys(settings.api_keys), **read_key_file(settings.key_file)}
-    return next((k for k, scopes in keys.items() if scope in scopes), None)
+    return next((k for k, scopes in configured_keys(settings).items() if scope in scopes), None)
 
 
 def auth_headers(settings, scope: Scope = "read") -> dict[str, str]:

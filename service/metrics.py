@@ -21,7 +21,8 @@ class Metrics:
                                     ["adapter", "outcome"], registry=self.registry)
         self.engine_prompts = Counter("lorec_engine_prompts_total", "Prompts scored by the engine",
                                       registry=self.registry)
-        self.degraded = Counter("lorec_degraded_total", "Requests served without a failed dependency",
+        self.degraded = Counter("lorec_degraded_total",
+                                "Answers in which a stand-in replaced a failed part (retrieval, llm)",
                                 ["part"], registry=self.registry)
         self.adapter_loads = Counter("lorec_adapter_loads_total", "Adapter loads into the engine",
                                      ["outcome"], registry=self.registry)

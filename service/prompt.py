@@ -50,8 +50,9 @@ def behaviour_phrase(behaviour: Behaviour, item: Item) -> str:
 def profile_sentence(profile: Profile) -> str:
     parts = []
     for name, value in (("gender", profile.gender), ("age", profile.age), ("occupation", profile.occupation)):
-        if value and one_line(value):
-            parts.append(f"{name}: {one_line(value)}")
+        text = one_line(value or "")
+        if text:
+            parts.append(f"{name}: {text}")
     if not parts:
         return "Nothing is known about the user's profile."
     return "The user's profile is " + "; ".join(parts) + "."

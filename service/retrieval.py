@@ -27,7 +27,6 @@ import numpy as np
 from service.records import Behaviour
 
 Mode = Literal["subr", "recent", "slate"]
-MODES: tuple[str, ...] = ("subr", "recent", "slate")
 _ID_NAMESPACE = uuid.UUID("6f1d3c1e-6a43-4c55-9b39-1f3c0c8a2b11")
 
 

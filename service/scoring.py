@@ -211,7 +211,7 @@ class EnginePool:
         return self.order(key)[0].url
 
     async def ping(self) -> None:
-        """Ready while one replica answers; the message names the ones that do not."""
+        """Ready while one replica answers; when none does, the error names them all."""
         outcomes = await asyncio.gather(*(r.ping() for r in self.replicas), return_exceptions=True)
         down = [r.url for r, o in zip(self.replicas, outcomes) if isinstance(o, Exception)]
         if len(down) == len(self.replicas):
