@@ -233,7 +233,8 @@ def eval_command(
                                            "per request at the earliest one's as_of (n // slate_size slates); "
                                            "0: one sample per request"),
     offline: bool = typer.Option(True, help="also score with transformers + peft and compare"),
-    offline_dtype: str = typer.Option("bfloat16", help="dtype of the offline reference (bfloat16 or float32)"),
+    offline_dtype: str = typer.Option(None, help="dtype of the offline reference (bfloat16 or float32); "
+                                                 "default: the engine's (LOREC_ENGINE_DTYPE)"),
     method: str = typer.Option(None, help="record under this method name in --out"),
     out: Path = typer.Option(Path("benchmarks/results/quality.json")),
 ) -> None:
@@ -254,6 +255,7 @@ def eval_command(
     if mode in ("personal", "cohort") and settings.reclora_dir is None:
         raise typer.BadParameter("set LOREC_RECLORA_BANK to the bank the gateway serves", param_hint="--mode")
     facts = _training_facts(settings, adapter, mode)
+    offline_dtype = offline_dtype or settings.engine_dtype
     pool = split_by_time(build_samples(data))[split]
     from service.auth import client_key
 

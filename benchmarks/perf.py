@@ -9,7 +9,7 @@ p50/p95/p99, candidates scored per second, and the per-stage breakdown the gatew
 Server-Timing header. The gateway's own share is measured on a user with a 2,000-event history.
 Baseline: the same prompts scored the way ReLLa scores, HF transformers (+ PEFT for an adapter),
 batched forward passes, same model and thread count; the scores must agree (mean |delta p|).
-Physical limit: the engine's prefill tokens/s next to a plain bf16 matmul of the model's shapes.
+Physical limit: the engine's prefill tokens/s next to a plain matmul of the model's shapes in the engine's dtype.
 Writes benchmarks/results/perf.json, benchmarks/perf.md and benchmarks/perf_latency.png.
 """
 
@@ -114,14 +114,14 @@ async def long_history_user(url: str, n: int = 2000) -> str:
 
 
 def baseline(settings: Settings, records: list[dict], adapter: str | None) -> dict:
-    """ReLLa's way: transformers (+ PEFT) batched forward passes over the same prompts."""
+    """ReLLa's way: transformers (+ PEFT) batched forward passes over the same prompts, in the engine's dtype."""
     from adapters.train import load_model, score
     from service.prompt import load_codec
     from service.routing import AdapterRegistry
 
     codec = load_codec(settings.model_dir)
     adapter_dir = AdapterRegistry(settings.registry_dir).path(adapter) if adapter else None
-    model = load_model(settings.model_dir, adapter_dir=adapter_dir)
+    model = load_model(settings.model_dir, adapter_dir=adapter_dir, dtype=getattr(torch, settings.engine_dtype))
     prompts = [s["prompt_token_ids"] for r in records for s in r["items"]]
     served = [s["score"] for r in records for s in r["items"]]
     score(model, prompts[:8], codec.answer, codec.pad_id)  # warm-up
@@ -143,16 +143,16 @@ def mode_summary(settings: Settings, by_level: dict, levels: list[int], adapter:
             "ratio": round(best / base["candidates_per_s"], 3)}
 
 
-def matmul_ceiling(model_dir: Path, tokens: int = 2048) -> dict:
-    """Tokens/s a plain bf16 matmul chain of one token's linear layers would reach on this CPU."""
+def matmul_ceiling(model_dir: Path, dtype: torch.dtype, tokens: int = 2048) -> dict:
+    """Tokens/s a plain matmul chain of one token's linear layers would reach on this CPU."""
     config = json.loads((model_dir / "config.json").read_text())
     config = config.get("text_config", config)
     h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     q = config["num_attention_heads"] * config.get("head_dim", h // config["num_attention_heads"])
     kv = config["num_key_value_heads"] * config.get("head_dim", h // config["num_attention_heads"])
     shapes = [(h, q + 2 * kv), (q, h), (h, 2 * inter), (inter, h)]
-    x = {k: torch.randn(tokens, k, dtype=torch.bfloat16) for k, _ in shapes}
-    w = [torch.randn(k, n, dtype=torch.bfloat16) for k, n in shapes]
+    x = {k: torch.randn(tokens, k, dtype=dtype) for k, _ in shapes}
+    w = [torch.randn(k, n, dtype=dtype) for k, n in shapes]
     for _ in range(2):
         [x[k] @ wi for (k, _), wi in zip(shapes, w)]
     started = time.perf_counter()
@@ -203,7 +203,7 @@ def write_report(report: dict, out: Path) -> None:
               f"| LoRA prefill / base (from lora_prefill.json) | {report['lora_prefill_ratio']} |",
               f"| engine prompt tokens/s, subr at its best level (prefix-cache hits count as tokens) | "
               f"{report['engine_prefill_tokens_per_s']} |",
-              f"| bf16 matmul ceiling tokens/s ({report['matmul_ceiling']['gflops']} GFLOP/s) | "
+              f"| {report['dtype']} matmul ceiling tokens/s ({report['matmul_ceiling']['gflops']} GFLOP/s) | "
               f"{report['matmul_ceiling']['tokens_per_s']} |",
               f"| engine / ceiling | {report['engine_vs_ceiling']} |",
               f"| baseline prompt tokens/s | {b['prompt_tokens_per_s']} |", "", "![latency](perf_latency.png)", ""]
@@ -239,7 +239,7 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
     best = max(report["modes"]["subr"].values(), key=lambda r: r["candidates_per_s"])
     engine_tokens = sum(len(s["prompt_token_ids"]) for r in best["records"] for s in r["items"])
     engine_tps = engine_tokens / (best["requests"] * CANDIDATES / best["candidates_per_s"])
-    ceiling = matmul_ceiling(settings.model_dir)
+    ceiling = matmul_ceiling(settings.model_dir, getattr(torch, settings.engine_dtype))
     lora = HERE / "results" / "lora_prefill.json"
     report.update({
         "rank_candidates_per_s": headline["candidates_per_s"],
@@ -251,7 +251,7 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
         "latency_ms": {f"c{c}": report["modes"]["subr"][f"c{c}"]["latency_ms"] for c in level_list},
         "engine_prefill_tokens_per_s": round(engine_tps, 1), "matmul_ceiling": ceiling,
         "engine_vs_ceiling": round(engine_tps / ceiling["tokens_per_s"], 3),
-        "stages": list(best["stages_ms"]), "adapter": adapter,
+        "stages": list(best["stages_ms"]), "adapter": adapter, "dtype": settings.engine_dtype,
         "machine": machine(),
         "command": command()})
     long.pop("records")
