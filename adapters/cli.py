@@ -45,10 +45,10 @@ def splits(directory: Path = typer.Option(..., "--dir", exists=True, file_okay=F
 async def offline_index(settings: Settings):
     """The gateway's item index, for reading. An embedded Qdrant Edge shard admits one process at
     a time, so the trainer reads a copy of it; a Qdrant server is shared as is."""
-    from service.retrieval import open_index
+    from service.retrieval import open_configured_index, open_index
 
     if settings.qdrant_url:
-        index = open_index(settings.qdrant_url, settings.qdrant_key, settings.qdrant_collection, settings.edge_path)
+        index = open_configured_index(settings)
         try:
             yield index
         finally:

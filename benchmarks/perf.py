@@ -130,7 +130,7 @@ def baseline(settings: Settings, records: list[dict], adapter: str | None) -> di
     elapsed = time.perf_counter() - started
     tokens = sum(len(p) for p in prompts)
     return {"candidates_per_s": round(len(prompts) / elapsed, 2), "prompt_tokens_per_s": round(tokens / elapsed, 1),
-            "score_mean_abs_diff": round(float(np.mean(np.abs(np.array(scores) - np.array(served)))), 5),
+            "score_mean_abs_diff": round(float(np.mean(np.abs(np.array(scores) - np.array(served)))), 7),
             "prompt_tokens": tokens}
 
 

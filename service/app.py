@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI, Request
-from redis.asyncio import Redis
 
 from service.api import router
 from service.auth import load_keyring
@@ -16,12 +15,12 @@ from service.config import Settings
 from service.crm import CrmScorer
 from service.encoder import build_encoder
 from service.errors import register_error_handlers
-from service.history import HistoryStore, Keys
+from service.history import HistoryStore, Keys, connect
 from service.metrics import Metrics
 from service.personalize import Personalizer, open_personalizer
 from service.prompt import load_codec
 from service.recommend import Limits, RecommendService
-from service.retrieval import open_index
+from service.retrieval import open_configured_index
 from service.routing import AdapterRegistry, Router
 from service.scoring import EngineClient, EnginePool
 from service.writes import Writer
@@ -47,9 +46,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         model_dir = settings.model_dir
         codec = load_codec(model_dir)
-        redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
-                               socket_connect_timeout=2, health_check_interval=30)
-        index = open_index(settings.qdrant_url, settings.qdrant_key, settings.qdrant_collection, settings.edge_path)
+        redis = connect(settings.redis_url, settings.redis_cluster, socket_timeout=5, socket_connect_timeout=2,
+                        health_check_interval=30)
+        index = open_configured_index(settings)
         timeout = httpx.Timeout(settings.engine_timeout_s, connect=settings.engine_connect_timeout_s)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
         https = [httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) for url in settings.engine_urls]

@@ -12,16 +12,22 @@ from service.model import resolve_model
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LOREC_", env_file=None, extra="ignore")
+    # An empty variable counts as unset: compose passes `${LOREC_API_KEYS:-}` and the like through.
+    model_config = SettingsConfigDict(env_prefix="LOREC_", env_file=None, extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(Path("var"), description="Redis data, the embedded Qdrant shard, prepared model")
     model: Path | None = Field(None, description="HF causal-LM folder to serve; default: prepared Gemma 3 270M")
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = Field(False, description="redis_url names a node of a Redis Cluster (keys are "
+                                "hash-tagged per user, so each user's writes stay transactional)")
     redis_prefix: str = "lorec"
     qdrant_url: str | None = Field(None, validation_alias=AliasChoices("LOREC_QDRANT_URL", "QDRANT_URL"))
     qdrant_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("LOREC_QDRANT_API_KEY",
                                                                                  "QDRANT_API_KEY"))
     qdrant_collection: str = "lorec_items"
+    qdrant_shards: int = Field(1, ge=1, description="shards of the item collection when lorec creates it on a "
+                               "distributed Qdrant (about one per node)")
+    qdrant_replicas: int = Field(1, ge=1, description="copies of each shard (2+: a node can fail)")
     encoder: str = "llm"
     encoder_dim: int = Field(512, ge=2)
 

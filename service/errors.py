@@ -9,7 +9,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from qdrant_client.http.exceptions import ApiException as QdrantApiError
 from qdrant_client.http.exceptions import ResponseHandlingException as QdrantTransportError
+from redis.exceptions import ClusterError as RedisClusterError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -48,7 +50,7 @@ def as_api_error(exc: Exception) -> ApiError | None:
     """Dependency failures and known domain errors; None for anything unexpected."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, RedisClusterError, RedisClusterException)):
         return DependencyError("redis", f"redis unavailable: {exc.__class__.__name__}",
                                timeout=isinstance(exc, RedisTimeoutError))
     if isinstance(exc, (QdrantApiError, QdrantTransportError)):

@@ -13,18 +13,21 @@ Key layout (every key starts with the prefix, `lorec` by default):
     {p}:items                 SET    every catalog item id
     {p}:ingest:<dataset>      HASH   fingerprint and counts of a finished ingestion
 
-The `{<uid>}` hash tag keeps one user's keys in one Redis Cluster slot, so a
-request's reads for that user can share a pipeline on a cluster too. Ids may
-not contain control characters, so the separator \\x1f cannot occur in them.
-Key builders and codecs are pure functions; the async functions below do one
-non-transactional pipeline per round trip.
+The `{<uid>}` hash tag keeps one user's keys in one Redis Cluster slot: a user's
+events are written in one MULTI/EXEC (and checked against the user's event ids
+in one Lua call) on a cluster as on a single server. Ids may not contain control
+characters, so the separator \\x1f cannot occur in them. Key builders and codecs
+are pure functions; reads are one non-transactional pipeline per round trip
+(a cluster client splits it by node).
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from service.records import Behaviour, Item, Profile, UserContext
 
@@ -115,14 +118,21 @@ return 0
 """
 
 
-class HistoryStore:
-    """Reads and writes of the key layout above over one async Redis client."""
+def connect(url: str, cluster: bool = False, **options) -> Redis | RedisCluster:
+    """A client for one Redis server, or for the Redis Cluster that `url` names a node of."""
+    if cluster:
+        return RedisCluster.from_url(url, decode_responses=True, **options)
+    return Redis.from_url(url, decode_responses=True, **options)
 
-    def __init__(self, redis: Redis, keys: Keys, max_events: int) -> None:
+
+class HistoryStore:
+    """Reads and writes of the key layout above over one async Redis (or Redis Cluster) client."""
+
+    def __init__(self, redis: Redis | RedisCluster, keys: Keys, max_events: int) -> None:
         self.redis = redis
         self.keys = keys
         self.max_events = max_events
-        self._store_once = redis.register_script(STORE_ONCE)
+        self.cluster = isinstance(redis, RedisCluster)
 
     async def load_request(self, user_id: str, item_ids: Sequence[str], as_of: int | None
                            ) -> tuple[UserContext, dict[str, Item | None]]:
@@ -156,25 +166,37 @@ class HistoryStore:
     # --- writes ----------------------------------------------------------------------------
 
     async def append_events(self, events: Sequence[tuple[str, Behaviour, str | None]]) -> int:
-        """All events or none (MULTI/EXEC); returns how many were new.
+        """Stores a batch; returns how many events were new.
 
-        Re-sending an identical event, or any event under a client event id already seen for
+        A user's events are stored all or none (MULTI/EXEC on the user's slot). On one server the
+        whole batch is one transaction; a cluster cannot run a transaction across slots, so there
+        each user's part commits on its own, and a client retrying a failed batch stores nothing
+        twice: re-sending an identical event, or any event under a client event id already seen for
         that user, stores nothing."""
-        pipe = self.redis.pipeline(transaction=True)
+        by_user: dict[str, list[tuple[Behaviour, str | None]]] = defaultdict(list)
         for user_id, behaviour, event_id in events:
-            member = encode_event(behaviour)
-            if event_id is None:
-                pipe.zadd(self.keys.events(user_id), {member: behaviour.ts})
-            else:
-                await self._store_once(keys=[self.keys.events(user_id), self.keys.event_ids(user_id)],
-                                       args=[member, behaviour.ts, event_id], client=pipe)  # queued
-        pipe.sadd(self.keys.users(), *{u for u, _, _ in events})
-        results = await pipe.execute()
-        return sum(int(r) for r in results[:-1])
+            by_user[user_id].append((behaviour, event_id))
+        groups = [[u] for u in by_user] if self.cluster else [list(by_user)]
+        stored = await asyncio.gather(*(self._store_events(users, by_user) for users in groups))
+        if by_user:  # after the events: a user is listed once they exist
+            await self.redis.sadd(self.keys.users(), *by_user)
+        return sum(stored)
+
+    async def _store_events(self, users: list[str], by_user: dict[str, list[tuple[Behaviour, str | None]]]) -> int:
+        pipe = self.redis.pipeline(transaction=True)
+        for user_id in users:
+            for behaviour, event_id in by_user[user_id]:
+                member = encode_event(behaviour)
+                if event_id is None:
+                    pipe.zadd(self.keys.events(user_id), {member: behaviour.ts})
+                else:  # EVAL, not EVALSHA: no script cache to load first on each cluster node
+                    pipe.eval(STORE_ONCE, 2, self.keys.events(user_id), self.keys.event_ids(user_id),
+                              member, behaviour.ts, event_id)
+        return sum(int(r) for r in await pipe.execute())
 
     async def put_item(self, item: Item) -> None:
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=True)  # one key: a replaced item never shows mixed fields
         pipe.delete(self.keys.item(item.item_id))
         pipe.hset(self.keys.item(item.item_id), mapping=encode_item(item))
-        pipe.sadd(self.keys.items(), item.item_id)
         await pipe.execute()
+        await self.redis.sadd(self.keys.items(), item.item_id)  # another slot on a cluster

@@ -20,13 +20,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from tqdm import tqdm
 
 from service.config import Settings
-from service.history import Keys, encode_event, encode_item, encode_profile
+from service.history import Keys, connect, encode_event, encode_item, encode_profile
 from service.records import Behaviour, Item, Profile
-from service.retrieval import ItemIndex, open_index
+from service.retrieval import ItemIndex, open_configured_index
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class IngestReport:
                 "skipped_lines": len(self.skipped_lines), "already_done": self.already_done}
 
 
-async def ingest_movielens(data: MovieLens, redis: Redis, keys: Keys, index: ItemIndex, encoder,
+async def ingest_movielens(data: MovieLens, redis: Redis | RedisCluster, keys: Keys, index: ItemIndex, encoder,
                            encoder_id: str, chunk: int = 5000) -> IngestReport:
     fingerprint = f"{data.fingerprint}:{encoder_id}"
     users = set(data.profiles) | {u for u, _ in data.ratings}
@@ -220,8 +220,8 @@ async def ingest_folder(settings: Settings, directory: Path, skip_bad_lines: boo
         log.warning("skipped %s", line)
     model_dir = settings.model_dir
     encoder = build_encoder(settings.encoder, model_dir, settings.data_dir, settings.encoder_dim)
-    redis = Redis.from_url(settings.redis_url, decode_responses=True)
-    index = open_index(settings.qdrant_url, settings.qdrant_key, settings.qdrant_collection, settings.edge_path)
+    redis = connect(settings.redis_url, settings.redis_cluster)
+    index = open_configured_index(settings)
     try:
         encoder_id = f"{settings.encoder}:{model_dir.resolve()}:{settings.encoder_dim}"
         report = await ingest_movielens(data, redis, Keys(settings.redis_prefix), index, encoder, encoder_id)

@@ -125,9 +125,10 @@ class EdgeIndex:
 class ServerIndex:
     """A Qdrant collection through qdrant-client (a server, or the client's local mode in tests)."""
 
-    def __init__(self, client, collection: str) -> None:
+    def __init__(self, client, collection: str, shards: int = 1, replicas: int = 1) -> None:
         self.client = client
         self.collection = collection
+        self.shards, self.replicas = shards, replicas  # used when this index creates the collection
         self.dim: int | None = None
 
     async def ensure(self, dim: int) -> None:
@@ -140,7 +141,8 @@ class ServerIndex:
                 raise ValueError(f"collection {self.collection} holds {stored}-d vectors, not {dim}-d")
         else:
             await self.client.create_collection(
-                self.collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE))
+                self.collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                shard_number=self.shards, replication_factor=self.replicas)
         self.dim = dim
 
     async def upsert(self, item_ids: Sequence[str], vectors: np.ndarray) -> None:
@@ -184,15 +186,23 @@ def _as_array(vector) -> np.ndarray:
     return np.asarray(vector, dtype=np.float32)
 
 
-def open_index(qdrant_url: str | None, api_key: str | None, collection: str, edge_path: Path) -> ItemIndex:
-    """Qdrant server when a URL is configured, else the embedded Qdrant Edge shard."""
+def open_index(qdrant_url: str | None, api_key: str | None, collection: str, edge_path: Path,
+               shards: int = 1, replicas: int = 1) -> ItemIndex:
+    """Qdrant server when a URL is configured, else the embedded Qdrant Edge shard. `shards` and
+    `replicas` apply when the collection is created on a distributed Qdrant."""
     if qdrant_url:
         from qdrant_client import AsyncQdrantClient
 
         if qdrant_url == ":memory:":  # qdrant-client's local mode: same client API, no server
             return ServerIndex(AsyncQdrantClient(location=":memory:"), collection)
-        return ServerIndex(AsyncQdrantClient(url=qdrant_url, api_key=api_key), collection)
+        return ServerIndex(AsyncQdrantClient(url=qdrant_url, api_key=api_key), collection, shards, replicas)
     return EdgeIndex(edge_path)
+
+
+def open_configured_index(settings) -> ItemIndex:
+    """The index a `Settings` names (gateway, ingestion and trainer open it alike)."""
+    return open_index(settings.qdrant_url, settings.qdrant_key, settings.qdrant_collection, settings.edge_path,
+                      settings.qdrant_shards, settings.qdrant_replicas)
 
 
 # --- selection -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,3 +35,20 @@ def test_compose_commands_exist_in_the_cli():
                          check=True).stdout
     for command in ("serve", "engine", "up", "model", "ingest", "adapters"):
         assert command in out
+
+
+def test_compose_passes_api_keys_from_the_host_environment(monkeypatch):
+    keys = '{"compose-key-0123456789abcdef": ["read", "write"]}'
+    env = {**os.environ, "LOREC_API_KEYS": keys}
+    out = subprocess.run(["docker-compose", "-f", str(REPO / "compose.yaml"), "config"], capture_output=True,
+                         text=True, check=True, cwd=REPO, env=env).stdout
+    gateway_env = yaml.safe_load(out)["services"]["gateway"]["environment"]
+    assert gateway_env["LOREC_API_KEYS"] == keys
+    env.pop("LOREC_API_KEYS")
+    out = subprocess.run(["docker-compose", "-f", str(REPO / "compose.yaml"), "config"], capture_output=True,
+                         text=True, check=True, cwd=REPO, env=env).stdout
+    unset = yaml.safe_load(out)["services"]["gateway"]["environment"]["LOREC_API_KEYS"]
+    monkeypatch.setenv("LOREC_API_KEYS", unset)  # what the container sees: empty counts as unset
+    from service.config import Settings
+
+    assert Settings().api_keys == {}

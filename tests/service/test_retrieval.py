@@ -135,3 +135,26 @@ def test_reopened_edge_shard_keeps_points(tmp_path):
     assert (dim, count) == (DIM, 10)
     cos = got["m3"] @ vectors[3] / (np.linalg.norm(got["m3"]) * np.linalg.norm(vectors[3]))
     assert cos == pytest.approx(1.0, abs=1e-5)
+
+
+def test_collection_is_created_with_the_configured_shards_and_replicas(tmp_path):
+    """A distributed Qdrant gets LOREC_QDRANT_SHARDS / _REPLICAS when lorec creates the collection
+    (qdrant-client's local mode ignores both, so the call itself is what is checked)."""
+    from qdrant_client import AsyncQdrantClient
+
+    from service.config import Settings
+    from service.retrieval import open_configured_index
+
+    created = {}
+
+    class Recording(AsyncQdrantClient):
+        async def create_collection(self, name, **kwargs):
+            created.update(kwargs)
+            return await super().create_collection(name, **kwargs)
+
+    settings = Settings(qdrant_url="http://qdrant:6333", qdrant_shards=6, qdrant_replicas=2, data_dir=tmp_path)
+    index = open_configured_index(settings)
+    index.client = Recording(location=":memory:")
+    asyncio.run(index.ensure(8))
+    assert (created["shard_number"], created["replication_factor"]) == (6, 2)
+    assert asyncio.run(index.count()) == 0
