@@ -9,7 +9,8 @@ gates of the trained shape (costs do not depend on the values) over the saved CR
 - cold_first_request_added_s: /v1/rank latency of a user's first personal request (materialise, load
   into vLLM, first use) minus their second (other candidates, same size), mean over users;
 - throughput_ratio: /v1/rank requests/s with 8 and 64 distinct adapters in flight over 1 adapter,
-  same users, same requests, adapters loaded beforehand;
+  same request sizes, fresh users and candidates per case (no prefix-cache hits from an earlier
+  pass), adapters loaded beforehand;
 - adapter_bytes on disk and the engine's resident memory per loaded adapter.
 Writes benchmarks/results/adapters.json.
 """
@@ -137,8 +138,9 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
             names.append(name)
         rss_before = rss_kib(engine.process.pid)
         def requests(case: int) -> list[tuple[str, list[str]]]:
-            # Fresh candidates per case: a repeated prompt would hit vLLM's prefix cache.
-            return [(str(200 + i), work[(2 + case) * users + i][1][:candidates]) for i in range(users)]
+            # Fresh users and candidates per case: vLLM's prefix cache (keyed by adapter name) would
+            # otherwise serve a case the history prefixes an earlier pass computed under the same adapter.
+            return [(str(300 + case * users + i), work[(2 + case) * users + i][1][:candidates]) for i in range(users)]
 
         asyncio.run(throughput(url, [(u, c, names[i]) for i, (u, c) in enumerate(requests(0))], concurrency))
         rss_after = rss_kib(engine.process.pid)  # every adapter loaded
