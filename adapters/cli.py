@@ -218,6 +218,20 @@ def _offline_model(settings: Settings, data, samples, adapter: str, mode: str | 
     return load_model(settings.model_dir, adapter_dir=adapter_dir, dtype=dtype), None
 
 
+def _score_crm(settings: Settings, data, dataset: str, samples) -> dict:
+    from adapters.crm import encode, predict
+    from adapters.evaluate import summarize
+    from service.crm import load_crm
+
+    path = settings.data_dir / "crm" / f"{dataset}-din.pt"
+    if not path.exists():
+        raise typer.BadParameter(f"no CRM {path.name} under {path.parent}: run `lorec train crm` first",
+                                 param_hint="--crm")
+    model, vocab = load_crm(path)
+    scores = predict(model, encode(samples, data, vocab))
+    return {**summarize(samples, scores), "n_test": len(samples), "kind": "crm", "crm": path.name}
+
+
 def eval_command(
     directory: Path = typer.Option(..., "--dir", exists=True, file_okay=False, help="MovieLens folder"),
     gateway: str = typer.Option("http://127.0.0.1:8000", help="the running gateway"),
@@ -233,6 +247,8 @@ def eval_command(
                                            "per request at the earliest one's as_of (n // slate_size slates); "
                                            "0: one sample per request"),
     offline: bool = typer.Option(True, help="also score with transformers + peft and compare"),
+    crm: bool = typer.Option(False, "--crm", help="score the saved DIN CRM (LOREC_DATA_DIR/crm/<dataset>-din.pt) "
+                                                  "on the same seeded samples instead; offline, no gateway"),
     offline_dtype: str = typer.Option(None, help="dtype of the offline reference (bfloat16 or float32); "
                                                  "default: the engine's (LOREC_ENGINE_DTYPE)"),
     method: str = typer.Option(None, help="record under this method name in --out"),
@@ -254,9 +270,16 @@ def eval_command(
     data = read_movielens(directory)
     if mode in ("personal", "cohort") and settings.reclora_dir is None:
         raise typer.BadParameter("set LOREC_RECLORA_BANK to the bank the gateway serves", param_hint="--mode")
+    pool = split_by_time(build_samples(data))[split]
+    if crm:  # the CRM on exactly the LLM rows' samples (the `lorec train crm` row uses its own slice)
+        result = {**_score_crm(settings, data, dataset_name(data.name, directory), draw(pool, n, seed) if n else pool),
+                  "split": split, "seed": seed, "command": "lorec eval " + " ".join(sys.argv[2:])}
+        typer.echo(json.dumps(result))
+        if method:
+            record_result(out, dataset_name(data.name, directory), method, result)
+        return
     facts = _training_facts(settings, adapter, mode)
     offline_dtype = offline_dtype or settings.engine_dtype
-    pool = split_by_time(build_samples(data))[split]
     from service.auth import client_key
 
     started = time.monotonic()

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     engine_model_name: str = "base"
     engine_timeout_s: float = Field(60.0, gt=0)
     engine_connect_timeout_s: float = Field(2.0, gt=0)
-    # float32, not bfloat16: on CPUs without AMX, vLLM's fp32 kernels prefill 1.2-1.5x faster than bf16
+    # float32, not bfloat16: on CPUs without AMX, vLLM's fp32 kernels prefill 1.2-1.6x faster than bf16
     # (benchmarks/results/engine_settings.json) and score as transformers does (agreement < 0.01).
     engine_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     engine_max_model_len: int = Field(2048, ge=128)

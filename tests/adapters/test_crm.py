@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from adapters.crm import LONG_HISTORY, Vocab, encode, predict, train_din
 from adapters.samples import build_samples, split_by_time
@@ -26,3 +27,32 @@ def test_din_beats_chance_on_ml100k_slice():
     assert scores.shape == (3000,) and np.all((scores > 0) & (scores < 1))
     vectors = model.user_vector(valid)
     assert vectors.shape == (3000, 64) and bool(vectors.abs().sum(1).gt(0).all())
+
+
+def test_lorec_eval_crm_scores_the_llm_rows_samples(tmp_path):
+    """`lorec eval --crm` scores the saved CRM on the same seeded slice the LLM rows use."""
+    import json
+    import os
+    import subprocess
+
+    from adapters.samples import draw
+    from adapters.train import metrics
+    from service.crm import save_crm
+    from tests.conftest import LOREC
+
+    data = read_movielens(ML100K)
+    parts = split_by_time(build_samples(data))
+    vocab = Vocab.of(data)
+    model, _ = train_din(encode(parts["train"][-5_000:], data, vocab), encode(parts["valid"][:500], data, vocab),
+                         vocab, epochs=1)
+    save_crm(model, vocab, tmp_path / "data" / "crm" / "ml-100k-din.pt")
+    out = tmp_path / "quality.json"
+    done = subprocess.run([LOREC, "eval", "--dir", str(ML100K), "--crm", "--n", "300", "--method", "crm-din-slice",
+                           "--out", str(out)], env={**os.environ, "LOREC_DATA_DIR": str(tmp_path / "data")},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    recorded = json.loads(out.read_text())["ml-100k"]["crm-din-slice"]
+    sliced = draw(parts["test"], 300, 0)
+    expected = metrics([s.label for s in sliced], predict(model, encode(sliced, data, vocab)))
+    assert recorded["kind"] == "crm" and recorded["n_test"] == 300
+    assert recorded["auc"] == pytest.approx(expected["auc"], abs=1e-9)

@@ -42,7 +42,9 @@ def test_rank_through_gemma(gemma_engine, gemma_model, tiny_settings, tmp_path):
         yes, no = math.exp(s["logprob_yes"]), math.exp(s["logprob_no"])
         assert s["score"] == pytest.approx(yes / (yes + no), rel=1e-9)
     by_item = {s["item_id"]: s["score"] for s in ctr}
-    assert [by_item[s["item_id"]] for s in ranked] == pytest.approx([s["score"] for s in ranked], abs=1e-6)
+    # The second call reads the prompts' prefixes from vLLM's cache: same prompts, other kernels,
+    # fp32 differences in the last digits (measured up to 3e-6 with Gemma).
+    assert [by_item[s["item_id"]] for s in ranked] == pytest.approx([s["score"] for s in ranked], abs=2e-5)
     # Gemma puts real mass on the answer tokens and tells candidates apart.
     assert max(s["logprob_yes"] for s in ranked) > -8 and max(s["logprob_no"] for s in ranked) > -8
     assert max(s["score"] for s in ranked) - min(s["score"] for s in ranked) > 1e-3
