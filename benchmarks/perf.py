@@ -10,7 +10,7 @@ Server-Timing header. The gateway's own share is measured on a user with a 2,000
 Baseline: the same prompts scored the way ReLLa scores, HF transformers (+ PEFT for an adapter),
 batched forward passes, same model and thread count; the scores must agree (mean |delta p|).
 Physical limit: the engine's prefill tokens/s next to a plain matmul of the model's shapes in the engine's dtype.
-Writes benchmarks/results/perf.json, benchmarks/perf.md and benchmarks/perf_latency.png.
+Writes benchmarks/results/perf.json, perf.md and perf_latency.png (next to it).
 """
 
 from __future__ import annotations
