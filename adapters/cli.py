@@ -270,13 +270,14 @@ def eval_command(
     data = read_movielens(directory)
     if mode in ("personal", "cohort") and settings.reclora_dir is None:
         raise typer.BadParameter("set LOREC_RECLORA_BANK to the bank the gateway serves", param_hint="--mode")
+    dataset = dataset_name(data.name, directory)
     pool = split_by_time(build_samples(data))[split]
     if crm:  # the CRM on exactly the LLM rows' samples (the `lorec train crm` row uses its own slice)
-        result = {**_score_crm(settings, data, dataset_name(data.name, directory), draw(pool, n, seed) if n else pool),
+        result = {**_score_crm(settings, data, dataset, draw(pool, n, seed) if n else pool),
                   "split": split, "seed": seed, "command": "lorec eval " + " ".join(sys.argv[2:])}
         typer.echo(json.dumps(result))
         if method:
-            record_result(out, dataset_name(data.name, directory), method, result)
+            record_result(out, dataset, method, result)
         return
     facts = _training_facts(settings, adapter, mode)
     offline_dtype = offline_dtype or settings.engine_dtype
@@ -285,7 +286,7 @@ def eval_command(
     started = time.monotonic()
     if slate_size:
         _eval_slates(gateway, pool, n, slate_size, seed, adapter, k, retrieval, client_key(settings), method, out,
-                     dataset_name(data.name, directory), started)
+                     dataset, started)
         return
     samples = draw(pool, n, seed) if n else pool
     served = asyncio.run(score_via_gateway(gateway, samples, adapter, k, retrieval, concurrency,
@@ -307,7 +308,7 @@ def eval_command(
                              **agreement(samples, served.scores, offline_scores, served.prompts, prompts)}
     typer.echo(json.dumps(result))
     if method:
-        record_result(out, dataset_name(data.name, directory), method, result)
+        record_result(out, dataset, method, result)
     if offline and not result["offline"]["agree"]:
         typer.echo("gateway and offline scores differ: see offline.worst", err=True)
         raise typer.Exit(1)

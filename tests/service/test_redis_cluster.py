@@ -7,6 +7,7 @@ import asyncio
 import random
 import socket
 import subprocess
+import time
 
 import pytest
 import redis
@@ -46,12 +47,12 @@ def cluster(tmp_path_factory):
             node.wait_redis(f"redis://127.0.0.1:{port}/0", 30)
         subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
-        client = redis.RedisCluster(host="127.0.0.1", port=ports[0])
-        for _ in range(100):
+        for _ in range(100):  # every node must agree the slots are covered before the tests start
             if all(redis.Redis(port=p).cluster("info").get("cluster_state") == "ok" for p in ports):
                 break
-            asyncio.run(asyncio.sleep(0.1))
-        client.close()
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("the Redis Cluster did not reach cluster_state:ok in 10 s")
         yield f"redis://127.0.0.1:{ports[0]}/0", dict(zip(ports, nodes))
     finally:
         for node in nodes:
