@@ -79,9 +79,44 @@ async def _prompts(settings: Settings, directory: Path, n_train: int, n_valid: i
     return data, parts, codec, train, valid
 
 
+@train_app.command("prompts")
+def prompts(
+    directory: Path = typer.Option(..., "--dir", exists=True, file_okay=False, help="MovieLens folder"),
+    n_train: int = typer.Option(1024, "--n", help="few-shot samples drawn from train (each seen twice: ReiT)"),
+    n_valid: int = typer.Option(1000), k: int = typer.Option(10), seed: int = typer.Option(0),
+    test_n: int = typer.Option(0, help="also the seeded test slice `lorec eval --n` scores (0: none)"),
+    test_seed: int = typer.Option(0, help="`lorec eval --seed` of that slice"),
+    out: Path = typer.Option(..., help="the bundle (.npz)"),
+) -> None:
+    """Write a prompt bundle (train pool, validation, optional test slice) to fit or score elsewhere
+    (`python -m adapters.bundle fit|score`, e.g. on a GPU machine)."""
+    from adapters import bundle
+
+    settings = Settings()
+    data, parts, codec, train, valid = asyncio.run(_prompts(settings, directory, n_train, n_valid, k, seed))
+    rows = {"train": bundle.from_prompted(train), "valid": bundle.from_prompted(valid)}
+    if test_n:
+        from adapters.samples import draw, reit_prompts
+
+        async def test_prompts():
+            async with offline_index(settings) as index:
+                return await reit_prompts(draw(parts["test"], test_n, test_seed), data, index, codec, k,
+                                          modes=(settings.retrieval_mode,))
+        rows["test"] = bundle.from_prompted(asyncio.run(test_prompts()))
+    meta = {"dataset": dataset_name(data.name, directory), "data_fingerprint": data.fingerprint,
+            "split_sizes": {k_: len(v) for k_, v in parts.items()}, "n_train": n_train, "k": k, "seed": seed,
+            "retrieval": settings.retrieval_mode, "test_seed": test_seed, "model": Path(settings.model_dir).name,
+            "answer": {"yes": codec.answer.yes, "no": codec.answer.no}, "pad_id": codec.pad_id}
+    bundle.save(out, bundle.Bundle(meta, rows))
+    typer.echo(json.dumps({"bundle": str(out), **{p: len(r) for p, r in rows.items()},
+                           "tokens": sum(len(r.input_ids) for part in rows.values() for r in part)}))
+
+
 @train_app.command("reit")
 def reit(
-    directory: Path = typer.Option(..., "--dir", exists=True, file_okay=False, help="MovieLens folder"),
+    directory: Path = typer.Option(None, "--dir", exists=True, file_okay=False, help="MovieLens folder"),
+    bundle_path: Path = typer.Option(None, "--bundle", exists=True, dir_okay=False,
+                                     help="train from a prompt bundle (`lorec train prompts`) instead of --dir"),
     n_train: int = typer.Option(1024, "--n", help="few-shot samples drawn from train (each seen twice: ReiT)"),
     n_valid: int = typer.Option(1000, help="validation samples for checkpoint choice and early stopping"),
     k: int = typer.Option(10, help="behaviours per prompt"),
@@ -91,27 +126,43 @@ def reit(
     eval_every: int = typer.Option(64), patience: int = typer.Option(3), seed: int = typer.Option(0),
     loss: str = typer.Option("vocab", help="vocab (LM cross-entropy on the answer token) or pair (logistic "
                                            "loss on logit Yes - logit No)"),
+    device: str = typer.Option("cpu", help="torch device to train on (cpu, cuda)"),
+    max_seconds: float = typer.Option(None, help="time budget; the best checkpoint so far is exported"),
     name: str = typer.Option(None, help="adapter name in the registry (default: derived, versioned)"),
-    run_dir: Path = typer.Option(None, help="where checkpoints live; re-running resumes"),
+    run_dir: Path = typer.Option(None, help="where checkpoints live; re-running resumes (a finished run, "
+                                            "e.g. fitted from a bundle elsewhere, is only exported)"),
 ) -> None:
     """Train a ReiT LoRA adapter (recent-K + SUBR-K prompts) and export it into the registry."""
+    from adapters import bundle
     from adapters.export import export_adapter, read_manifest
     from adapters.train import LoraSettings, TrainSettings, train_lora
 
     settings = Settings()
-    data, parts, codec, train, valid = asyncio.run(_prompts(settings, directory, n_train, n_valid, k, seed))
-    dataset = dataset_name(data.name, directory)
-    name = name or f"reit-{dataset}-n{n_train}-k{k}-r{rank}-s{seed}" + ("" if loss == "vocab" else f"-{loss}")
+    if bundle_path is not None:
+        loaded = bundle.load(bundle_path)
+        facts, train, valid = loaded.meta, loaded.parts["train"], loaded.parts["valid"]
+        answer, pad_id = loaded.answer, loaded.pad_id
+    elif directory is not None:
+        data, parts, codec, train, valid = asyncio.run(_prompts(settings, directory, n_train, n_valid, k, seed))
+        facts = {"dataset": dataset_name(data.name, directory), "data_fingerprint": data.fingerprint,
+                 "split_sizes": {k_: len(v) for k_, v in parts.items()}, "n_train": n_train, "k": k}
+        answer, pad_id = codec.answer, codec.pad_id
+    else:
+        raise typer.BadParameter("give --dir or --bundle", param_hint="--dir")
+    n_train, k = facts["n_train"], facts["k"]
+    name = name or f"reit-{facts['dataset']}-n{n_train}-k{k}-r{rank}-s{seed}" + ("" if loss == "vocab" else f"-{loss}")
     run_dir = run_dir or settings.data_dir / "runs" / name
     lora = LoraSettings(rank=rank, alpha=alpha, target_modules=tuple(target_modules.split(",")))
     train_settings = TrainSettings(lora=lora, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
-                                   eval_every=eval_every, patience=patience, seed=seed, loss=loss)
-    state = train_lora(settings.model_dir, train, valid, codec.answer, codec.pad_id, run_dir, train_settings)
-    manifest = {"method": "reit", "dataset": dataset, "data_fingerprint": data.fingerprint,
-                "split_sizes": {k_: len(v) for k_, v in parts.items()}, "n_train_samples": n_train,
+                                   eval_every=eval_every, patience=patience, seed=seed, loss=loss, device=device,
+                                   max_seconds=max_seconds)
+    state = train_lora(settings.model_dir, train, valid, answer, pad_id, run_dir, train_settings)
+    manifest = {"method": "reit", "dataset": facts["dataset"], "data_fingerprint": facts["data_fingerprint"],
+                "split_sizes": facts["split_sizes"], "n_train_samples": n_train,
                 "n_train_prompts": len(train), "n_valid": len(valid), "k": k,
                 "lora": {"rank": rank, "alpha": alpha, "target_modules": lora.target_modules}, "loss": loss,
-                "validation": state["best"], "train_seconds": state["seconds"], "steps": state["step"]}
+                "validation": state["best"], "train_seconds": state["seconds"], "steps": state["step"],
+                "device": state["settings"].get("device", device), "stopped": state.get("stopped")}
     if (settings.registry_dir / name).exists() and read_manifest(settings.registry_dir, name).get("validation") \
             == state["best"]:  # this run was exported already (a re-run of a finished run)
         path = settings.registry_dir / name

@@ -94,6 +94,10 @@ class PromptedSample:
     mode: Mode
     input_ids: list[int]
 
+    @property
+    def label(self) -> int:
+        return self.sample.label
+
 
 async def prompt_ids(sample: Sample, profile: Profile, catalog: dict[str, Item], index: ItemIndex,
                      codec: PromptCodec, k: int, mode: Mode) -> list[int]:

@@ -1,4 +1,5 @@
-"""LoRA training (ReiT) with peft + transformers on the served model, on CPU in bf16.
+"""LoRA training (ReiT) with peft + transformers on the served model, in bf16 (CPU by default, a GPU
+when told: `TrainSettings.device`).
 
 Only the answer matters: prompts are left-padded so the answer position is
 the last one for every row, the model computes logits there alone
@@ -24,16 +25,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 from tqdm import tqdm
 
-from adapters.samples import PromptedSample
 from service.prompt import AnswerTokens
 
 Prepare = Callable[[torch.nn.Module, Sequence[int]], None]  # (model, batch row indices) before a forward
+
+
+class Prompt(Protocol):
+    """What training reads of a prompt: its token ids and its label (a PromptedSample, a bundled prompt)."""
+    input_ids: Sequence[int]
+    label: int
 
 
 @dataclass
@@ -55,6 +62,8 @@ class TrainSettings:
     seed: int = 0
     threads: int | None = None
     loss: str = "vocab"  # vocab: cross-entropy over the vocabulary; pair: logistic loss on logit(Yes) - logit(No)
+    device: str = "cpu"
+    max_seconds: float | None = None  # time budget: once past it, evaluate and stop (best checkpoint kept)
 
 
 def metrics(labels: Sequence[int], scores: Sequence[float]) -> dict[str, float]:
@@ -65,12 +74,12 @@ def metrics(labels: Sequence[int], scores: Sequence[float]) -> dict[str, float]:
 
 
 def load_model(model_dir: Path, lora: LoraSettings | None = None, adapter_dir: Path | None = None,
-               dtype: torch.dtype = torch.bfloat16):
+               dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
     """The base model (bf16 unless told), with a fresh LoRA (`lora`), a saved one (`adapter_dir`), or none."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
     if adapter_dir is not None:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=lora is not None)
     if lora is not None:
@@ -98,7 +107,8 @@ def answer_logits(model, rows: Sequence[Sequence[int]], pad_id: int) -> torch.Te
     (batch, 1, hidden) slice the model's own `logits_to_keep=1` keeps made the
     bf16 backward copy the tied 262k x 640 embedding once per row (9 s a step).
     """
-    ids, mask = _left_pad(rows, pad_id)
+    device = model.get_output_embeddings().weight.device
+    ids, mask = (t.to(device) for t in _left_pad(rows, pad_id))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the positions
     decoder = model.get_base_model().get_decoder() if hasattr(model, "get_base_model") else model.get_decoder()
     hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
@@ -120,7 +130,7 @@ def score(model, rows: Sequence[Sequence[int]], answer: AnswerTokens, pad_id: in
             prepare(model, range(start, min(start + batch_size, len(rows))))
         logits = answer_logits(model, rows[start:start + batch_size], pad_id)
         two = torch.log_softmax(logits, -1)[:, [answer.yes, answer.no]]
-        out += torch.softmax(two, -1)[:, 0].tolist()
+        out += torch.softmax(two, -1)[:, 0].cpu().tolist()
     return out
 
 
@@ -150,17 +160,17 @@ class Run:
         tmp_state.replace(self.state_file)
 
 
-def train_lora(model_dir: Path, train: Sequence[PromptedSample], valid: Sequence[PromptedSample],
+def train_lora(model_dir: Path, train: Sequence[Prompt], valid: Sequence[Prompt],
                answer: AnswerTokens, pad_id: int, run_dir: Path, settings: TrainSettings) -> dict:
     """Train (or resume) one LoRA adapter; returns the final state with the best validation metrics."""
     def load(resume: Path | None):
-        return load_model(model_dir, settings.lora, adapter_dir=resume)
+        return load_model(model_dir, settings.lora, adapter_dir=resume, device=settings.device)
 
     return fit(load, train, valid, answer, pad_id, run_dir, settings)
 
 
-def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[PromptedSample],
-        valid: Sequence[PromptedSample], answer: AnswerTokens, pad_id: int, run_dir: Path,
+def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompt],
+        valid: Sequence[Prompt], answer: AnswerTokens, pad_id: int, run_dir: Path,
         settings: TrainSettings, prepare: Prepare | None = None) -> dict:
     """The training loop: `load(resume_dir or None)` gives the model (trainable parameters marked),
     `prepare(model, rows)` is called before each forward with the batch's row indices (train rows
@@ -183,7 +193,7 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompted
 
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     total = steps_per_epoch * settings.max_epochs
-    valid_rows, valid_labels = [p.input_ids for p in valid], [p.sample.label for p in valid]
+    valid_rows, valid_labels = [p.input_ids for p in valid], [p.label for p in valid]
     valid_prepare = None if prepare is None else (lambda m, rows: prepare(m, [len(train) + r for r in rows]))
     progress = tqdm(total=total, initial=state["step"], desc="train", unit="step")
     started = time.monotonic() - state["seconds"]
@@ -197,21 +207,23 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompted
         if prepare is not None:
             prepare(model, rows)
         logits = answer_logits(model, [p.input_ids for p in batch], pad_id)
-        loss = answer_loss(logits, [p.sample.label for p in batch], answer, settings.loss)
+        loss = answer_loss(logits, [p.label for p in batch], answer, settings.loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         state["step"] += 1
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}", best_auc=_fmt(state["best"]))
-        if state["step"] % settings.eval_every == 0 or state["step"] == total:
+        out_of_time = settings.max_seconds is not None and time.monotonic() - started >= settings.max_seconds
+        if state["step"] % settings.eval_every == 0 or state["step"] == total or out_of_time:
             result = metrics(valid_labels, score(model, valid_rows, answer, pad_id, prepare=valid_prepare))
             improved = state["best"] is None or result["auc"] > state["best"]["auc"]
             state["evals"].append({"step": state["step"], "loss": loss.item(), **result})
             state["best"] = {"step": state["step"], **result} if improved else state["best"]
             state["stale"] = 0 if improved else state["stale"] + 1
-            state["done"] = state["stale"] >= settings.patience or state["step"] == total
             state["seconds"] = time.monotonic() - started
+            state["stopped"] = "patience" if state["stale"] >= settings.patience else "time" if out_of_time else None
+            state["done"] = state["stopped"] is not None or state["step"] == total
             run.save(model, optimizer, state, best=improved)
             progress.set_postfix(loss=f"{loss.item():.4f}", val_auc=f"{result['auc']:.4f}",
                                  best_auc=_fmt(state["best"]))
@@ -223,7 +235,7 @@ def answer_loss(logits: torch.Tensor, labels: Sequence[int], answer: AnswerToken
     """Loss on the answer token only. `vocab`: the language-model loss (cross-entropy of " Yes" for
     label 1, " No" for 0 over the whole vocabulary). `pair`: the logistic loss of the score itself,
     sigmoid(logit Yes - logit No), which is what the gateway's two-way softmax reads."""
-    y = torch.tensor(labels, dtype=torch.float32)
+    y = torch.tensor(labels, dtype=torch.float32, device=logits.device)
     if kind == "pair":
         return torch.nn.functional.binary_cross_entropy_with_logits(logits[:, answer.yes] - logits[:, answer.no], y)
     if kind != "vocab":
