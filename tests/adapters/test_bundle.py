@@ -1,0 +1,95 @@
+"""Prompt bundles: the prompts the trainer and `lorec eval` build, carried to a machine that has only
+torch + transformers + peft, fitted and scored there, exported back into the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from adapters import bundle
+from adapters.samples import build_samples, draw, split_by_time
+from service.ingest import read_movielens
+from tests.conftest import ML100K
+
+
+@pytest.fixture
+def lorec_env(tiny_settings, tmp_path, monkeypatch):
+    for key, value in {"LOREC_DATA_DIR": tiny_settings.data_dir, "LOREC_MODEL": tiny_settings.model,
+                       "LOREC_REDIS_URL": tiny_settings.redis_url, "LOREC_ADAPTER_DIR": tmp_path / "registry"}.items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.delenv("QDRANT_URL", raising=False)
+    return tmp_path
+
+
+def _invoke(app, args):
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_bundle_holds_the_trainers_and_evals_prompts(gateway, tiny_settings, lorec_env):
+    from adapters.cli import _offline_prompts, _prompts
+    from service.cli import app
+    from service.config import Settings
+
+    path = lorec_env / "b.npz"
+    out = _invoke(app, ["train", "prompts", "--dir", ML100K, "--n", 8, "--n-valid", 16, "--k", 4,
+                        "--test-n", 12, "--out", path])
+    assert (out["train"], out["valid"], out["test"]) == (16, 16, 12)
+    loaded = bundle.load(path)
+    assert loaded.meta["dataset"] == "ml-100k" and loaded.meta["split_sizes"]["train"] == 75599
+    assert loaded.meta["n_train"] == 8 and loaded.meta["k"] == 4
+
+    settings = Settings()
+    data, parts, codec, train, valid = asyncio.run(_prompts(settings, ML100K, 8, 16, 4, 0))
+    assert loaded.parts["train"] == bundle.from_prompted(train)  # both views of each sample, same tokens
+    assert [r.mode for r in loaded.parts["train"][:2]] == ["recent", "subr"]
+    assert loaded.parts["valid"] == bundle.from_prompted(valid)
+    assert (loaded.answer, loaded.pad_id) == (codec.answer, codec.pad_id)
+    # The test part is `lorec eval --n 12 --k 4`'s slice with its offline reference's prompts.
+    test = draw(split_by_time(build_samples(read_movielens(ML100K)))["test"], 12, 0)
+    assert [(r.user_id, r.item_id, r.ts, r.label) for r in loaded.parts["test"]] == \
+        [(s.user_id, s.item_id, s.ts, s.label) for s in test]
+    assert [r.input_ids for r in loaded.parts["test"]] == \
+        asyncio.run(_offline_prompts(settings, data, test, 4, "subr"))
+
+
+def test_fit_on_a_time_budget_export_and_score(gateway, tiny_settings, lorec_env):
+    import torch
+
+    from adapters.export import read_manifest
+    from adapters.train import load_model, metrics, score
+    from service.cli import app
+
+    path = lorec_env / "b.npz"
+    _invoke(app, ["train", "prompts", "--dir", ML100K, "--n", 8, "--n-valid", 16, "--k", 4, "--test-n", 12,
+                  "--out", path])
+    run_dir = lorec_env / "run"
+    fitted = _invoke(bundle.app, ["fit", path, "--model", tiny_settings.model_dir, "--run-dir", run_dir,
+                                  "--max-epochs", 2, "--eval-every", 3, "--batch-size", 4, "--max-seconds", 0])
+    # Out of time after the first step: evaluated there, stopped, the best checkpoint kept.
+    assert fitted["steps"] == 1 and fitted["stopped"] == "time" and fitted["best"]["step"] == 1
+    assert (run_dir / "best" / "adapter_config.json").exists()
+
+    # The finished run is exported, not trained again, and its manifest says how it ended.
+    out = _invoke(app, ["train", "reit", "--bundle", path, "--run-dir", run_dir, "--batch-size", 4])
+    assert out["adapter"] == "reit-ml-100k-n8-k4-r8-s0" and out["validation"] == fitted["best"]
+    manifest = read_manifest(lorec_env / "registry", out["adapter"])
+    assert (manifest["steps"], manifest["stopped"], manifest["device"]) == (1, "time", "cpu")
+    assert manifest["n_train_prompts"] == 16 and manifest["split_sizes"]["train"] == 75599
+
+    scored = lorec_env / "scores.json"
+    _invoke(bundle.app, ["score", path, "--model", tiny_settings.model_dir, "--adapter",
+                         lorec_env / "registry" / out["adapter"], "--out", scored])
+    result = json.loads(scored.read_text())
+    rows = bundle.load(path).parts["test"]
+    assert result["keys"] == [[r.user_id, r.item_id, r.ts] for r in rows]
+    assert result["auc"] == metrics([r.label for r in rows], result["scores"])["auc"]
+    model = load_model(tiny_settings.model_dir, adapter_dir=lorec_env / "registry" / out["adapter"],
+                       dtype=torch.float32)
+    alone = score(model, [rows[0].input_ids], bundle.load(path).answer, bundle.load(path).pad_id)
+    assert abs(alone[0] - result["scores"][0]) < 1e-4  # batched with padding = scored alone
