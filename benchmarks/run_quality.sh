@@ -4,9 +4,9 @@
 #
 #   bash benchmarks/run_quality.sh ../shared/data/ml-100k [EVAL_N] [LORA_EVAL_N] [N_TRAIN...]
 #
-# Starts redis-server, the vLLM engine and the gateway on the data folder $LOREC_DATA_DIR
-# (default var/), ingests when needed, then: zero-shot eval, and for each N a ReiT LoRA
-# trained on N few-shot samples and evaluated (SKIP_ZERO_SHOT=1 skips the zero-shot run;
+# Starts redis-server on the data folder $LOREC_DATA_DIR (default var/), ingests when needed, trains
+# a ReiT LoRA on N few-shot samples for each N, then starts the vLLM engine and the gateway and
+# evaluates: zero-shot, then each adapter (SKIP_ZERO_SHOT=1 skips the zero-shot run;
 # TRAIN_ARGS replaces the trainer's options, default "--n-valid 500 --eval-every 32"; EVAL_ARGS adds
 # eval options, e.g. "--offline-dtype float32"). RECLORA_N="256 ..." also trains the CRM when missing
 # and a RecLoRA bank per N, restarts the gateway on it and evaluates mode personal and the cohorts
@@ -22,21 +22,27 @@ PORT=${LOREC_PORT:-8000}; export LOREC_PORT=$PORT LOREC_ENGINE_URL=http://127.0.
 source benchmarks/stack.sh
 start_redis "$LOREC_DATA_DIR/redis.log"
 $LOREC ingest movielens --dir "$DATA"
-start_engine 8100 "$LOREC_DATA_DIR/vllm-quality.log"
-start_gateway() { gateway_restart "$LOREC_DATA_DIR/gateway-quality.log" "$@"; }  # env, e.g. LOREC_RECLORA_BANK=...
-evaluate() { $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" ${EVAL_ARGS:-} "$@" || true; }
 json_field() { .venv/bin/python -c "import json,sys; print(json.loads(sys.stdin.read().splitlines()[-1])['$1'])"; }
-start_gateway
-# An eval whose gateway and offline scores disagree is still recorded (with where they differ): go on.
-[ -n "${SKIP_ZERO_SHOT:-}" ] || evaluate --adapter base --n "$EVAL_N" --method zero-shot
+# Training first, the engine after: an idle vLLM engine polls and takes ~20% of a core from training.
+reit=() banks=()
 [ -n "${SKIP_REIT:-}" ] || for n in ${N_TRAIN[@]}; do
-  adapter=$($LOREC train reit --dir "$DATA" --n "$n" ${TRAIN_ARGS:---n-valid 500 --eval-every 32} | json_field adapter)
-  evaluate --adapter "$adapter" --n "$LORA_EVAL_N" --method "reit-n$n"
+  reit+=("$n:$($LOREC train reit --dir "$DATA" --n "$n" ${TRAIN_ARGS:---n-valid 500 --eval-every 32} | json_field adapter)")
 done
 for n in ${RECLORA_N:-}; do
   ls "$LOREC_DATA_DIR"/crm/*-din.pt >/dev/null 2>&1 || $LOREC train crm --dir "$DATA"
-  bank=$($LOREC train reclora --dir "$DATA" --n "$n" ${RECLORA_ARGS:-${TRAIN_ARGS:---n-valid 500 --eval-every 32}} \
-    | json_field bank)
+  banks+=("$($LOREC train reclora --dir "$DATA" --n "$n" ${RECLORA_ARGS:-${TRAIN_ARGS:---n-valid 500 --eval-every 32}} \
+    | json_field bank)")
+done
+start_engine 8100 "$LOREC_DATA_DIR/vllm-quality.log"
+start_gateway() { gateway_restart "$LOREC_DATA_DIR/gateway-quality.log" "$@"; }  # env, e.g. LOREC_RECLORA_BANK=...
+evaluate() { $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" ${EVAL_ARGS:-} "$@" || true; }
+start_gateway
+# An eval whose gateway and offline scores disagree is still recorded (with where they differ): go on.
+[ -n "${SKIP_ZERO_SHOT:-}" ] || evaluate --adapter base --n "$EVAL_N" --method zero-shot
+for run in "${reit[@]}"; do
+  evaluate --adapter "${run#*:}" --n "$LORA_EVAL_N" --method "reit-n${run%%:*}"
+done
+for bank in "${banks[@]}"; do
   export LOREC_RECLORA_BANK="$bank"  # the gateway serves it, the evaluation reads it for the offline reference
   start_gateway
   evaluate --mode personal --n "$LORA_EVAL_N" --method "reclora-personal"
