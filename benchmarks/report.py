@@ -47,16 +47,21 @@ def plot(results: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     drawn = False
-    for dataset, methods in results.items():
+    for i, (dataset, methods) in enumerate(sorted(results.items())):
+        color = f"C{i}"  # one colour per dataset: its curve, its RecLoRA point, its baselines
         points = sorted((_n_of(m), r["auc"]) for m, r in methods.items() if re.fullmatch(r"reit-n\d+", m))
         if points:
-            ax.plot(*zip(*points), marker="o", label=f"{dataset} ReiT LoRA")
+            ax.plot(*zip(*points), marker="o", color=color, label=f"{dataset} ReiT LoRA")
             drawn = True
+        personal = methods.get("reclora-personal")
+        if personal and personal.get("n_train"):
+            ax.plot([personal["n_train"]], [personal["auc"]], marker="*", markersize=10, linestyle="none",
+                    color=color, label=f"{dataset} RecLoRA personal")
         for baseline, style in (("zero-shot", ":"), ("crm-din", "--")):
             if baseline in methods:
-                ax.axhline(methods[baseline]["auc"], linestyle=style, label=f"{dataset} {baseline}")
+                ax.axhline(methods[baseline]["auc"], linestyle=style, color=color, label=f"{dataset} {baseline}")
                 drawn = True
     if not drawn:
         plt.close(fig)
@@ -64,7 +69,7 @@ def plot(results: dict, path: Path) -> bool:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training samples N")
     ax.set_ylabel("test AUC")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
