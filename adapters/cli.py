@@ -79,6 +79,12 @@ async def _prompts(settings: Settings, directory: Path, n_train: int, n_valid: i
     return data, parts, codec, train, valid
 
 
+def _run_facts(data, directory: Path, parts: dict, n_train: int, k: int) -> dict:
+    """What an adapter's manifest says of its data (a bundle carries the same)."""
+    return {"dataset": dataset_name(data.name, directory), "data_fingerprint": data.fingerprint,
+            "split_sizes": {name: len(v) for name, v in parts.items()}, "n_train": n_train, "k": k}
+
+
 @train_app.command("prompts")
 def prompts(
     directory: Path = typer.Option(..., "--dir", exists=True, file_okay=False, help="MovieLens folder"),
@@ -103,9 +109,8 @@ def prompts(
                 return await reit_prompts(draw(parts["test"], test_n, test_seed), data, index, codec, k,
                                           modes=(settings.retrieval_mode,))
         rows["test"] = bundle.from_prompted(asyncio.run(test_prompts()))
-    meta = {"dataset": dataset_name(data.name, directory), "data_fingerprint": data.fingerprint,
-            "split_sizes": {k_: len(v) for k_, v in parts.items()}, "n_train": n_train, "k": k, "seed": seed,
-            "retrieval": settings.retrieval_mode, "test_seed": test_seed, "model": Path(settings.model_dir).name,
+    meta = {**_run_facts(data, directory, parts, n_train, k), "seed": seed, "retrieval": settings.retrieval_mode,
+            "test_seed": test_seed, "model": Path(settings.model_dir).name,
             "answer": {"yes": codec.answer.yes, "no": codec.answer.no}, "pad_id": codec.pad_id}
     bundle.save(out, bundle.Bundle(meta, rows))
     typer.echo(json.dumps({"bundle": str(out), **{p: len(r) for p, r in rows.items()},
@@ -116,7 +121,8 @@ def prompts(
 def reit(
     directory: Path = typer.Option(None, "--dir", exists=True, file_okay=False, help="MovieLens folder"),
     bundle_path: Path = typer.Option(None, "--bundle", exists=True, dir_okay=False,
-                                     help="train from a prompt bundle (`lorec train prompts`) instead of --dir"),
+                                     help="train from a prompt bundle (`lorec train prompts`) instead of --dir; "
+                                          "its N, K and validation samples replace --n, --k, --n-valid"),
     n_train: int = typer.Option(1024, "--n", help="few-shot samples drawn from train (each seen twice: ReiT)"),
     n_valid: int = typer.Option(1000, help="validation samples for checkpoint choice and early stopping"),
     k: int = typer.Option(10, help="behaviours per prompt"),
@@ -144,8 +150,7 @@ def reit(
         answer, pad_id = loaded.answer, loaded.pad_id
     elif directory is not None:
         data, parts, codec, train, valid = asyncio.run(_prompts(settings, directory, n_train, n_valid, k, seed))
-        facts = {"dataset": dataset_name(data.name, directory), "data_fingerprint": data.fingerprint,
-                 "split_sizes": {k_: len(v) for k_, v in parts.items()}, "n_train": n_train, "k": k}
+        facts = _run_facts(data, directory, parts, n_train, k)
         answer, pad_id = codec.answer, codec.pad_id
     else:
         raise typer.BadParameter("give --dir or --bundle", param_hint="--dir")
