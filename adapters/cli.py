@@ -101,14 +101,12 @@ def prompts(
     settings = Settings()
     data, parts, codec, train, valid = asyncio.run(_prompts(settings, directory, n_train, n_valid, k, seed))
     rows = {"train": bundle.from_prompted(train), "valid": bundle.from_prompted(valid)}
-    if test_n:
-        from adapters.samples import draw, reit_prompts
+    if test_n:  # the slice and prompts `lorec eval --n test_n --seed test_seed` scores offline
+        from adapters.samples import draw
 
-        async def test_prompts():
-            async with offline_index(settings) as index:
-                return await reit_prompts(draw(parts["test"], test_n, test_seed), data, index, codec, k,
-                                          modes=(settings.retrieval_mode,))
-        rows["test"] = bundle.from_prompted(asyncio.run(test_prompts()))
+        test = draw(parts["test"], test_n, test_seed)
+        rows["test"] = bundle.from_prompted(asyncio.run(_offline_prompted(settings, data, test, k,
+                                                                          settings.retrieval_mode)))
     meta = {**_run_facts(data, directory, parts, n_train, k), "seed": seed, "retrieval": settings.retrieval_mode,
             "test_seed": test_seed, "model": Path(settings.model_dir).name,
             "answer": {"yes": codec.answer.yes, "no": codec.answer.no}, "pad_id": codec.pad_id}
@@ -229,13 +227,17 @@ def record_result(path: Path, dataset: str, method: str, result: dict) -> None:
     path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
-async def _offline_prompts(settings: Settings, data, samples, k: int, mode: str) -> list[list[int]]:
+async def _offline_prompted(settings: Settings, data, samples, k: int, mode: str) -> list:
+    """The samples' prompts in one retrieval mode, as the gateway writes them (PromptedSamples)."""
     from adapters.samples import reit_prompts
     from service.prompt import load_codec
 
     async with offline_index(settings) as index:
-        prompted = await reit_prompts(samples, data, index, load_codec(settings.model_dir), k, modes=(mode,))
-    return [p.input_ids for p in prompted]
+        return await reit_prompts(samples, data, index, load_codec(settings.model_dir), k, modes=(mode,))
+
+
+async def _offline_prompts(settings: Settings, data, samples, k: int, mode: str) -> list[list[int]]:
+    return [p.input_ids for p in await _offline_prompted(settings, data, samples, k, mode)]
 
 
 def _training_facts(settings: Settings, adapter: str, mode: str | None) -> dict:
