@@ -153,18 +153,22 @@ def reit(
     else:
         raise typer.BadParameter("give --dir or --bundle", param_hint="--dir")
     n_train, k = facts["n_train"], facts["k"]
-    name = name or f"reit-{facts['dataset']}-n{n_train}-k{k}-r{rank}-s{seed}" + ("" if loss == "vocab" else f"-{loss}")
-    run_dir = run_dir or settings.data_dir / "runs" / name
+    run_name = f"reit-{facts['dataset']}-n{n_train}-k{k}-r{rank}-s{seed}" + ("" if loss == "vocab" else f"-{loss}")
+    run_dir = run_dir or settings.data_dir / "runs" / (name or run_name)
     lora = LoraSettings(rank=rank, alpha=alpha, target_modules=tuple(target_modules.split(",")))
     train_settings = TrainSettings(lora=lora, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
                                    eval_every=eval_every, patience=patience, seed=seed, loss=loss, device=device,
                                    max_seconds=max_seconds)
     state = train_lora(settings.model_dir, train, valid, answer, pad_id, run_dir, train_settings)
+    # A run cut short by its budget is exported under a name that says where it stopped, so the run can
+    # go on later (under a larger --max-seconds) and export its final adapter as a new version.
+    name = name or run_name + (f"-step{state['step']}" if state.get("stopped") == "time" else "")
     manifest = {"method": "reit", "dataset": facts["dataset"], "data_fingerprint": facts["data_fingerprint"],
                 "split_sizes": facts["split_sizes"], "n_train_samples": n_train,
                 "n_train_prompts": len(train), "n_valid": len(valid), "k": k,
                 "lora": {"rank": rank, "alpha": alpha, "target_modules": lora.target_modules}, "loss": loss,
                 "validation": state["best"], "train_seconds": state["seconds"], "steps": state["step"],
+                "epochs": round(state["step"] * state["settings"]["batch_size"] / len(train), 3),
                 "device": state["settings"].get("device", device), "stopped": state.get("stopped")}
     if (settings.registry_dir / name).exists() and read_manifest(settings.registry_dir, name).get("validation") \
             == state["best"]:  # this run was exported already (a re-run of a finished run)
@@ -210,7 +214,8 @@ def reclora(
     model = load_reclora(settings.model_dir, bank_dir=run_dir / "best")
     out = settings.data_dir / "reclora" / name
     model.save(out, {"base_model": str(settings.model_dir), "crm": crm_file, "dataset": dataset,
-                     "n_train_samples": n_train, "validation": state["best"], "train_seconds": state["seconds"]})
+                     "n_train_samples": n_train, "validation": state["best"], "train_seconds": state["seconds"],
+                     "epochs": round(state["step"] * batch_size / len(train), 3)})
     # Cohorts over every train user's vector at their last train sample.
     last = {s.user_id: s for s in parts["train"]}
     train_users = user_vectors(crm, list(last.values()), data, vocab)
@@ -241,7 +246,7 @@ async def _offline_prompts(settings: Settings, data, samples, k: int, mode: str)
 
 
 def _training_facts(settings: Settings, adapter: str, mode: str | None) -> dict:
-    """n_train and train_seconds of what is evaluated, from the adapter's manifest or the bank's."""
+    """n_train, train_seconds and epochs of what is evaluated, from the adapter's manifest or the bank's."""
     from adapters.export import read_manifest
     from service.routing import BASE
 
@@ -251,7 +256,9 @@ def _training_facts(settings: Settings, adapter: str, mode: str | None) -> dict:
         meta = read_manifest(settings.registry_dir, adapter)
     else:
         return {}
-    return {"n_train": meta.get("n_train_samples"), "train_seconds": meta.get("train_seconds")}
+    facts = {"n_train": meta.get("n_train_samples"), "train_seconds": meta.get("train_seconds"),
+             "epochs": meta.get("epochs")}
+    return {key: value for key, value in facts.items() if value is not None}
 
 
 def _offline_model(settings: Settings, data, samples, adapter: str, mode: str | None, dtype):

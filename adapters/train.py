@@ -183,6 +183,11 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompt],
     state = run.state() or {"step": 0, "best": None, "evals": [], "stale": 0, "seconds": 0.0, "done": False,
                             "settings": json.loads(json.dumps(asdict(settings))), "n_train": len(train),
                             "n_valid": len(valid)}
+    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+    total = steps_per_epoch * settings.max_epochs
+    if state["done"] and _given_more_time(state, settings, total):
+        state.update(done=False, stopped=None)  # a run stopped by its budget goes on under a larger one
+        state["settings"]["max_seconds"] = settings.max_seconds
     if state["done"]:
         return state
     resume = run_dir / "latest" if state["step"] else None
@@ -191,8 +196,6 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompt],
     if resume is not None:
         optimizer.load_state_dict(torch.load(resume / "optimizer.pt"))
 
-    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
-    total = steps_per_epoch * settings.max_epochs
     valid_rows, valid_labels = [p.input_ids for p in valid], [p.label for p in valid]
     valid_prepare = None if prepare is None else (lambda m, rows: prepare(m, [len(train) + r for r in rows]))
     progress = tqdm(total=total, initial=state["step"], desc="train", unit="step")
@@ -229,6 +232,13 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompt],
                                  best_auc=_fmt(state["best"]))
     progress.close()
     return state
+
+
+def _given_more_time(state: dict, settings: TrainSettings, total: int) -> bool:
+    """A run that stopped on its time budget resumes only when handed a larger one explicitly: re-running
+    it without a budget exports what it has (e.g. a run fitted on a GPU box under a budget)."""
+    return (state.get("stopped") == "time" and state["step"] < total and settings.max_seconds is not None
+            and settings.max_seconds > state["seconds"])
 
 
 def answer_loss(logits: torch.Tensor, labels: Sequence[int], answer: AnswerTokens, kind: str) -> torch.Tensor:

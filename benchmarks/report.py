@@ -27,15 +27,19 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
+def _seconds(x) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
 def table(methods: dict) -> list[str]:
-    lines = ["| method | kind | AUC | LogLoss | ACC | n_test | n_train | train s | offline agreement | command |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | kind | AUC | LogLoss | ACC | n_test | n_train | epochs | train s | offline agreement | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(methods.items(), key=lambda kv: (kv[1].get("kind", ""), _n_of(kv[0]) or 0, kv[0])):
         offline = r.get("offline") or {}
         agree = f"mean abs dp {offline['mean_abs_delta_p']:.4f}" if offline else "-"
         lines.append(f"| {name} | {r.get('kind')} | {_fmt(r.get('auc'))} | {_fmt(r.get('logloss'))} | "
-                     f"{_fmt(r.get('acc'))} | {r.get('n_test')} | {r.get('n_train', '-')} | "
-                     f"{_fmt(r.get('train_seconds'))} | {agree} | `{r.get('command', '')}` |")
+                     f"{_fmt(r.get('acc'))} | {r.get('n_test')} | {r.get('n_train', '-')} | {r.get('epochs', '-')} | "
+                     f"{_seconds(r.get('train_seconds'))} | {agree} | `{r.get('command', '')}` |")
     return lines
 
 

@@ -75,12 +75,24 @@ def test_fit_on_a_time_budget_export_and_score(gateway, tiny_settings, lorec_env
     assert fitted["steps"] == 1 and fitted["stopped"] == "time" and fitted["best"]["step"] == 1
     assert (run_dir / "best" / "adapter_config.json").exists()
 
-    # The finished run is exported, not trained again, and its manifest says how it ended.
+    # The finished run is exported, not trained again, under a name saying where its budget stopped it,
+    # and its manifest says how it ended.
     out = _invoke(app, ["train", "reit", "--bundle", path, "--run-dir", run_dir, "--batch-size", 4])
-    assert out["adapter"] == "reit-ml-100k-n8-k4-r8-s0" and out["validation"] == fitted["best"]
+    assert out["adapter"] == "reit-ml-100k-n8-k4-r8-s0-step1" and out["validation"] == fitted["best"]
     manifest = read_manifest(lorec_env / "registry", out["adapter"])
     assert (manifest["steps"], manifest["stopped"], manifest["device"]) == (1, "time", "cpu")
     assert manifest["n_train_prompts"] == 16 and manifest["split_sizes"]["train"] == 75599
+    assert manifest["epochs"] == 0.25  # 1 step of 4 prompts out of 16
+
+    # Handed a larger budget, the same run goes on from its checkpoint to the end of its epochs and
+    # exports its final adapter as a new version; the budget-stopped one stays as it was.
+    final = _invoke(app, ["train", "reit", "--bundle", path, "--run-dir", run_dir, "--batch-size", 4,
+                          "--max-epochs", 2, "--eval-every", 3, "--patience", 10, "--max-seconds", 3600])
+    state = json.loads((run_dir / "state.json").read_text())
+    assert final["adapter"] == "reit-ml-100k-n8-k4-r8-s0"
+    assert [e["step"] for e in state["evals"]] == [1, 3, 6, 8] and state["stopped"] is None
+    assert read_manifest(lorec_env / "registry", final["adapter"])["epochs"] == 2.0
+    assert read_manifest(lorec_env / "registry", out["adapter"])["validation"] == fitted["best"]
 
     scored = lorec_env / "scores.json"
     _invoke(bundle.app, ["score", path, "--model", tiny_settings.model_dir, "--adapter",
