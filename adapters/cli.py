@@ -14,12 +14,21 @@ import typer
 from service.config import Settings
 
 train_app = typer.Typer(help="Offline trainer: samples, LoRA adapters.", no_args_is_help=True)
+DEFAULT_TARGETS = "q_proj,v_proj"  # the issue's default LoRA target modules
 
 
 def dataset_name(data_name: str, directory: Path) -> str:
     """`ml-1m-u2999` for the users-1-2999 ratings file, else the format's name."""
     partial = any(directory.glob("ratings.users-1-2999.dat*")) and not any(directory.glob("ratings.dat*"))
     return f"{data_name}-u2999" if partial else data_name
+
+
+def reit_run_name(dataset: str, n_train: int, k: int, rank: int, seed: int, loss: str, target_modules: str) -> str:
+    """A ReiT run's name: what sets it apart from the default recipe is in it, so a variant is its own run."""
+    name = f"reit-{dataset}-n{n_train}-k{k}-r{rank}-s{seed}" + ("" if loss == "vocab" else f"-{loss}")
+    if target_modules != DEFAULT_TARGETS:  # e.g. -q.k.v.o.gate.up.down
+        name += "-" + ".".join(m.removesuffix("_proj") for m in target_modules.split(","))
+    return name
 
 
 @train_app.command("splits")
@@ -125,7 +134,7 @@ def reit(
     n_valid: int = typer.Option(1000, help="validation samples for checkpoint choice and early stopping"),
     k: int = typer.Option(10, help="behaviours per prompt"),
     rank: int = typer.Option(8), alpha: int = typer.Option(16),
-    target_modules: str = typer.Option("q_proj,v_proj"),
+    target_modules: str = typer.Option(DEFAULT_TARGETS),
     lr: float = typer.Option(1e-3), batch_size: int = typer.Option(8), max_epochs: int = typer.Option(2),
     eval_every: int = typer.Option(64), patience: int = typer.Option(3), seed: int = typer.Option(0),
     loss: str = typer.Option("vocab", help="vocab (LM cross-entropy on the answer token) or pair (logistic "
@@ -153,7 +162,7 @@ def reit(
     else:
         raise typer.BadParameter("give --dir or --bundle", param_hint="--dir")
     n_train, k = facts["n_train"], facts["k"]
-    run_name = f"reit-{facts['dataset']}-n{n_train}-k{k}-r{rank}-s{seed}" + ("" if loss == "vocab" else f"-{loss}")
+    run_name = reit_run_name(facts["dataset"], n_train, k, rank, seed, loss, target_modules)
     run_dir = run_dir or settings.data_dir / "runs" / (name or run_name)
     lora = LoraSettings(rank=rank, alpha=alpha, target_modules=tuple(target_modules.split(",")))
     train_settings = TrainSettings(lora=lora, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
@@ -184,7 +193,7 @@ def reclora(
     n_train: int = typer.Option(1024, "--n", help="few-shot samples drawn from train (each seen twice: ReiT)"),
     n_valid: int = typer.Option(1000), k: int = typer.Option(10),
     n_meta: int = typer.Option(8, help="meta-LoRAs per module"), rank: int = typer.Option(8),
-    alpha: int = typer.Option(16), target_modules: str = typer.Option("q_proj,v_proj"),
+    alpha: int = typer.Option(16), target_modules: str = typer.Option(DEFAULT_TARGETS),
     temperature: float = typer.Option(1.0), cohorts: str = typer.Option("8,32,128", help="k-means sizes"),
     lr: float = typer.Option(1e-3), batch_size: int = typer.Option(8), max_epochs: int = typer.Option(2),
     eval_every: int = typer.Option(64), patience: int = typer.Option(3), seed: int = typer.Option(0),

@@ -109,3 +109,16 @@ def test_answer_losses_prefer_the_right_answer():
     wrong = right.flip(0)
     for kind in ("vocab", "pair"):
         assert answer_loss(right, [1, 0], answer, kind) < answer_loss(wrong, [1, 0], answer, kind)
+
+
+def test_run_names_keep_variants_apart():
+    """A variant of the recipe (loss, rank, target modules) never resumes or overwrites the default run."""
+    from adapters.cli import DEFAULT_TARGETS, reit_run_name
+
+    default = reit_run_name("ml-1m-u2999", 256, 10, 8, 0, "vocab", DEFAULT_TARGETS)
+    assert default == "reit-ml-1m-u2999-n256-k10-r8-s0"
+    variants = {reit_run_name("ml-1m-u2999", 256, 10, 8, 0, "pair", DEFAULT_TARGETS),
+                reit_run_name("ml-1m-u2999", 256, 10, 32, 0, "vocab", DEFAULT_TARGETS),
+                reit_run_name("ml-1m-u2999", 256, 10, 8, 0, "vocab", "q_proj,k_proj,v_proj,o_proj")}
+    assert len(variants) == 3 and default not in variants
+    assert "reit-ml-1m-u2999-n256-k10-r8-s0-q.k.v.o" in variants
