@@ -177,7 +177,7 @@ def reit(
                 "n_train_prompts": len(train), "n_valid": len(valid), "k": k,
                 "lora": {"rank": rank, "alpha": alpha, "target_modules": lora.target_modules}, "loss": loss,
                 "validation": state["best"], "train_seconds": state["seconds"], "steps": state["step"],
-                "epochs": round(state["step"] * state["settings"]["batch_size"] / len(train), 3),
+                "epochs": _epochs(state, len(train)),
                 "device": state["settings"].get("device", device), "stopped": state.get("stopped")}
     if (settings.registry_dir / name).exists() and read_manifest(settings.registry_dir, name).get("validation") \
             == state["best"]:  # this run was exported already (a re-run of a finished run)
@@ -224,7 +224,7 @@ def reclora(
     out = settings.data_dir / "reclora" / name
     model.save(out, {"base_model": str(settings.model_dir), "crm": crm_file, "dataset": dataset,
                      "n_train_samples": n_train, "validation": state["best"], "train_seconds": state["seconds"],
-                     "epochs": round(state["step"] * batch_size / len(train), 3)})
+                     "epochs": _epochs(state, len(train))})
     # Cohorts over every train user's vector at their last train sample.
     last = {s.user_id: s for s in parts["train"]}
     train_users = user_vectors(crm, list(last.values()), data, vocab)
@@ -252,6 +252,11 @@ async def _offline_prompted(settings: Settings, data, samples, k: int, mode: str
 
 async def _offline_prompts(settings: Settings, data, samples, k: int, mode: str) -> list[list[int]]:
     return [p.input_ids for p in await _offline_prompted(settings, data, samples, k, mode)]
+
+
+def _epochs(state: dict, n_prompts: int) -> float:
+    """Epochs of training behind the exported (best) checkpoint, not the run's last step."""
+    return round(state["best"]["step"] * state["settings"]["batch_size"] / n_prompts, 3)
 
 
 def _training_facts(settings: Settings, adapter: str, mode: str | None) -> dict:

@@ -55,9 +55,15 @@ def plot(results: dict, path: Path) -> bool:
     drawn = False
     for i, (dataset, methods) in enumerate(sorted(results.items())):
         color = f"C{i}"  # one colour per dataset: its curve, its RecLoRA point, its baselines
-        points = sorted((_n_of(m), r["auc"]) for m, r in methods.items() if re.fullmatch(r"reit-n\d+", m))
+        points = sorted((_n_of(m), r["auc"], r.get("epochs")) for m, r in methods.items()
+                        if re.fullmatch(r"reit-n\d+", m))
         if points:
-            ax.plot(*zip(*points), marker="o", color=color, label=f"{dataset} ReiT LoRA")
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color,
+                    label=f"{dataset} ReiT LoRA")
+            for n, auc, epochs in points:
+                if epochs is not None and epochs < 1:  # a run its time budget cut short
+                    ax.annotate(f"{epochs:.2f} epoch", (n, auc), textcoords="offset points", xytext=(4, -10),
+                                fontsize=7, color=color)
             drawn = True
         personal = methods.get("reclora-personal")
         if personal and personal.get("n_train"):
