@@ -26,9 +26,14 @@ def dataset_name(data_name: str, directory: Path) -> str:
 def reit_run_name(dataset: str, n_train: int, k: int, rank: int, seed: int, loss: str, target_modules: str) -> str:
     """A ReiT run's name: what sets it apart from the default recipe is in it, so a variant is its own run."""
     name = f"reit-{dataset}-n{n_train}-k{k}-r{rank}-s{seed}" + ("" if loss == "vocab" else f"-{loss}")
-    if target_modules != DEFAULT_TARGETS:  # e.g. -q.k.v.o.gate.up.down
-        name += "-" + ".".join(m.removesuffix("_proj") for m in target_modules.split(","))
-    return name
+    return name + _targets_tag(target_modules)
+
+
+def _targets_tag(target_modules: str) -> str:
+    """'' for the default target modules, else e.g. '-q.k.v.o.gate.up.down' (ReiT runs and RecLoRA banks)."""
+    if target_modules == DEFAULT_TARGETS:
+        return ""
+    return "-" + ".".join(m.removesuffix("_proj") for m in target_modules.split(","))
 
 
 @train_app.command("splits")
@@ -213,7 +218,7 @@ def reclora(
                                  param_hint="--dir")
     crm, vocab = load_crm(settings.data_dir / "crm" / crm_file)
     users = user_vectors(crm, [p.sample for p in [*train, *valid]], data, vocab)
-    name = name or f"reclora-{dataset}-n{n_train}-m{n_meta}-r{rank}-s{seed}"
+    name = name or f"reclora-{dataset}-n{n_train}-m{n_meta}-r{rank}-s{seed}" + _targets_tag(target_modules)
     run_dir = settings.data_dir / "runs" / name
     bank = BankSettings(n_meta=n_meta, rank=rank, alpha=alpha, target_modules=tuple(target_modules.split(",")),
                         temperature=temperature)

@@ -32,8 +32,9 @@ def _seconds(x) -> str:
 
 
 def table(methods: dict) -> list[str]:
-    lines = ["| method | kind | AUC | LogLoss | ACC | n_test | n_train | epochs | train s | offline agreement | command |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ["method", "kind", "AUC", "LogLoss", "ACC", "n_test", "n_train", "epochs", "train s",
+               "offline agreement", "command"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, r in sorted(methods.items(), key=lambda kv: (kv[1].get("kind", ""), _n_of(kv[0]) or 0, kv[0])):
         offline = r.get("offline") or {}
         agree = f"mean abs dp {offline['mean_abs_delta_p']:.4f}" if offline else "-"
