@@ -98,6 +98,8 @@ def fit_command(
     rank: int = typer.Option(8), alpha: int = typer.Option(16), target_modules: str = typer.Option("q_proj,v_proj"),
     lr: float = typer.Option(1e-3), batch_size: int = typer.Option(8), max_epochs: int = typer.Option(2),
     eval_every: int = typer.Option(64), patience: int = typer.Option(3), seed: int = typer.Option(0),
+    lr_schedule: str = typer.Option("constant", help="constant, linear or cosine (decay to 0 at the last step)"),
+    warmup_steps: int = typer.Option(0, min=0),
     loss: str = typer.Option("vocab"), device: str = typer.Option("cpu"),
     max_seconds: float = typer.Option(None, help="time budget; the best checkpoint so far is kept"),
 ) -> None:
@@ -106,8 +108,9 @@ def fit_command(
 
     bundle = load(bundle_path)
     settings = TrainSettings(lora=LoraSettings(rank=rank, alpha=alpha, target_modules=tuple(target_modules.split(","))),
-                             lr=lr, batch_size=batch_size, max_epochs=max_epochs, eval_every=eval_every,
-                             patience=patience, seed=seed, loss=loss, device=device, max_seconds=max_seconds)
+                             lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps, batch_size=batch_size,
+                             max_epochs=max_epochs, eval_every=eval_every, patience=patience, seed=seed,
+                             loss=loss, device=device, max_seconds=max_seconds)
     state = train_lora(model, bundle.parts["train"], bundle.parts["valid"], bundle.answer, bundle.pad_id, run_dir,
                        settings)
     typer.echo(json.dumps({"run_dir": str(run_dir), "best": state["best"], "steps": state["step"],

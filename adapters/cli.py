@@ -7,6 +7,7 @@ import contextlib
 import json
 import shutil
 import tempfile
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -17,16 +18,25 @@ train_app = typer.Typer(help="Offline trainer: samples, LoRA adapters.", no_args
 DEFAULT_TARGETS = "q_proj,v_proj"  # the issue's default LoRA target modules
 
 
+class LrSchedule(StrEnum):
+    """The learning rate after warmup: constant, or decaying to 0 at the last step (transformers' schedules)."""
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
 def dataset_name(data_name: str, directory: Path) -> str:
     """`ml-1m-u2999` for the users-1-2999 ratings file, else the format's name."""
     partial = any(directory.glob("ratings.users-1-2999.dat*")) and not any(directory.glob("ratings.dat*"))
     return f"{data_name}-u2999" if partial else data_name
 
 
-def reit_run_name(dataset: str, n_train: int, k: int, rank: int, seed: int, loss: str, target_modules: str) -> str:
+def reit_run_name(dataset: str, n_train: int, k: int, rank: int, seed: int, loss: str, target_modules: str,
+                  lr_schedule: str = "constant", warmup_steps: int = 0) -> str:
     """A ReiT run's name: what sets it apart from the default recipe is in it, so a variant is its own run."""
     name = f"reit-{dataset}-n{n_train}-k{k}-r{rank}-s{seed}" + ("" if loss == "vocab" else f"-{loss}")
-    return name + _targets_tag(target_modules)
+    schedule = ("" if lr_schedule == "constant" else f"-{lr_schedule}") + (f"-w{warmup_steps}" if warmup_steps else "")
+    return name + _targets_tag(target_modules) + schedule
 
 
 def _targets_tag(target_modules: str) -> str:
@@ -141,6 +151,8 @@ def reit(
     rank: int = typer.Option(8), alpha: int = typer.Option(16),
     target_modules: str = typer.Option(DEFAULT_TARGETS),
     lr: float = typer.Option(1e-3), batch_size: int = typer.Option(8), max_epochs: int = typer.Option(2),
+    lr_schedule: LrSchedule = typer.Option(LrSchedule.constant, help="learning rate after warmup"),
+    warmup_steps: int = typer.Option(0, min=0),
     eval_every: int = typer.Option(64), patience: int = typer.Option(3), seed: int = typer.Option(0),
     loss: str = typer.Option("vocab", help="vocab (LM cross-entropy on the answer token) or pair (logistic "
                                            "loss on logit Yes - logit No)"),
@@ -167,12 +179,13 @@ def reit(
     else:
         raise typer.BadParameter("give --dir or --bundle", param_hint="--dir")
     n_train, k = facts["n_train"], facts["k"]
-    run_name = reit_run_name(facts["dataset"], n_train, k, rank, seed, loss, target_modules)
+    run_name = reit_run_name(facts["dataset"], n_train, k, rank, seed, loss, target_modules, lr_schedule.value,
+                             warmup_steps)
     run_dir = run_dir or settings.data_dir / "runs" / (name or run_name)
     lora = LoraSettings(rank=rank, alpha=alpha, target_modules=tuple(target_modules.split(",")))
-    train_settings = TrainSettings(lora=lora, lr=lr, batch_size=batch_size, max_epochs=max_epochs,
-                                   eval_every=eval_every, patience=patience, seed=seed, loss=loss, device=device,
-                                   max_seconds=max_seconds)
+    train_settings = TrainSettings(lora=lora, lr=lr, lr_schedule=lr_schedule.value, warmup_steps=warmup_steps,
+                                   batch_size=batch_size, max_epochs=max_epochs, eval_every=eval_every,
+                                   patience=patience, seed=seed, loss=loss, device=device, max_seconds=max_seconds)
     state = train_lora(settings.model_dir, train, valid, answer, pad_id, run_dir, train_settings)
     # A run cut short by its budget is exported under a name that says where it stopped, so the run can
     # go on later (under a larger --max-seconds) and export its final adapter as a new version.
@@ -181,6 +194,7 @@ def reit(
                 "split_sizes": facts["split_sizes"], "n_train_samples": n_train,
                 "n_train_prompts": len(train), "n_valid": len(valid), "k": k,
                 "lora": {"rank": rank, "alpha": alpha, "target_modules": lora.target_modules}, "loss": loss,
+                "lr": {"peak": lr, "schedule": lr_schedule.value, "warmup_steps": warmup_steps},
                 "validation": state["best"], "train_seconds": state["seconds"], "steps": state["step"],
                 "epochs": _epochs(state, len(train)),
                 "device": state["settings"].get("device", device), "stopped": state.get("stopped")}

@@ -55,6 +55,9 @@ class LoraSettings:
 class TrainSettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
     lr: float = 1e-3
+    # constant, linear or cosine decay to 0 at the last step (transformers' schedules), after warmup_steps
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     batch_size: int = 8
     max_epochs: int = 2
     eval_every: int = 64  # optimizer steps
@@ -144,12 +147,13 @@ class Run:
     def state(self) -> dict | None:
         return json.loads(self.state_file.read_text()) if self.state_file.exists() else None
 
-    def save(self, model, optimizer, state: dict, best: bool) -> None:
+    def save(self, model, optimizer, scheduler, state: dict, best: bool) -> None:
         latest = self.path / "latest"
         tmp = self.path / "latest.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         shutil.rmtree(latest, ignore_errors=True)
         tmp.rename(latest)
         if best:
@@ -193,8 +197,11 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompt],
     resume = run_dir / "latest" if state["step"] else None
     model = load(resume)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    scheduler = learning_rate_schedule(optimizer, settings, total)
     if resume is not None:
         optimizer.load_state_dict(torch.load(resume / "optimizer.pt"))
+        if (resume / "scheduler.pt").exists():  # runs checkpointed before schedules were kept: constant
+            scheduler.load_state_dict(torch.load(resume / "scheduler.pt"))
 
     valid_rows, valid_labels = [p.input_ids for p in valid], [p.label for p in valid]
     valid_prepare = None if prepare is None else (lambda m, rows: prepare(m, [len(train) + r for r in rows]))
@@ -214,6 +221,7 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompt],
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        scheduler.step()
         state["step"] += 1
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}", best_auc=_fmt(state["best"]))
@@ -221,17 +229,26 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompt],
         if state["step"] % settings.eval_every == 0 or state["step"] == total or out_of_time:
             result = metrics(valid_labels, score(model, valid_rows, answer, pad_id, prepare=valid_prepare))
             improved = state["best"] is None or result["auc"] > state["best"]["auc"]
-            state["evals"].append({"step": state["step"], "loss": loss.item(), **result})
+            state["evals"].append({"step": state["step"], "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                                   **result})
             state["best"] = {"step": state["step"], **result} if improved else state["best"]
             state["stale"] = 0 if improved else state["stale"] + 1
             state["seconds"] = time.monotonic() - started
             state["stopped"] = "patience" if state["stale"] >= settings.patience else "time" if out_of_time else None
             state["done"] = state["stopped"] is not None or state["step"] == total
-            run.save(model, optimizer, state, best=improved)
+            run.save(model, optimizer, scheduler, state, best=improved)
             progress.set_postfix(loss=f"{loss.item():.4f}", val_auc=f"{result['auc']:.4f}",
                                  best_auc=_fmt(state["best"]))
     progress.close()
     return state
+
+
+def learning_rate_schedule(optimizer, settings: TrainSettings, total_steps: int):
+    """The learning rate per step, stepped with the optimizer and checkpointed with it (resumable)."""
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if settings.lr_schedule == "constant" else settings.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=total_steps)
 
 
 def _given_more_time(state: dict, settings: TrainSettings, total: int) -> bool:

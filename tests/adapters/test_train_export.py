@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+from dataclasses import dataclass, replace
 
 import numpy as np
+import pytest
 
 from adapters.export import export_adapter, read_manifest
 from adapters.samples import build_samples, draw, reit_prompts, split_by_time
@@ -76,6 +79,7 @@ def test_train_reit_command_exports_a_listed_adapter(gateway, tiny_settings, tmp
     manifest = read_manifest(tmp_path / "registry", out["adapter"])
     assert manifest["n_train_prompts"] == 16 and manifest["split_sizes"]["train"] == 75599
     assert manifest["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert manifest["lr"] == {"peak": 1e-3, "schedule": "constant", "warmup_steps": 0}
     listed = runner.invoke(app, ["adapters", "list"])
     assert listed.exit_code == 0 and out["adapter"] in listed.output
 
@@ -122,3 +126,35 @@ def test_run_names_keep_variants_apart():
                 reit_run_name("ml-1m-u2999", 256, 10, 8, 0, "vocab", "q_proj,k_proj,v_proj,o_proj")}
     assert len(variants) == 3 and default not in variants
     assert "reit-ml-1m-u2999-n256-k10-r8-s0-q.k.v.o" in variants
+    assert reit_run_name("ml-1m-u2999", 256, 10, 8, 0, "vocab", DEFAULT_TARGETS, "cosine", 32) \
+        == "reit-ml-1m-u2999-n256-k10-r8-s0-cosine-w32"
+
+
+@dataclass
+class _Prompt:
+    input_ids: list[int]
+    label: int
+
+
+def test_a_decaying_learning_rate_resumes_where_it_stopped(tiny_model, tmp_path):
+    """A linear schedule decays to 0 at the last step, and a run cut by its time budget goes on along the
+    same schedule (the scheduler is checkpointed with the optimizer)."""
+    codec = load_codec(tiny_model)
+    rng = random.Random(0)
+    prompts = [_Prompt([rng.randrange(10, len(codec.tokenizer)) for _ in range(12)], i % 2) for i in range(16)]
+    settings = TrainSettings(lora=LoraSettings(rank=4, alpha=8), lr=1e-2, lr_schedule="linear", batch_size=4,
+                             max_epochs=2, eval_every=2, patience=99)
+
+    def fit(run: str, s: TrainSettings) -> dict:
+        return train_lora(tiny_model, prompts, prompts[:8], codec.answer, codec.tokenizer.pad_token_id,
+                          tmp_path / run, s)
+
+    def linear(steps: list[int]):  # 8 steps in all
+        return pytest.approx([1e-2 * (1 - s / 8) for s in steps])
+
+    whole = fit("whole", settings)
+    assert [e["lr"] for e in whole["evals"]] == linear([2, 4, 6, 8])
+    cut = fit("cut", replace(settings, max_seconds=0))
+    assert cut["stopped"] == "time" and cut["step"] == 1
+    resumed = fit("cut", replace(settings, max_seconds=3600))
+    assert resumed["step"] == 8 and [e["lr"] for e in resumed["evals"]] == linear([1, 2, 4, 6, 8])
