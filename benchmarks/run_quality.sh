@@ -10,7 +10,8 @@
 # TRAIN_ARGS replaces the trainer's options, default "--n-valid 500 --eval-every 32"; EVAL_ARGS adds
 # eval options, e.g. "--offline-dtype float32"; a recipe variant, e.g. TRAIN_ARGS="... --rank 32
 # --alpha 64", is its own run and adapter, METHOD_SUFFIX="-r32" names its rows reit-nN-r32).
-# RECLORA_N="256 ..." also trains the CRM when missing and a RecLoRA bank per N, restarts the gateway on it and evaluates mode personal and the cohorts
+# RECLORA_N="256 ..." also trains the CRM when missing and a RecLoRA bank per N, restarts the gateway
+# on it and evaluates mode personal and the cohorts
 # (SKIP_REIT=1 skips the ReiT runs; COHORTS="8 32 128" the cohort sizes evaluated; RECLORA_ARGS replaces
 # TRAIN_ARGS for the bank). EVAL_N defaults to 10000 (the issue's minimum seeded slice);
 # LoRA evaluation has its own size (LORA_EVAL_N).
