@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,14 @@ import typer
 from service.prompt import AnswerTokens
 
 PARTS = ("train", "valid", "test")
+
+
+class LrSchedule(StrEnum):
+    """The learning rate after warmup: constant, or decaying to 0 at the last step (transformers' schedules). Both fit
+    commands take it: `lorec train reit` and this module's `fit` (which runs without the rest of lorec)."""
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +107,7 @@ def fit_command(
     rank: int = typer.Option(8), alpha: int = typer.Option(16), target_modules: str = typer.Option("q_proj,v_proj"),
     lr: float = typer.Option(1e-3), batch_size: int = typer.Option(8), max_epochs: int = typer.Option(2),
     eval_every: int = typer.Option(64), patience: int = typer.Option(3), seed: int = typer.Option(0),
-    lr_schedule: str = typer.Option("constant", help="constant, linear or cosine (decay to 0 at the last step)"),
+    lr_schedule: LrSchedule = typer.Option(LrSchedule.constant, help="learning rate after warmup"),
     warmup_steps: int = typer.Option(0, min=0),
     loss: str = typer.Option("vocab"), device: str = typer.Option("cpu"),
     max_seconds: float = typer.Option(None, help="time budget; the best checkpoint so far is kept"),
@@ -108,7 +117,7 @@ def fit_command(
 
     bundle = load(bundle_path)
     settings = TrainSettings(lora=LoraSettings(rank=rank, alpha=alpha, target_modules=tuple(target_modules.split(","))),
-                             lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps, batch_size=batch_size,
+                             lr=lr, lr_schedule=lr_schedule.value, warmup_steps=warmup_steps, batch_size=batch_size,
                              max_epochs=max_epochs, eval_every=eval_every, patience=patience, seed=seed,
                              loss=loss, device=device, max_seconds=max_seconds)
     state = train_lora(model, bundle.parts["train"], bundle.parts["valid"], bundle.answer, bundle.pad_id, run_dir,

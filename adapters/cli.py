@@ -7,22 +7,15 @@ import contextlib
 import json
 import shutil
 import tempfile
-from enum import StrEnum
 from pathlib import Path
 
 import typer
 
+from adapters.bundle import LrSchedule
 from service.config import Settings
 
 train_app = typer.Typer(help="Offline trainer: samples, LoRA adapters.", no_args_is_help=True)
 DEFAULT_TARGETS = "q_proj,v_proj"  # the issue's default LoRA target modules
-
-
-class LrSchedule(StrEnum):
-    """The learning rate after warmup: constant, or decaying to 0 at the last step (transformers' schedules)."""
-    constant = "constant"
-    linear = "linear"
-    cosine = "cosine"
 
 
 def dataset_name(data_name: str, directory: Path) -> str:

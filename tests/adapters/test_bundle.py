@@ -106,3 +106,19 @@ def test_fit_on_a_time_budget_export_and_score(gateway, tiny_settings, lorec_env
                        dtype=torch.float32)
     alone = score(model, [rows[0].input_ids], bundle.load(path).answer, bundle.load(path).pad_id)
     assert abs(alone[0] - result["scores"][0]) < 1e-4  # batched with padding = scored alone
+
+
+@pytest.mark.parametrize("command", ["bundle-fit", "train-reit"])
+def test_an_unknown_learning_rate_schedule_is_a_usage_error(command, tmp_path):
+    """Both fit commands check --lr-schedule before loading anything, naming the option and its choices."""
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    bundle_file = tmp_path / "b.npz"
+    bundle_file.write_bytes(b"")
+    target, args = {"bundle-fit": (bundle.app, ["fit", bundle_file, "--model", tmp_path, "--run-dir", tmp_path / "r"]),
+                    "train-reit": (app, ["train", "reit", "--bundle", bundle_file])}[command]
+    result = CliRunner().invoke(target, [str(a) for a in [*args, "--lr-schedule", "exponential"]])
+    assert result.exit_code == 2
+    assert "--lr-schedule" in result.output and "cosine" in result.output
