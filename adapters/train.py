@@ -232,7 +232,7 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompt],
             state["evals"].append({"step": state["step"], "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                                    **result})
             state["best"] = {"step": state["step"], **result} if improved else state["best"]
-            state["stale"] = 0 if improved else state["stale"] + 1
+            state["stale"] = _stale_evaluations(state, settings.eval_every, total)
             state["seconds"] = time.monotonic() - started
             state["stopped"] = "patience" if state["stale"] >= settings.patience else "time" if out_of_time else None
             state["done"] = state["stopped"] is not None or state["step"] == total
@@ -249,6 +249,14 @@ def learning_rate_schedule(optimizer, settings: TrainSettings, total_steps: int)
 
     name = "constant_with_warmup" if settings.lr_schedule == "constant" else settings.lr_schedule
     return get_scheduler(name, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=total_steps)
+
+
+def _stale_evaluations(state: dict, eval_every: int, total: int) -> int:
+    """Scheduled evaluations since the best one: what patience counts. An evaluation forced by the time
+    budget may pick the checkpoint but does not count, so a run stopped and resumed is not stopped
+    earlier than an unbroken one; derived from the record, a resumed run's count is right again."""
+    best = state["best"]["step"]
+    return sum(1 for e in state["evals"] if e["step"] > best and (e["step"] % eval_every == 0 or e["step"] == total))
 
 
 def _given_more_time(state: dict, settings: TrainSettings, total: int) -> bool:
