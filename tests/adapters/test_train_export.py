@@ -158,3 +158,17 @@ def test_a_decaying_learning_rate_resumes_where_it_stopped(tiny_model, tmp_path)
     assert cut["stopped"] == "time" and cut["step"] == 1
     resumed = fit("cut", replace(settings, max_seconds=3600))
     assert resumed["step"] == 8 and [e["lr"] for e in resumed["evals"]] == linear([1, 2, 4, 6, 8])
+
+
+def test_patience_counts_scheduled_evaluations_only():
+    """The evaluation a time budget forces (step 129 here) is on record, may be the best, but is not one of
+    the evaluations patience counts, so resuming does not stop the run earlier than an unbroken one."""
+    from adapters.train import _stale_evaluations
+
+    def record(best_step: int, *steps: int) -> dict:
+        return {"best": {"step": best_step}, "evals": [{"step": s} for s in steps]}
+
+    assert _stale_evaluations(record(128, 64, 128, 129, 192), eval_every=64, total=1024) == 1
+    assert _stale_evaluations(record(128, 64, 128, 129, 192, 256), eval_every=64, total=1024) == 2
+    assert _stale_evaluations(record(129, 64, 128, 129, 192), eval_every=64, total=1024) == 1
+    assert _stale_evaluations(record(64, 64, 100), eval_every=64, total=100) == 1  # the last step is scheduled
