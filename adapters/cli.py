@@ -146,7 +146,10 @@ def reit(
     lr: float = typer.Option(1e-3), batch_size: int = typer.Option(8), max_epochs: int = typer.Option(2),
     lr_schedule: LrSchedule = typer.Option(LrSchedule.constant, help="learning rate after warmup"),
     warmup_steps: int = typer.Option(0, min=0),
-    eval_every: int = typer.Option(64), patience: int = typer.Option(3), seed: int = typer.Option(0),
+    eval_every: int = typer.Option(64, min=1, help="optimizer steps between validation evaluations"),
+    patience: int = typer.Option(3, min=1, help="scheduled evaluations without a better validation AUC "
+                                                "before the run stops"),
+    seed: int = typer.Option(0),
     loss: str = typer.Option("vocab", help="vocab (LM cross-entropy on the answer token) or pair (logistic "
                                            "loss on logit Yes - logit No)"),
     device: str = typer.Option("cpu", help="torch device to train on (cpu, cuda)"),
