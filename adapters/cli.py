@@ -341,6 +341,8 @@ def eval_command(
                                            "per request at the earliest one's as_of (n // slate_size slates); "
                                            "0: one sample per request"),
     offline: bool = typer.Option(True, help="also score with transformers + peft and compare"),
+    offline_n: int = typer.Option(0, min=0, help="score only this seeded subsample of the evaluated samples "
+                                                 "offline (0: all); the figures stay the gateway's on all of them"),
     crm: bool = typer.Option(False, "--crm", help="score the saved DIN CRM (LOREC_DATA_DIR/crm/<dataset>-din.pt) "
                                                   "on the same seeded samples instead; offline, no gateway"),
     offline_dtype: str = typer.Option(None, help="dtype of the offline reference (bfloat16 or float32); "
@@ -393,13 +395,16 @@ def eval_command(
     result.update(facts)
     if offline and mode == "cohort":
         offline = False  # no offline reference for cohort routing; the personal mode covers the bank
-    if offline:
-        prompts = asyncio.run(_offline_prompts(settings, data, samples, k, retrieval))
+    if offline:  # the same computation outside vLLM, on all evaluated samples or a seeded part of them
+        checked = draw(range(len(samples)), offline_n, seed) if offline_n else range(len(samples))
+        subset = [samples[i] for i in checked]
+        prompts = asyncio.run(_offline_prompts(settings, data, subset, k, retrieval))
         codec = load_codec(settings.model_dir)
-        model, prepare = _offline_model(settings, data, samples, adapter, mode, getattr(torch, offline_dtype))
+        model, prepare = _offline_model(settings, data, subset, adapter, mode, getattr(torch, offline_dtype))
         offline_scores = score(model, prompts, codec.answer, codec.pad_id, progress="offline", prepare=prepare)
-        result["offline"] = {**summarize(samples, offline_scores), "dtype": offline_dtype,
-                             **agreement(samples, served.scores, offline_scores, served.prompts, prompts)}
+        result["offline"] = {**summarize(subset, offline_scores), "n": len(subset), "dtype": offline_dtype,
+                             **agreement(subset, [served.scores[i] for i in checked], offline_scores,
+                                         [served.prompts[i] for i in checked], prompts)}
     typer.echo(json.dumps(result))
     if method:
         record_result(out, dataset, method, result)

@@ -23,6 +23,18 @@ def test_lorec_eval_small_slice_agrees_with_offline(http_gateway, tmp_path):
     assert recorded["auc"] == result["auc"] and recorded["command"].startswith("lorec eval --dir")
 
 
+def test_lorec_eval_checks_a_seeded_part_offline_when_told(http_gateway, tmp_path):
+    """--offline-n: the figures are the gateway's on every sample, the offline reference scores a seeded part."""
+    base, env, _ = http_gateway
+    command = [LOREC, "eval", "--dir", str(ML100K), "--gateway", base, "--adapter", "tiny-random-v1", "--n", "24",
+               "--k", "5", "--offline-n", "6", "--out", str(tmp_path / "quality.json")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["n_test"] == 24 and result["offline"]["n"] == 6
+    assert result["offline"]["prompt_mismatches"] == 0 and result["offline"]["mean_abs_delta_p"] < 0.01
+
+
 def test_slates_are_one_users_consecutive_distinct_items():
     from adapters.evaluate import slates
     from adapters.samples import Sample
