@@ -8,7 +8,8 @@
 # a ReiT LoRA on N few-shot samples for each N, then starts the vLLM engine and the gateway and
 # evaluates: zero-shot, then each adapter (SKIP_ZERO_SHOT=1 skips the zero-shot run;
 # TRAIN_ARGS replaces the trainer's options, default "--n-valid 500 --eval-every 32"; EVAL_ARGS adds
-# eval options, e.g. "--offline-dtype float32"; a recipe variant, e.g. TRAIN_ARGS="... --rank 32
+# eval options, e.g. "--offline-dtype float32", or "--offline-n 1000" to check a seeded 1,000 of a
+# 10,000-sample evaluation offline instead of all of them; a recipe variant, e.g. TRAIN_ARGS="... --rank 32
 # --alpha 64", is its own run and adapter, METHOD_SUFFIX="-r32" names its rows reit-nN-r32).
 # RECLORA_N="256 ..." also trains the CRM when missing and a RecLoRA bank per N, restarts the gateway
 # on it and evaluates mode personal and the cohorts
