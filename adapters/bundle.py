@@ -106,7 +106,7 @@ def fit_command(
     run_dir: Path = typer.Option(..., help="checkpoints; re-running resumes"),
     rank: int = typer.Option(8), alpha: int = typer.Option(16), target_modules: str = typer.Option("q_proj,v_proj"),
     lr: float = typer.Option(1e-3), batch_size: int = typer.Option(8), max_epochs: int = typer.Option(2),
-    eval_every: int = typer.Option(64), patience: int = typer.Option(3), seed: int = typer.Option(0),
+    eval_every: int = typer.Option(64, min=1), patience: int = typer.Option(3, min=1), seed: int = typer.Option(0),
     lr_schedule: LrSchedule = typer.Option(LrSchedule.constant, help="learning rate after warmup"),
     warmup_steps: int = typer.Option(0, min=0),
     loss: str = typer.Option("vocab"), device: str = typer.Option("cpu"),

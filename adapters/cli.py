@@ -211,7 +211,7 @@ def reclora(
     alpha: int = typer.Option(16), target_modules: str = typer.Option(DEFAULT_TARGETS),
     temperature: float = typer.Option(1.0), cohorts: str = typer.Option("8,32,128", help="k-means sizes"),
     lr: float = typer.Option(1e-3), batch_size: int = typer.Option(8), max_epochs: int = typer.Option(2),
-    eval_every: int = typer.Option(64), patience: int = typer.Option(3), seed: int = typer.Option(0),
+    eval_every: int = typer.Option(64, min=1), patience: int = typer.Option(3, min=1), seed: int = typer.Option(0),
     name: str = typer.Option(None, help="bank name under data_dir/reclora (default: derived)"),
 ) -> None:
     """Train a RecLoRA bank (meta-LoRAs + gates over the frozen CRM's user vector) and its cohorts."""
