@@ -226,7 +226,7 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompt],
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}", best_auc=_fmt(state["best"]))
         out_of_time = settings.max_seconds is not None and time.monotonic() - started >= settings.max_seconds
-        if state["step"] % settings.eval_every == 0 or state["step"] == total or out_of_time:
+        if _scheduled(state["step"], settings.eval_every, total) or out_of_time:
             result = metrics(valid_labels, score(model, valid_rows, answer, pad_id, prepare=valid_prepare))
             improved = state["best"] is None or result["auc"] > state["best"]["auc"]
             state["evals"].append({"step": state["step"], "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
@@ -256,7 +256,12 @@ def _stale_evaluations(state: dict, eval_every: int, total: int) -> int:
     budget may pick the checkpoint but does not count, so a run stopped and resumed is not stopped
     earlier than an unbroken one; derived from the record, a resumed run's count is right again."""
     best = state["best"]["step"]
-    return sum(1 for e in state["evals"] if e["step"] > best and (e["step"] % eval_every == 0 or e["step"] == total))
+    return sum(1 for e in state["evals"] if e["step"] > best and _scheduled(e["step"], eval_every, total))
+
+
+def _scheduled(step: int, eval_every: int, total: int) -> bool:
+    """Validation runs every `eval_every` steps and at the last one."""
+    return step % eval_every == 0 or step == total
 
 
 def _given_more_time(state: dict, settings: TrainSettings, total: int) -> bool:

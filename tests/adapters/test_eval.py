@@ -8,14 +8,18 @@ import subprocess
 from tests.conftest import LOREC, ML100K
 
 
+def _eval(base: str, env: dict, *args: str) -> dict:
+    """`lorec eval` of the tiny adapter through the running gateway; its JSON result."""
+    command = [LOREC, "eval", "--dir", str(ML100K), "--gateway", base, "--adapter", "tiny-random-v1", *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_lorec_eval_small_slice_agrees_with_offline(http_gateway, tmp_path):
     base, env, _ = http_gateway
     out = tmp_path / "quality.json"
-    command = [LOREC, "eval", "--dir", str(ML100K), "--gateway", base, "--adapter", "tiny-random-v1", "--n", "24",
-               "--k", "5", "--method", "reit-test", "--out", str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = _eval(base, env, "--n", "24", "--k", "5", "--method", "reit-test", "--out", str(out))
     assert result["n_test"] == 24 and result["kind"] == "llm" and 0 <= result["auc"] <= 1
     assert result["offline"]["prompt_mismatches"] == 0
     assert result["offline"]["mean_abs_delta_p"] < 0.01
@@ -26,11 +30,7 @@ def test_lorec_eval_small_slice_agrees_with_offline(http_gateway, tmp_path):
 def test_lorec_eval_checks_a_seeded_part_offline_when_told(http_gateway, tmp_path):
     """--offline-n: the figures are the gateway's on every sample, the offline reference scores a seeded part."""
     base, env, _ = http_gateway
-    command = [LOREC, "eval", "--dir", str(ML100K), "--gateway", base, "--adapter", "tiny-random-v1", "--n", "24",
-               "--k", "5", "--offline-n", "6", "--out", str(tmp_path / "quality.json")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = _eval(base, env, "--n", "24", "--k", "5", "--offline-n", "6", "--out", str(tmp_path / "quality.json"))
     assert result["n_test"] == 24 and result["offline"]["n"] == 6
     assert result["offline"]["prompt_mismatches"] == 0 and result["offline"]["mean_abs_delta_p"] < 0.01
 
@@ -51,9 +51,6 @@ def test_slates_are_one_users_consecutive_distinct_items():
 
 def test_lorec_eval_scores_slates_through_the_gateway(http_gateway, tmp_path):
     base, env, _ = http_gateway
-    command = [LOREC, "eval", "--dir", str(ML100K), "--gateway", base, "--adapter", "tiny-random-v1", "--n", "20",
-               "--slate-size", "5", "--retrieval", "slate", "--out", str(tmp_path / "q.json")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = _eval(base, env, "--n", "20", "--slate-size", "5", "--retrieval", "slate",
+                   "--out", str(tmp_path / "q.json"))
     assert result["slates"] == 4 and 4 <= result["n_test"] <= 20 and 0 <= result["auc"] <= 1
