@@ -23,6 +23,21 @@ from adapters.samples import Sample
 from adapters.train import metrics
 
 AGREEMENT = 0.01
+RETRIED = (503, 504)  # the gateway's dependency faults: transient, so worth another try
+RETRY_WAITS_S = (1.0, 4.0, 15.0)  # one long evaluation must not be lost to one engine hiccup
+
+
+async def _post(client: httpx.AsyncClient, body: dict, what: str) -> dict:
+    """POST /v1/ctr, retrying dependency faults (503/504) after each wait in RETRY_WAITS_S; any other error,
+    or a fault that outlasts the waits, fails the evaluation naming `what`."""
+    for wait_s in (*RETRY_WAITS_S, None):
+        response = await client.post("/v1/ctr", json=body)
+        if response.status_code not in RETRIED or wait_s is None:
+            break
+        await asyncio.sleep(wait_s)
+    if response.status_code != 200:
+        raise RuntimeError(f"gateway answered {response.status_code} for {what}: {response.text[:300]}")
+    return response.json()
 
 
 @dataclass
@@ -48,12 +63,9 @@ async def score_via_gateway(base_url: str, samples: Sequence[Sample], adapter: s
 
         async def one(i: int, s: Sample) -> None:
             async with limit:
-                response = await client.post("/v1/ctr", json={
+                body = await _post(client, {
                     "user_id": s.user_id, "item_ids": [s.item_id], "as_of": s.ts,
-                    "options": {**choice, "k": k, "retrieval": retrieval, "return_prompt": True}})
-            if response.status_code != 200:
-                raise RuntimeError(f"gateway answered {response.status_code} for sample {i}: {response.text[:300]}")
-            body = response.json()
+                    "options": {**choice, "k": k, "retrieval": retrieval, "return_prompt": True}}, f"sample {i}")
             scores[i], prompts[i] = body["scores"][0]["score"], body["scores"][0]["prompt_token_ids"]
             served_by[body["adapter_mode"]] = served_by.get(body["adapter_mode"], 0) + 1
             progress.update(1)
@@ -86,13 +98,11 @@ async def score_slates_via_gateway(base_url: str, groups: Sequence[Sequence[Samp
 
         async def one(i: int, group: Sequence[Sample]) -> None:
             async with limit:
-                response = await client.post("/v1/ctr", json={
+                body = await _post(client, {
                     "user_id": group[0].user_id, "item_ids": [s.item_id for s in group],
                     "as_of": min(s.ts for s in group), "options": {"adapter": adapter, "k": k,
-                                                                  "retrieval": retrieval}})
-            if response.status_code != 200:
-                raise RuntimeError(f"gateway answered {response.status_code} for slate {i}: {response.text[:300]}")
-            scores[i] = [s["score"] for s in response.json()["scores"]]
+                                                                  "retrieval": retrieval}}, f"slate {i}")
+            scores[i] = [s["score"] for s in body["scores"]]
             progress.update(1)
 
         await asyncio.gather(*(one(i, g) for i, g in enumerate(groups)))

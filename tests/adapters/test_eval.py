@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+import httpx
+
 from tests.conftest import LOREC, ML100K
 
 
@@ -33,6 +35,35 @@ def test_lorec_eval_checks_a_seeded_part_offline_when_told(http_gateway, tmp_pat
     result = _eval(base, env, "--n", "24", "--k", "5", "--offline-n", "6", "--out", str(tmp_path / "quality.json"))
     assert result["n_test"] == 24 and result["offline"]["n"] == 6
     assert result["offline"]["prompt_mismatches"] == 0 and result["offline"]["mean_abs_delta_p"] < 0.01
+
+
+async def _post_against(statuses: list[int], monkeypatch) -> tuple[dict | Exception, int]:
+    """`_post` against a gateway answering `statuses` in turn (then 200); its result or error, and the calls made."""
+    from adapters import evaluate
+
+    monkeypatch.setattr(evaluate, "RETRY_WAITS_S", (0.0, 0.0, 0.0))
+    calls = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        status = statuses[len(calls) - 1] if len(calls) <= len(statuses) else 200
+        return httpx.Response(status, json={"scores": [{"score": 0.5}]} if status == 200 else {"error": "x"})
+
+    async with httpx.AsyncClient(base_url="http://gw", transport=httpx.MockTransport(answer)) as client:
+        try:
+            return await evaluate._post(client, {"user_id": "1"}, "sample 7"), len(calls)
+        except RuntimeError as error:
+            return error, len(calls)
+
+
+async def test_gateway_dependency_faults_are_retried_then_name_the_sample(monkeypatch):
+    """A 503/504 (engine or store hiccup) is tried again; a lasting one, or a client error, fails naming the sample."""
+    body, calls = await _post_against([503, 504], monkeypatch)
+    assert body == {"scores": [{"score": 0.5}]} and calls == 3
+    error, calls = await _post_against([503] * 10, monkeypatch)
+    assert isinstance(error, RuntimeError) and "503 for sample 7" in str(error) and calls == 4
+    error, calls = await _post_against([422], monkeypatch)
+    assert isinstance(error, RuntimeError) and "422 for sample 7" in str(error) and calls == 1
 
 
 def test_slates_are_one_users_consecutive_distinct_items():
