@@ -56,14 +56,17 @@ def plot(results: dict, path: Path) -> bool:
     drawn = False
     for i, (dataset, methods) in enumerate(sorted(results.items())):
         color = f"C{i}"  # one colour per dataset: its curve, its RecLoRA point, its baselines
-        points = sorted((_n_of(m), r["auc"], r.get("epochs")) for m, r in methods.items()
+        points = sorted((_n_of(m), r["auc"], r.get("epochs"), r.get("n_test")) for m, r in methods.items()
                         if re.fullmatch(r"reit-n\d+", m))
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color,
                     label=f"{dataset} ReiT LoRA")
-            for n, auc, epochs in points:
-                if epochs is not None and epochs < 1:  # a run its time budget cut short
-                    ax.annotate(f"{epochs:.2f} epoch", (n, auc), textcoords="offset points", xytext=(4, -10),
+            mixed_sizes = len({p[3] for p in points}) > 1  # a curve mixing test sizes says which is which
+            for n, auc, epochs, n_test in points:
+                notes = ([f"{epochs:.2f} epoch"] if epochs is not None and epochs < 1 else []) \
+                    + ([f"{n_test:,} test"] if mixed_sizes else [])  # epochs < 1: a run its time budget cut short
+                if notes:
+                    ax.annotate(", ".join(notes), (n, auc), textcoords="offset points", xytext=(4, -10),
                                 fontsize=7, color=color)
             drawn = True
         personal = methods.get("reclora-personal")
