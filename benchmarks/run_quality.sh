@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/run_quality.sh ../shared/data/ml-100k [EVAL_N] [LORA_EVAL_N] [N_TRAIN...]
 #
-# Starts redis-server on the data folder $LOREC_DATA_DIR (default var/), ingests when needed, trains
+# Starts redis-server on the data folder $LOREC_DATA_DIR (default var/), ingests when needed (one data
+# folder and Redis per dataset: ingest refuses a second dataset in a store that holds one), trains
 # a ReiT LoRA on N few-shot samples for each N, then starts the vLLM engine and the gateway and
 # evaluates: zero-shot, then each adapter (SKIP_ZERO_SHOT=1 skips the zero-shot run;
 # TRAIN_ARGS replaces the trainer's options, default "--n-valid 500 --eval-every 32"; EVAL_ARGS adds

@@ -53,10 +53,14 @@ def ingest_movielens_command(
     skip_bad_lines: bool = typer.Option(False, help="skip malformed lines instead of rejecting the file"),
 ) -> None:
     """Read GroupLens MovieLens files into Redis (history, catalog, profiles) and Qdrant (item vectors)."""
-    from service.ingest import ingest_folder
+    from service.ingest import MalformedFile, StoreHoldsAnotherDataset, ingest_folder
 
     _logging()
-    typer.echo(json.dumps(asyncio.run(ingest_folder(Settings(), directory, skip_bad_lines))))
+    try:
+        typer.echo(json.dumps(asyncio.run(ingest_folder(Settings(), directory, skip_bad_lines))))
+    except (MalformedFile, StoreHoldsAnotherDataset) as refused:
+        typer.echo(f"ingest refused: {refused}", err=True)
+        raise typer.Exit(2) from None
 
 
 @adapters_app.command("list")

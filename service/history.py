@@ -59,6 +59,9 @@ class Keys:
     def ingest(self, dataset: str) -> str:
         return f"{self.prefix}:ingest:{dataset}"
 
+    def dataset(self) -> str:
+        return f"{self.prefix}:dataset"
+
 
 # --- pure codecs ---------------------------------------------------------------------------
 

@@ -160,6 +160,17 @@ def read_movielens(directory: Path, skip_bad_lines: bool = False) -> MovieLens:
                      fingerprint=digest.hexdigest())
 
 
+class StoreHoldsAnotherDataset(RuntimeError):
+    """MovieLens ids are small integers that every release reuses: a second dataset in the same store
+    would merge its users' histories into the first's and overwrite its items and item vectors."""
+
+    def __init__(self, prefix: str, holder: str, dataset: str) -> None:
+        super().__init__(f"this store (Redis prefix {prefix!r}) holds {holder!r}; ingesting {dataset!r} into it "
+                         f"would merge their users and overwrite items: give {dataset!r} its own store "
+                         "(LOREC_DATA_DIR and Redis, or LOREC_REDIS_PREFIX and, with a Qdrant server, "
+                         "LOREC_QDRANT_COLLECTION)")
+
+
 @dataclass
 class IngestReport:
     dataset: str
@@ -174,8 +185,17 @@ class IngestReport:
                 "skipped_lines": len(self.skipped_lines), "already_done": self.already_done}
 
 
+async def claim_store(redis: Redis | RedisCluster, keys: Keys, dataset: str) -> None:
+    """The first dataset ingested under a prefix owns it; any other is refused before anything is written."""
+    await redis.set(keys.dataset(), dataset, nx=True)
+    holder = await redis.get(keys.dataset())
+    if holder != dataset:
+        raise StoreHoldsAnotherDataset(keys.prefix, holder, dataset)
+
+
 async def ingest_movielens(data: MovieLens, redis: Redis | RedisCluster, keys: Keys, index: ItemIndex, encoder,
                            encoder_id: str, chunk: int = 5000) -> IngestReport:
+    await claim_store(redis, keys, data.name)
     fingerprint = f"{data.fingerprint}:{encoder_id}"
     users = set(data.profiles) | {u for u, _ in data.ratings}
     report = IngestReport(data.name, len(users), len(data.items), len(data.ratings), data.skipped)

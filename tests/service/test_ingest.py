@@ -1,4 +1,5 @@
-"""Ingestion: counts match the source files, re-runs are idempotent, malformed files are rejected whole."""
+"""Ingestion: counts match the source files, re-runs are idempotent, malformed files are rejected whole,
+a second dataset is refused by a store that holds another."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import gzip
 
 import pytest
 from redis import Redis
+from typer.testing import CliRunner
 
+from service.cli import app
 from service.history import Keys
 from service.ingest import MalformedFile, read_movielens
 from tests.conftest import ML100K
@@ -69,14 +72,33 @@ def test_skip_bad_lines_reports_and_keeps_the_rest(tmp_path):
                                               ("Action", "Adventure", "Thriller")]
 
 
-def test_reads_ml1m_format_gzipped(tmp_path):
-    for name, text in {"movies.dat": "1::Toy Story (1995)::Animation|Children's|Comedy\n",
-                       "users.dat": "1::F::1::10::48067\n",
+def _write_ml1m(directory, movies="1::Toy Story (1995)::Animation|Children's|Comedy\n"):
+    for name, text in {"movies.dat": movies, "users.dat": "1::F::1::10::48067\n",
                        "ratings.dat": "1::1::5::978300760\n1::1::4::978300761\n"}.items():
-        with gzip.open(tmp_path / f"{name}.gz", "wt", encoding="latin-1") as f:
+        with gzip.open(directory / f"{name}.gz", "wt", encoding="latin-1") as f:
             f.write(text)
+
+
+def test_reads_ml1m_format_gzipped(tmp_path):
+    _write_ml1m(tmp_path)
     data = read_movielens(tmp_path)
     assert data.name == "ml-1m"
     assert data.profiles["1"].age == "under 18" and data.profiles["1"].occupation == "K-12 student"
     assert data.items[0].year == 1995 and data.items[0].title == "Toy Story"
     assert len(data.ratings) == 2
+
+
+def test_a_second_dataset_is_refused_and_the_first_is_untouched(ingested, redis_url, tiny_model, tmp_path):
+    """ML-1M's user 1 and item 1 are not ML-100K's: merging them would corrupt both silently."""
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    _write_ml1m(folder, "1::Other Film (1999)::Drama\n")
+    redis, keys = Redis.from_url(redis_url, decode_responses=True), Keys()
+    before = (redis.hgetall(keys.item("1")), redis.hgetall(keys.profile("1")), redis.zcard(keys.events("1")))
+    env = {"LOREC_REDIS_URL": redis_url, "LOREC_MODEL": str(tiny_model), "LOREC_DATA_DIR": str(tmp_path / "data"),
+           "LOREC_QDRANT_URL": None, "QDRANT_URL": None, "LOREC_REDIS_PREFIX": None}
+    result = CliRunner().invoke(app, ["ingest", "movielens", "--dir", str(folder)], env=env)
+    assert result.exit_code == 2, result.output
+    assert "holds 'ml-100k'" in result.output and "ingesting 'ml-1m'" in result.output
+    assert (redis.hgetall(keys.item("1")), redis.hgetall(keys.profile("1")), redis.zcard(keys.events("1"))) == before
+    assert redis.get(keys.dataset()) == "ml-100k"
