@@ -53,11 +53,16 @@ def ingest_movielens_command(
     skip_bad_lines: bool = typer.Option(False, help="skip malformed lines instead of rejecting the file"),
 ) -> None:
     """Read GroupLens MovieLens files into Redis (history, catalog, profiles) and Qdrant (item vectors)."""
+    _logging()
+    typer.echo(json.dumps(_ingest_or_exit(Settings(), directory, skip_bad_lines)))
+
+
+def _ingest_or_exit(settings, directory: Path, skip_bad_lines: bool = False) -> dict:
+    """Ingests, or exits 2 with the reason when the files or the store refuse the data."""
     from service.ingest import MalformedFile, StoreHoldsAnotherDataset, ingest_folder
 
-    _logging()
     try:
-        typer.echo(json.dumps(asyncio.run(ingest_folder(Settings(), directory, skip_bad_lines))))
+        return asyncio.run(ingest_folder(settings, directory, skip_bad_lines))
     except (MalformedFile, StoreHoldsAnotherDataset) as refused:
         typer.echo(f"ingest refused: {refused}", err=True)
         raise typer.Exit(2) from None
@@ -107,7 +112,6 @@ def up(
     import uvicorn
 
     from service.app import create_app
-    from service.ingest import ingest_folder
     from service.model import resolve_model
     from service.processes import Managed, engine_command, engine_env, redis_command
 
@@ -132,7 +136,7 @@ def up(
                        env=engine_env(settings))
         children.append(vllm)
         log.info("ingesting %s (skipped when already ingested)", data)
-        log.info("ingest: %s", asyncio.run(ingest_folder(settings, data)))
+        log.info("ingest: %s", _ingest_or_exit(settings, data))
         log.info("waiting for the vLLM engine (log: %s)", vllm.log_path)
         vllm.wait_http(f"{settings.engine_url}/health", 900)
         gateway = create_app(settings)  # generates and prints an API key when none is configured
