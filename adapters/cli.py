@@ -59,11 +59,14 @@ def splits(directory: Path = typer.Option(..., "--dir", exists=True, file_okay=F
 
 
 @contextlib.asynccontextmanager
-async def offline_index(settings: Settings):
-    """The gateway's item index, for reading. An embedded Qdrant Edge shard admits one process at
-    a time, so the trainer reads a copy of it; a Qdrant server is shared as is."""
+async def offline_index(settings: Settings, dataset: str):
+    """The gateway's item index, for reading, once the store says it holds `dataset`. An embedded
+    Qdrant Edge shard admits one process at a time, so the trainer reads a copy of it; a Qdrant
+    server is shared as is."""
+    from service.ingest import require_store_holds
     from service.retrieval import open_configured_index, open_index
 
+    await require_store_holds(settings, dataset)
     if settings.qdrant_url:
         index = open_configured_index(settings)
         try:
@@ -89,7 +92,7 @@ async def _prompts(settings: Settings, directory: Path, n_train: int, n_valid: i
     data = read_movielens(directory)
     parts = split_by_time(build_samples(data))
     codec = load_codec(settings.model_dir)
-    async with offline_index(settings) as index:
+    async with offline_index(settings, data.name) as index:
         train = await reit_prompts(draw(parts["train"], n_train, seed), data, index, codec, k)
         valid = await reit_prompts(draw(parts["valid"], n_valid, seed + 1), data, index, codec, k,
                                    modes=(settings.retrieval_mode,))
@@ -261,7 +264,7 @@ async def _offline_prompted(settings: Settings, data, samples, k: int, mode: str
     from adapters.samples import reit_prompts
     from service.prompt import load_codec
 
-    async with offline_index(settings) as index:
+    async with offline_index(settings, data.name) as index:
         return await reit_prompts(samples, data, index, load_codec(settings.model_dir), k, modes=(mode,))
 
 
@@ -359,7 +362,7 @@ def eval_command(
     from adapters.evaluate import agreement, score_via_gateway, summarize
     from adapters.samples import build_samples, draw, split_by_time
     from adapters.train import score
-    from service.ingest import read_movielens
+    from service.ingest import read_movielens, require_store_holds
     from service.prompt import load_codec
 
     settings = Settings()
@@ -375,6 +378,7 @@ def eval_command(
         if method:
             record_result(out, dataset, method, result)
         return
+    asyncio.run(require_store_holds(settings, data.name))  # before an hour of scoring another catalogue
     facts = _training_facts(settings, adapter, mode)
     offline_dtype = offline_dtype or settings.engine_dtype
     from service.auth import client_key

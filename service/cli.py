@@ -161,7 +161,13 @@ def _redis_answers(url: str) -> bool:
 
 
 def main() -> None:
-    app()
+    from service.ingest import StoreMismatch
+
+    try:
+        app()
+    except StoreMismatch as refused:  # a trainer or evaluator pointed at another dataset's store
+        typer.echo(f"refused: {refused}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

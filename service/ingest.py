@@ -193,6 +193,25 @@ async def claim_store(redis: Redis | RedisCluster, keys: Keys, dataset: str) -> 
         raise StoreHoldsAnotherDataset(keys.prefix, holder, dataset)
 
 
+class StoreMismatch(RuntimeError):
+    """A reader of the store (trainer, evaluator) given a folder the store does not hold."""
+
+
+async def require_store_holds(settings: Settings, dataset: str) -> None:
+    """The trainer and the evaluator read the gateway's item vectors; they must be this dataset's,
+    else every retrieved history would be another catalogue's items under the same ids."""
+    redis = connect(settings.redis_url, settings.redis_cluster)
+    try:
+        holder = await redis.get(Keys(settings.redis_prefix).dataset())
+    finally:
+        await redis.aclose()
+    if holder != dataset:
+        held = f"holds {holder!r}" if holder else "holds no dataset"
+        raise StoreMismatch(f"the store (Redis prefix {settings.redis_prefix!r}) {held}, not {dataset!r}: "
+                            f"point LOREC_DATA_DIR / LOREC_REDIS_URL at {dataset!r}'s store, or ingest it "
+                            "into an empty one with `lorec ingest movielens`")
+
+
 async def ingest_movielens(data: MovieLens, redis: Redis | RedisCluster, keys: Keys, index: ItemIndex, encoder,
                            encoder_id: str, chunk: int = 5000) -> IngestReport:
     await claim_store(redis, keys, data.name)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from service.history import Keys
-from service.ingest import MalformedFile, read_movielens
+from service.ingest import MalformedFile, StoreMismatch, read_movielens, require_store_holds
 from tests.conftest import ML100K
 
 
@@ -102,3 +102,18 @@ def test_a_second_dataset_is_refused_and_the_first_is_untouched(ingested, redis_
     assert "holds 'ml-100k'" in result.output and "ingesting 'ml-1m'" in result.output
     assert (redis.hgetall(keys.item("1")), redis.hgetall(keys.profile("1")), redis.zcard(keys.events("1"))) == before
     assert redis.get(keys.dataset()) == "ml-100k"
+
+
+def test_readers_refuse_a_store_that_holds_another_dataset(ingested, tiny_settings, tmp_path):
+    """The trainer and `lorec eval` read the store's item vectors: another catalogue's would be wrong."""
+    asyncio.run(require_store_holds(tiny_settings, "ml-100k"))
+    with pytest.raises(StoreMismatch, match="holds 'ml-100k', not 'ml-1m'"):
+        asyncio.run(require_store_holds(tiny_settings, "ml-1m"))
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    _write_ml1m(folder)
+    env = {"LOREC_REDIS_URL": tiny_settings.redis_url, "LOREC_MODEL": str(tiny_settings.model),
+           "LOREC_DATA_DIR": str(tiny_settings.data_dir), "LOREC_REDIS_PREFIX": None}
+    result = CliRunner().invoke(app, ["eval", "--dir", str(folder), "--gateway", "http://127.0.0.1:9", "--n", "1"],
+                                env=env)
+    assert isinstance(result.exception, StoreMismatch), result.output
