@@ -208,8 +208,9 @@ async def require_store_holds(settings: Settings, dataset: str) -> None:
     if holder != dataset:
         held = f"holds {holder!r}" if holder else "holds no dataset"
         raise StoreMismatch(f"the store (Redis prefix {settings.redis_prefix!r}) {held}, not {dataset!r}: "
-                            f"point LOREC_DATA_DIR / LOREC_REDIS_URL at {dataset!r}'s store, or ingest it "
-                            "into an empty one with `lorec ingest movielens`")
+                            f"point LOREC_DATA_DIR / LOREC_REDIS_URL at {dataset!r}'s store, or run `lorec "
+                            "ingest movielens` on the folder (into an empty store; a store an earlier lorec "
+                            "ingested without recording its dataset only gets it recorded)")
 
 
 async def ingest_movielens(data: MovieLens, redis: Redis | RedisCluster, keys: Keys, index: ItemIndex, encoder,
