@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import os
+import subprocess
 
 import pytest
 from redis import Redis
@@ -13,7 +15,7 @@ from typer.testing import CliRunner
 from service.cli import app
 from service.history import Keys
 from service.ingest import MalformedFile, StoreMismatch, read_movielens, require_store_holds
-from tests.conftest import ML100K
+from tests.conftest import LOREC, ML100K
 
 
 def _source_lines(name: str) -> int:
@@ -112,8 +114,9 @@ def test_readers_refuse_a_store_that_holds_another_dataset(ingested, tiny_settin
     folder = tmp_path / "ml-1m"
     folder.mkdir()
     _write_ml1m(folder)
-    env = {"LOREC_REDIS_URL": tiny_settings.redis_url, "LOREC_MODEL": str(tiny_settings.model),
-           "LOREC_DATA_DIR": str(tiny_settings.data_dir), "LOREC_REDIS_PREFIX": None}
-    result = CliRunner().invoke(app, ["eval", "--dir", str(folder), "--gateway", "http://127.0.0.1:9", "--n", "1"],
-                                env=env)
-    assert isinstance(result.exception, StoreMismatch), result.output
+    env = {k: v for k, v in os.environ.items() if k not in ("QDRANT_URL", "LOREC_REDIS_PREFIX")}
+    env.update(LOREC_REDIS_URL=tiny_settings.redis_url, LOREC_MODEL=str(tiny_settings.model),
+               LOREC_DATA_DIR=str(tiny_settings.data_dir))
+    done = subprocess.run([LOREC, "eval", "--dir", str(folder), "--gateway", "http://127.0.0.1:9", "--n", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "holds 'ml-100k', not 'ml-1m'" in done.stderr, done.stderr[-2000:]
