@@ -57,7 +57,7 @@ def ingest_movielens_command(
     typer.echo(json.dumps(_ingest_or_exit(Settings(), directory, skip_bad_lines)))
 
 
-def _ingest_or_exit(settings, directory: Path, skip_bad_lines: bool = False) -> dict:
+def _ingest_or_exit(settings: Settings, directory: Path, skip_bad_lines: bool = False) -> dict:
     """Ingests, or exits 2 with the reason when the files or the store refuse the data."""
     from service.ingest import MalformedFile, StoreHoldsAnotherDataset, ingest_folder
 
