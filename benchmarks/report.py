@@ -63,8 +63,8 @@ def plot(results: dict, path: Path) -> bool:
                     label=f"{dataset} ReiT LoRA")
             mixed_sizes = len({p[3] for p in points}) > 1  # a curve mixing test sizes says which is which
             for n, auc, epochs, n_test in points:
-                notes = ([f"{epochs:.2f} epoch"] if epochs is not None and epochs < 1 else []) \
-                    + ([f"{n_test:,} test"] if mixed_sizes else [])  # epochs < 1: a run its time budget cut short
+                cut_short = epochs is not None and epochs < 1  # a run its time budget cut short
+                notes = ([f"{epochs:.2f} epoch"] if cut_short else []) + ([f"{n_test:,} test"] if mixed_sizes else [])
                 if notes:
                     ax.annotate(", ".join(notes), (n, auc), textcoords="offset points", xytext=(4, -10),
                                 fontsize=7, color=color)

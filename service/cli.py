@@ -59,11 +59,11 @@ def ingest_movielens_command(
 
 def _ingest_or_exit(settings: Settings, directory: Path, skip_bad_lines: bool = False) -> dict:
     """Ingests, or exits 2 with the reason when the files or the store refuse the data."""
-    from service.ingest import MalformedFile, StoreHoldsAnotherDataset, ingest_folder
+    from service.ingest import MalformedFile, StoreMismatch, ingest_folder
 
     try:
         return asyncio.run(ingest_folder(settings, directory, skip_bad_lines))
-    except (MalformedFile, StoreHoldsAnotherDataset) as refused:
+    except (MalformedFile, StoreMismatch) as refused:
         typer.echo(f"ingest refused: {refused}", err=True)
         raise typer.Exit(2) from None
 

@@ -160,17 +160,6 @@ def read_movielens(directory: Path, skip_bad_lines: bool = False) -> MovieLens:
                      fingerprint=digest.hexdigest())
 
 
-class StoreHoldsAnotherDataset(RuntimeError):
-    """MovieLens ids are small integers that every release reuses: a second dataset in the same store
-    would merge its users' histories into the first's and overwrite its items and item vectors."""
-
-    def __init__(self, prefix: str, holder: str, dataset: str) -> None:
-        super().__init__(f"this store (Redis prefix {prefix!r}) holds {holder!r}; ingesting {dataset!r} into it "
-                         f"would merge their users and overwrite items: give {dataset!r} its own store "
-                         "(LOREC_DATA_DIR and Redis, or LOREC_REDIS_PREFIX and, with a Qdrant server, "
-                         "LOREC_QDRANT_COLLECTION)")
-
-
 @dataclass
 class IngestReport:
     dataset: str
@@ -185,16 +174,21 @@ class IngestReport:
                 "skipped_lines": len(self.skipped_lines), "already_done": self.already_done}
 
 
+class StoreMismatch(RuntimeError):
+    """A store given a folder of another dataset than the one it holds (to ingest, train or evaluate)."""
+
+
 async def claim_store(redis: Redis | RedisCluster, keys: Keys, dataset: str) -> None:
-    """The first dataset ingested under a prefix owns it; any other is refused before anything is written."""
+    """The first dataset ingested under a prefix owns it; any other is refused before anything is written:
+    MovieLens ids are small integers that every release reuses, so a second dataset would merge its
+    users' histories into the first's and overwrite its items and item vectors."""
     await redis.set(keys.dataset(), dataset, nx=True)
     holder = await redis.get(keys.dataset())
     if holder != dataset:
-        raise StoreHoldsAnotherDataset(keys.prefix, holder, dataset)
-
-
-class StoreMismatch(RuntimeError):
-    """A reader of the store (trainer, evaluator) given a folder the store does not hold."""
+        raise StoreMismatch(f"this store (Redis prefix {keys.prefix!r}) holds {holder!r}; ingesting {dataset!r} "
+                            f"into it would merge their users and overwrite items: give {dataset!r} its own "
+                            "store (LOREC_DATA_DIR and Redis, or LOREC_REDIS_PREFIX and, with a Qdrant server, "
+                            "LOREC_QDRANT_COLLECTION)")
 
 
 async def require_store_holds(settings: Settings, dataset: str) -> None:
