@@ -352,6 +352,9 @@ def eval_command(
                                                  "default: the engine's (LOREC_ENGINE_DTYPE)"),
     method: str = typer.Option(None, help="record under this method name in --out"),
     out: Path = typer.Option(Path("benchmarks/results/quality.json")),
+    journal_dir: Path = typer.Option(None, help="append each gateway score to a journal in this folder, one file "
+                                                "per evaluation and code version; re-running the same evaluation "
+                                                "goes on where it stopped (not with --slate-size)"),
 ) -> None:
     """AUC / LogLoss / ACC on a split through the running gateway (each sample at its own as_of)."""
     import sys
@@ -385,17 +388,25 @@ def eval_command(
 
     started = time.monotonic()
     if slate_size:
+        if journal_dir:
+            raise typer.BadParameter("slate evaluations keep no journal", param_hint="--journal-dir")
         _eval_slates(gateway, pool, n, slate_size, seed, adapter, k, retrieval, client_key(settings), method, out,
                      dataset, started)
         return
     samples = draw(pool, n, seed) if n else pool
+    journal = None
+    if journal_dir:
+        journal = _journal(journal_dir, settings, samples, dataset=dataset, split=split, n=n, seed=seed,
+                           adapter=adapter, mode=mode, k=k, retrieval=retrieval, method=method)
     served = asyncio.run(score_via_gateway(gateway, samples, adapter, k, retrieval, concurrency,
-                                           api_key=client_key(settings), mode=mode))
+                                           api_key=client_key(settings), mode=mode, journal=journal))
     result = {**summarize(samples, served.scores), "n_test": len(samples), "split": split, "seed": seed,
               "k": k, "retrieval": retrieval, "adapter": mode or adapter, "kind": "llm",
               "served_by": served.adapters,
-              "gateway_seconds": round(time.monotonic() - started, 1),
+              "gateway_seconds": round(served.seconds, 1),
               "command": "lorec eval " + " ".join(sys.argv[2:])}
+    if served.resumed:
+        result["resumed_from_journal"] = served.resumed
     result.update(facts)
     if offline and mode == "cohort":
         offline = False  # no offline reference for cohort routing; the personal mode covers the bank
@@ -415,6 +426,28 @@ def eval_command(
     if offline and not result["offline"]["agree"]:
         typer.echo("gateway and offline scores differ: see offline.worst", err=True)
         raise typer.Exit(1)
+
+
+def _journal(folder: Path, settings: Settings, samples, **evaluation):
+    """The journal of this evaluation: named by a hash of what it is (options, adapter or bank, code version),
+    so another evaluation gets its own file; what an earlier run scored is read back."""
+    import hashlib
+
+    from adapters.evaluate import Journal, JournalMismatch
+    from adapters.export import git_commit
+
+    key = {**evaluation, "samples": len(samples), "git_commit": git_commit(),
+           "bank": settings.reclora_dir.name if evaluation["mode"] in ("personal", "cohort") else None}
+    label = evaluation["method"] or evaluation["mode"] or evaluation["adapter"]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    journal = Journal(folder / f"{evaluation['dataset']}-{label}-{digest}.jsonl", key)
+    try:
+        journal.load(samples)
+    except JournalMismatch as error:
+        raise typer.BadParameter(str(error), param_hint="--journal-dir") from None
+    if journal.rows:
+        typer.echo(f"resuming: {len(journal.rows)} of {len(samples)} samples from {journal.path}", err=True)
+    return journal
 
 
 def _eval_slates(gateway: str, pool, n: int, size: int, seed: int, adapter: str, k: int, retrieval: str,

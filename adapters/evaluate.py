@@ -10,10 +10,13 @@ report lists the samples that differ most.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -45,34 +48,111 @@ class GatewayScores:
     scores: list[float]
     prompts: list[list[int]]
     adapters: dict[str, int]  # adapter mode that served -> samples (fallbacks show here)
+    resumed: int = 0  # samples read back from the journal instead of asked again
+    seconds: float = 0.0  # time at the gateway, the journal's earlier runs included
+
+
+class JournalMismatch(ValueError):
+    """The journal belongs to another evaluation (other samples, adapter, options or code)."""
+
+
+@dataclass
+class Journal:
+    """Each gateway score appended as it arrives (JSON lines after a header naming the evaluation), so a
+    10,000-sample evaluation cut short goes on where it stopped instead of starting over."""
+
+    path: Path
+    key: dict
+    rows: dict[int, dict] = field(default_factory=dict)
+    seconds: float = 0.0  # the earlier runs' time at the gateway
+
+    def load(self, samples: Sequence[Sample]) -> None:
+        """Read what an earlier run scored, checking each row is the same sample; drop a line cut by a kill."""
+        if not self.path.exists():
+            return
+        text = self.path.read_text()
+        complete = text[:text.rfind("\n") + 1]  # a run killed mid-write leaves a partial last line
+        if complete != text:
+            self.path.write_text(complete)
+        lines = complete.splitlines()
+        if not lines:
+            return
+        if lines[0] != json.dumps(self.key, sort_keys=True):
+            raise JournalMismatch(f"{self.path} holds another evaluation ({lines[0][:300]}): remove it to start over")
+        segments: dict[int, float] = defaultdict(float)
+        for number, line in enumerate(lines[1:], start=2):
+            row = self._row(line, number)
+            sample = samples[row["i"]] if 0 <= row["i"] < len(samples) else None
+            if sample is None or [sample.user_id, sample.item_id, sample.ts] != row["sample"]:
+                raise JournalMismatch(f"{self.path}: line {number} is not this evaluation's sample {row['i']}")
+            self.rows[row["i"]] = row
+            segments[row["segment"]] = max(segments[row["segment"]], row["t"])
+        self.seconds = sum(segments.values())
+
+    def _row(self, line: str, number: int) -> dict:
+        try:
+            row = json.loads(line)
+            return {"i": int(row["i"]), "sample": list(row["sample"]), "score": float(row["score"]),
+                    "prompt": list(row["prompt"]), "served_by": str(row["served_by"]),
+                    "segment": int(row["segment"]), "t": float(row["t"])}
+        except (ValueError, TypeError, KeyError) as error:
+            raise JournalMismatch(f"{self.path}: line {number} is not a journal row ({error})") from None
+
+    def writer(self):
+        """An append function for this run's rows (the header first when the journal is new)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a")
+        if self.path.stat().st_size == 0:
+            handle.write(json.dumps(self.key, sort_keys=True) + "\n")
+        segment, started = time.time_ns(), time.monotonic()
+
+        def append(i: int, sample: Sample, score: float, prompt: list[int], served_by: str) -> None:
+            handle.write(json.dumps({"i": i, "sample": [sample.user_id, sample.item_id, sample.ts], "score": score,
+                                     "prompt": prompt, "served_by": served_by, "segment": segment,
+                                     "t": round(time.monotonic() - started, 3)}) + "\n")
+            handle.flush()
+        return handle, append
 
 
 async def score_via_gateway(base_url: str, samples: Sequence[Sample], adapter: str, k: int, retrieval: str,
                             concurrency: int = 8, api_key: str | None = None, timeout_s: float = 600,
-                            mode: str | None = None) -> GatewayScores:
+                            mode: str | None = None, journal: Journal | None = None) -> GatewayScores:
     """One request per sample at its own `as_of`; `concurrency` requests in flight so the engine batches.
-    `mode` (personal, cohort, shared) asks for an adapter mode instead of the adapter `adapter`."""
+    `mode` (personal, cohort, shared) asks for an adapter mode instead of the adapter `adapter`.
+    With a `journal`, samples it already holds are not asked again and new scores are appended to it."""
     choice = {"mode": mode} if mode else {"adapter": adapter}
-    served_by: dict[str, int] = {}
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(concurrency)
-    scores: list[float] = [0.0] * len(samples)
-    prompts: list[list[int]] = [[] for _ in samples]
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, headers=headers) as client:
-        progress = tqdm(total=len(samples), desc=f"gateway {mode or adapter}", unit="sample")
+    done = journal.rows if journal else {}
+    scores = [done[i]["score"] if i in done else 0.0 for i in range(len(samples))]
+    prompts = [done[i]["prompt"] if i in done else [] for i in range(len(samples))]
+    served_by: dict[str, int] = defaultdict(int)
+    for row in done.values():
+        served_by[row["served_by"]] += 1
+    handle, record = journal.writer() if journal else (None, None)
+    started = time.monotonic()
+    try:
+        async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, headers=headers) as client:
+            progress = tqdm(total=len(samples), initial=len(done), desc=f"gateway {mode or adapter}", unit="sample")
 
-        async def one(i: int, s: Sample) -> None:
-            async with limit:
-                body = await _post(client, {
-                    "user_id": s.user_id, "item_ids": [s.item_id], "as_of": s.ts,
-                    "options": {**choice, "k": k, "retrieval": retrieval, "return_prompt": True}}, f"sample {i}")
-            scores[i], prompts[i] = body["scores"][0]["score"], body["scores"][0]["prompt_token_ids"]
-            served_by[body["adapter_mode"]] = served_by.get(body["adapter_mode"], 0) + 1
-            progress.update(1)
+            async def one(i: int, s: Sample) -> None:
+                async with limit:
+                    body = await _post(client, {
+                        "user_id": s.user_id, "item_ids": [s.item_id], "as_of": s.ts,
+                        "options": {**choice, "k": k, "retrieval": retrieval, "return_prompt": True}}, f"sample {i}")
+                scores[i], prompts[i] = body["scores"][0]["score"], body["scores"][0]["prompt_token_ids"]
+                served_by[body["adapter_mode"]] += 1
+                if record:
+                    record(i, s, scores[i], prompts[i], body["adapter_mode"])
+                progress.update(1)
 
-        await asyncio.gather(*(one(i, s) for i, s in enumerate(samples)))
-        progress.close()
-    return GatewayScores(scores, prompts, served_by)
+            await asyncio.gather(*(one(i, s) for i, s in enumerate(samples) if i not in done))
+            progress.close()
+    finally:
+        if handle:
+            handle.close()
+    return GatewayScores(scores, prompts, dict(served_by), resumed=len(done),
+                         seconds=(journal.seconds if journal else 0.0) + time.monotonic() - started)
 
 
 def slates(pool: Sequence[Sample], n_slates: int, size: int, seed: int) -> list[list[Sample]]:

@@ -39,7 +39,9 @@ for n in ${RECLORA_N:-}; do
 done
 start_engine 8100 "$LOREC_DATA_DIR/vllm-quality.log"
 start_gateway() { gateway_restart "$LOREC_DATA_DIR/gateway-quality.log" "$@"; }  # env, e.g. LOREC_RECLORA_BANK=...
-evaluate() { $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" ${EVAL_ARGS:-} "$@" || true; }
+# Each evaluation keeps a journal of its gateway scores: re-running the script after a cut goes on where it stopped.
+evaluate() { $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" --journal-dir "$LOREC_DATA_DIR/eval" \
+  ${EVAL_ARGS:-} "$@" || true; }
 start_gateway
 # An eval whose gateway and offline scores disagree is still recorded (with where they differ): go on.
 [ -n "${SKIP_ZERO_SHOT:-}" ] || evaluate --adapter base --n "$EVAL_N" --method zero-shot
