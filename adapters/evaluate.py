@@ -15,6 +15,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,20 +99,21 @@ class Journal:
         except (ValueError, TypeError, KeyError) as error:
             raise JournalMismatch(f"{self.path}: line {number} is not a journal row ({error})") from None
 
-    def writer(self):
+    @contextmanager
+    def appender(self):
         """An append function for this run's rows (the header first when the journal is new)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.open("a")
-        if self.path.stat().st_size == 0:
-            handle.write(json.dumps(self.key, sort_keys=True) + "\n")
-        segment, started = time.time_ns(), time.monotonic()
+        with self.path.open("a") as handle:
+            if self.path.stat().st_size == 0:
+                handle.write(json.dumps(self.key, sort_keys=True) + "\n")
+            segment, started = time.time_ns(), time.monotonic()
 
-        def append(i: int, sample: Sample, score: float, prompt: list[int], served_by: str) -> None:
-            handle.write(json.dumps({"i": i, "sample": [sample.user_id, sample.item_id, sample.ts], "score": score,
-                                     "prompt": prompt, "served_by": served_by, "segment": segment,
-                                     "t": round(time.monotonic() - started, 3)}) + "\n")
-            handle.flush()
-        return handle, append
+            def append(i: int, sample: Sample, score: float, prompt: list[int], served_by: str) -> None:
+                handle.write(json.dumps({"i": i, "sample": [sample.user_id, sample.item_id, sample.ts],
+                                         "score": score, "prompt": prompt, "served_by": served_by,
+                                         "segment": segment, "t": round(time.monotonic() - started, 3)}) + "\n")
+                handle.flush()
+            yield append
 
 
 async def score_via_gateway(base_url: str, samples: Sequence[Sample], adapter: str, k: int, retrieval: str,
@@ -129,9 +131,8 @@ async def score_via_gateway(base_url: str, samples: Sequence[Sample], adapter: s
     served_by: dict[str, int] = defaultdict(int)
     for row in done.values():
         served_by[row["served_by"]] += 1
-    handle, record = journal.writer() if journal else (None, None)
     started = time.monotonic()
-    try:
+    with journal.appender() if journal else nullcontext() as record:
         async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, headers=headers) as client:
             progress = tqdm(total=len(samples), initial=len(done), desc=f"gateway {mode or adapter}", unit="sample")
 
@@ -148,9 +149,6 @@ async def score_via_gateway(base_url: str, samples: Sequence[Sample], adapter: s
 
             await asyncio.gather(*(one(i, s) for i, s in enumerate(samples) if i not in done))
             progress.close()
-    finally:
-        if handle:
-            handle.close()
     return GatewayScores(scores, prompts, dict(served_by), resumed=len(done),
                          seconds=(journal.seconds if journal else 0.0) + time.monotonic() - started)
 

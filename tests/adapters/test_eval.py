@@ -138,9 +138,8 @@ def test_a_journal_of_another_evaluation_or_other_samples_is_refused(tmp_path):
     from adapters.evaluate import Journal, JournalMismatch
 
     path = tmp_path / "j.jsonl"
-    handle, append = Journal(path, {"adapter": "a"}).writer()
-    append(0, _fake_samples(1)[0], 0.5, [1, 2], "named")
-    handle.close()
+    with Journal(path, {"adapter": "a"}).appender() as append:
+        append(0, _fake_samples(1)[0], 0.5, [1, 2], "named")
     with pytest.raises(JournalMismatch, match="another evaluation"):
         Journal(path, {"adapter": "b"}).load(_fake_samples(3))
     shifted = _fake_samples(2)[1:]  # another draw: row 0 is not u0's sample
