@@ -9,6 +9,7 @@ connection and never answers.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -50,6 +51,11 @@ def settings(tiny_settings, fault_dir):
     return tiny_settings.model_copy(update={"data_dir": fault_dir, "crm_fallback": CRM_FILE})
 
 
+def degraded_llm_count(client) -> float:
+    found = re.search(r'^lorec_degraded_total\{part="llm"\} (\S+)$', client.get("/metrics").text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def crm_expected(tiny_settings, fault_dir, client) -> list[float]:
     history = client.get("/v1/users/1/history", params={"limit": 10_000}).json()
     from service.records import Behaviour, Profile
@@ -85,11 +91,17 @@ def test_engine_stopped_then_killed_falls_back_to_the_crm_within_the_deadline(se
     no_crm = with_crm.model_copy(update={"crm_fallback": None})
     with TestClient(create_app(with_crm), headers=AUTH) as client, \
             TestClient(create_app(no_crm), headers=AUTH) as bare:
-        started = time.monotonic()
-        healthy = ctr(client, retrieval="recent")
-        print(f"\nhealthy call on the spare engine: {time.monotonic() - started:.2f}s")
+        # The first gateway-shaped prompt can still miss the deadline on a loaded machine: a few tries
+        # to see the engine healthy before stopping it.
+        for _ in range(3):
+            started = time.monotonic()
+            healthy = ctr(client, retrieval="recent")
+            print(f"\nhealthy call on the spare engine: {time.monotonic() - started:.2f}s")
+            if "degraded" not in healthy.json():
+                break
         assert healthy.status_code == 200 and "degraded" not in healthy.json()
         expected = crm_expected(tiny_settings, fault_dir, client)
+        degraded_before = degraded_llm_count(client)
 
         os.killpg(engine.process.pid, signal.SIGSTOP)  # slow: the engine takes the request and never answers
         try:
@@ -113,7 +125,7 @@ def test_engine_stopped_then_killed_falls_back_to_the_crm_within_the_deadline(se
         dead = ctr(client, retrieval="recent")
         assert dead.status_code == 200 and dead.json()["degraded"] == ["llm"]
         assert [s["score"] for s in dead.json()["scores"]] == pytest.approx(expected, abs=1e-6)
-        assert 'lorec_degraded_total{part="llm"} 2.0' in client.get("/metrics").text
+        assert degraded_llm_count(client) == degraded_before + 2
         unreachable = ctr(bare, retrieval="recent")
         assert unreachable.status_code == 503 and unreachable.json()["error"]["dependency"] == "vllm"
 
