@@ -9,7 +9,6 @@ connection and never answers.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import threading
@@ -27,6 +26,7 @@ from service.history import Keys
 from service.ingest import read_movielens
 from service.processes import Managed, free_port, redis_command
 from tests.conftest import AUTH, LOREC, ML100K, make_settings, serve_env, start_engine
+from tests.utils.metrics import metric_total
 
 ITEMS = ["1", "50", "100", "181"]
 CRM_FILE = "fault-din.pt"
@@ -52,8 +52,7 @@ def settings(tiny_settings, fault_dir):
 
 
 def degraded_llm_count(client) -> float:
-    found = re.search(r'^lorec_degraded_total\{part="llm"\} (\S+)$', client.get("/metrics").text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    return metric_total(client.get("/metrics").text, "lorec_degraded_total", part="llm")
 
 
 def crm_expected(tiny_settings, fault_dir, client) -> list[float]:

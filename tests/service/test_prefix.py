@@ -5,18 +5,17 @@ only whole 128-token blocks of the shared history)."""
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import httpx
 
 from service.processes import engine_command
 from tests.service.test_gateway import post
+from tests.utils.metrics import metric_total
 
 
 def prefix_cache_hits(engine_url: str) -> float:
-    text = httpx.get(f"{engine_url}/metrics", timeout=10).text
-    return sum(float(v) for v in re.findall(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)$", text, re.M))
+    return metric_total(httpx.get(f"{engine_url}/metrics", timeout=10).text, "vllm:prefix_cache_hits_total")
 
 
 def test_engine_runs_with_small_cache_blocks(tiny_settings):
