@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.processes import free_port
 from tests.conftest import AUTH
+from tests.utils.metrics import metric_total
 
 
 def test_engine_down_answers_503_naming_vllm(tiny_settings, tmp_path):
@@ -20,7 +21,8 @@ def test_engine_down_answers_503_naming_vllm(tiny_settings, tmp_path):
         response = client.post("/v1/ctr", json={"user_id": "1", "item_ids": ["1"], "options": {"retrieval": "recent"}})
         assert response.status_code == 503
         assert response.json()["error"]["dependency"] == "vllm"
-        assert 'lorec_engine_calls_total{adapter="base",outcome="error"} 1.0' in client.get("/metrics").text
+        metrics = client.get("/metrics").text
+        assert metric_total(metrics, "lorec_engine_calls_total", adapter="base", outcome="error") == 1.0
 
 
 def test_redis_down_answers_503_naming_redis_and_writes_nothing(tiny_settings, tmp_path):
