@@ -1,5 +1,6 @@
 """Regenerate benchmarks/quality.md and benchmarks/quality_auc_vs_n.png from benchmarks/results/quality.json.
 
+    .venv/bin/pip install -e '.[bench]'    # once: matplotlib (and locust)
     .venv/bin/python benchmarks/report.py
 
 Every figure comes from quality.json, where each entry carries the command that produced it.
@@ -37,7 +38,7 @@ def table(methods: dict) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, r in sorted(methods.items(), key=lambda kv: (kv[1].get("kind", ""), _n_of(kv[0]) or 0, kv[0])):
         offline = r.get("offline") or {}
-        agree = f"mean abs dp {offline['mean_abs_delta_p']:.4f}" if offline else "-"
+        agree = f"mean abs dp {offline['mean_abs_delta_p']:.1e}" if offline else "-"
         lines.append(f"| {name} | {r.get('kind')} | {_fmt(r.get('auc'))} | {_fmt(r.get('logloss'))} | "
                      f"{_fmt(r.get('acc'))} | {r.get('n_test')} | {r.get('n_train', '-')} | {r.get('epochs', '-')} | "
                      f"{_seconds(r.get('train_seconds'))} | {agree} | `{r.get('command', '')}` |")
@@ -47,11 +48,11 @@ def table(methods: dict) -> list[str]:
 def plot(results: dict, path: Path) -> bool:
     try:
         import matplotlib
+    except ImportError:  # a report without its plot would drop the committed figure: refuse instead
+        raise SystemExit("benchmarks/report.py needs matplotlib: .venv/bin/pip install -e '.[bench]'")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     fig, ax = plt.subplots(figsize=(8, 4))
     drawn = False
     for i, (dataset, methods) in enumerate(sorted(results.items())):
@@ -63,8 +64,8 @@ def plot(results: dict, path: Path) -> bool:
                     label=f"{dataset} ReiT LoRA")
             mixed_sizes = len({p[3] for p in points}) > 1  # a curve mixing test sizes says which is which
             for n, auc, epochs, n_test in points:
-                cut_short = epochs is not None and epochs < 1  # a run its time budget cut short
-                notes = ([f"{epochs:.2f} epoch"] if cut_short else []) + ([f"{n_test:,} test"] if mixed_sizes else [])
+                # epochs of training behind the checkpoint validation chose: the recipes differ
+                notes = ([f"{epochs:g} ep"] if epochs is not None else []) + ([f"{n_test:,} test"] if mixed_sizes else [])
                 if notes:
                     ax.annotate(", ".join(notes), (n, auc), textcoords="offset points", xytext=(4, -10),
                                 fontsize=7, color=color)
@@ -72,7 +73,7 @@ def plot(results: dict, path: Path) -> bool:
         personal = methods.get("reclora-personal")
         if personal and personal.get("n_train"):
             ax.plot([personal["n_train"]], [personal["auc"]], marker="*", markersize=10, linestyle="none",
-                    color=color, label=f"{dataset} RecLoRA personal")
+                    color=color, label=f"{dataset} RecLoRA personal ({personal.get('n_test', 0):,} test)")
         for baseline, style in (("zero-shot", ":"), ("crm-din", "--")):
             if baseline in methods:
                 ax.axhline(methods[baseline]["auc"], linestyle=style, color=color, label=f"{dataset} {baseline}")

@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 USERS=${1:-4}; DURATION=${2:-3m}; RETRIEVAL=${3:-subr}
 export LOREC_DATA_DIR=${LOREC_DATA_DIR:-var} LOREC_REDIS_URL=${LOREC_REDIS_URL:-redis://127.0.0.1:6399/0}
 export LOREC_PORT=${LOREC_PORT:-8010} LOREC_ENGINE_URL=http://127.0.0.1:8110 LOREC_RETRIEVAL_MODE=$RETRIEVAL
+[ -x .venv/bin/locust ] || { echo "locust missing: .venv/bin/pip install -e '.[bench]'" >&2; exit 1; }
 source benchmarks/stack.sh
 start_redis "$LOREC_DATA_DIR/redis-load.log"
 $LOREC ingest movielens --dir "${LOREC_DATA:-../shared/data/ml-100k}"
