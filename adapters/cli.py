@@ -220,7 +220,7 @@ def reclora(
     """Train a RecLoRA bank (meta-LoRAs + gates over the frozen CRM's user vector) and its cohorts."""
     from adapters.reclora import BankSettings, cohort_centroids, load_reclora, save_cohorts, train_reclora, user_vectors
     from adapters.train import TrainSettings
-    from service.crm import load_crm
+    from service.din import load_crm
 
     settings = Settings()
     data, parts, codec, train, valid = asyncio.run(_prompts(settings, directory, n_train, n_valid, k, seed))
@@ -301,7 +301,7 @@ def _offline_model(settings: Settings, data, samples, adapter: str, mode: str | 
 
     if mode == "personal":
         from adapters.reclora import load_reclora, user_vectors
-        from service.crm import load_crm
+        from service.din import load_crm
         from service.personalize import MetaBank
 
         bank = MetaBank(settings.reclora_dir)
@@ -318,7 +318,7 @@ def _offline_model(settings: Settings, data, samples, adapter: str, mode: str | 
 def _score_crm(settings: Settings, data, dataset: str, samples) -> dict:
     from adapters.crm import encode, predict
     from adapters.evaluate import summarize
-    from service.crm import load_crm
+    from service.din import load_crm
 
     path = settings.data_dir / "crm" / f"{dataset}-din.pt"
     if not path.exists():
@@ -470,6 +470,23 @@ def _eval_slates(gateway: str, pool, n: int, size: int, seed: int, adapter: str,
         record_result(out, dataset, method, result)
 
 
+@train_app.command("gbdt")
+def gbdt(
+    directory: Path = typer.Option(..., "--dir", exists=True, file_okay=False, help="MovieLens folder"),
+    name: str = typer.Option(None, help="CRM name under LOREC_DATA_DIR/crm (default: gbdt-<dataset>-<hash>)"),
+    threads: int = typer.Option(None, help="LightGBM threads (default: all cores)"),
+) -> None:
+    """The feature CRM: LightGBM over the point-in-time features on the whole train split, its settings
+    chosen on validation (the test split is not read: `lorec eval` scores it)."""
+    import sys
+
+    from adapters.gbdt import train_from_folder
+
+    folder, manifest = train_from_folder(directory, Settings().data_dir, name,
+                                         "lorec train " + " ".join(sys.argv[2:]), threads)
+    typer.echo(json.dumps({"crm": manifest.name, "path": str(folder), "validation": manifest.validation}))
+
+
 @train_app.command("crm")
 def crm(
     directory: Path = typer.Option(..., "--dir", exists=True, file_okay=False, help="MovieLens folder"),
@@ -485,7 +502,7 @@ def crm(
     from adapters.crm import Vocab, encode, predict, train_din
     from adapters.samples import build_samples, draw, split_by_time
     from adapters.train import metrics
-    from service.crm import save_crm
+    from service.din import save_crm
     from service.ingest import read_movielens
 
     settings = Settings()

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from adapters.samples import Sample
 from adapters.train import metrics
-from service.crm import DIN, LONG_HISTORY, Batch, Vocab, encode_rows
+from service.din import DIN, LONG_HISTORY, Batch, Vocab, encode_rows
 from service.ingest import MovieLens
 
 __all__ = ["LONG_HISTORY", "DIN", "Vocab", "encode", "predict", "train_din"]

@@ -169,10 +169,11 @@ def user_vectors(crm, samples: Sequence, data, vocab) -> torch.Tensor:
 def train_reclora(model_dir: Path, train: Sequence, valid: Sequence, users: torch.Tensor, answer, pad_id: int,
                   run_dir: Path, settings, bank: BankSettings) -> dict:
     """Train banks and gates on ReiT prompts; `users` holds one CRM vector per train row, then per valid row."""
-    from adapters.train import fit
+    from adapters.train import fit, training_dtype
 
     def load(resume: Path | None) -> RecLoRA:
-        return load_reclora(model_dir, bank_dir=resume, settings=bank, user_dim=users.shape[1])
+        return load_reclora(model_dir, bank_dir=resume, settings=bank, user_dim=users.shape[1],
+                            dtype=training_dtype(settings.device, settings.dtype))
 
     def prepare(model: RecLoRA, rows: Sequence[int]) -> None:
         model.set_users(users[list(rows)])

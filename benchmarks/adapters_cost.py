@@ -82,7 +82,7 @@ async def throughput(url: str, requests: list[tuple[str, list[str], str]], concu
 def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, file_okay=False),
          bank: str = typer.Option(None), candidates: int = typer.Option(5), users: int = typer.Option(64),
          concurrency: int = typer.Option(16), out: Path = typer.Option(HERE / "results" / "adapters.json")) -> None:
-    from service.crm import load_crm
+    from service.din import load_crm
     from service.personalize import MetaBank, Personalizer
     from service.records import Behaviour, Profile
 

@@ -49,7 +49,7 @@ def plot(results: dict, path: Path) -> bool:
     try:
         import matplotlib
     except ImportError:  # a report without its plot would drop the committed figure: refuse instead
-        raise SystemExit("benchmarks/report.py needs matplotlib: .venv/bin/pip install -e '.[bench]'")
+        raise SystemExit("benchmarks/report.py needs matplotlib: .venv/bin/pip install -e '.[bench]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -65,7 +65,8 @@ def plot(results: dict, path: Path) -> bool:
             mixed_sizes = len({p[3] for p in points}) > 1  # a curve mixing test sizes says which is which
             for n, auc, epochs, n_test in points:
                 # epochs of training behind the checkpoint validation chose: the recipes differ
-                notes = ([f"{epochs:g} ep"] if epochs is not None else []) + ([f"{n_test:,} test"] if mixed_sizes else [])
+                notes = [f"{epochs:g} ep"] if epochs is not None else []
+                notes += [f"{n_test:,} test"] if mixed_sizes else []
                 if notes:
                     ax.annotate(", ".join(notes), (n, auc), textcoords="offset points", xytext=(4, -10),
                                 fontsize=7, color=color)

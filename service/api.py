@@ -17,6 +17,7 @@ from service.schemas import (
     MAX_ID_LENGTH,
     AdaptersResponse,
     BehaviourOut,
+    Components,
     CtrRequest,
     CtrResponse,
     ErrorResponse,
@@ -30,6 +31,7 @@ from service.schemas import (
     RankRequest,
     RankResponse,
     ScoreOptions,
+    ScorersOut,
 )
 from service.writes import Writer
 
@@ -57,7 +59,10 @@ def _behaviour_out(b: Behaviour, catalog: dict[str, Item]) -> BehaviourOut:
 
 
 def _item_scores(result: ScoreResult, options: ScoreOptions) -> list[ItemScore]:
-    return [ItemScore(item_id=s.item_id, score=s.answer.p_yes, logprob_yes=s.answer.yes, logprob_no=s.answer.no,
+    return [ItemScore(item_id=s.item_id, score=s.score, logprob_yes=s.llm.yes if s.llm else None,
+                      logprob_no=s.llm.no if s.llm else None,
+                      components=Components(llm=s.llm.p_yes if s.llm else None, crm=s.crm) if options.explain
+                      else None,
                       why=[_behaviour_out(b, result.catalog) for b in s.behaviours] if options.explain else None,
                       prompt_token_ids=s.prompt if options.return_prompt else None)
             for s in result.scored]
@@ -66,11 +71,13 @@ def _item_scores(result: ScoreResult, options: ScoreOptions) -> list[ItemScore]:
 def _query(body: CtrRequest) -> ScoreQuery:
     o = body.options
     return ScoreQuery(user_id=body.user_id, item_ids=body.item_ids, as_of=body.as_of, adapter=o.adapter,
-                      mode=o.mode, retrieval=o.retrieval, k=o.k, skip_unknown=o.skip_unknown)
+                      mode=o.mode, retrieval=o.retrieval, k=o.k, skip_unknown=o.skip_unknown, scorer=o.scorer,
+                      explain=o.explain)
 
 
 def _meta(result: ScoreResult) -> dict:
     return dict(user_id=result.user_id, adapter=result.adapter, adapter_mode=result.adapter_mode,
+                scorer=result.scorer, combiner=result.combiner,
                 fallbacks=result.fallbacks or None, retrieval=result.retrieval, k=result.k,
                 history_size=result.history_size, degraded=result.degraded or None,
                 skipped=result.skipped or None)
@@ -128,10 +135,14 @@ async def put_item(item_id: PathId, body: ItemIn, writer: Writes) -> ItemOut:
 
 @router.get("/v1/adapters", response_model=AdaptersResponse, responses=ERRORS, dependencies=[ADMIN])
 async def adapters(service: Recommender) -> AdaptersResponse:
-    router_ = service.router
+    router_, scorers = service.router, service.scorers
+    crm = f"{service.crm.name}@{service.crm.version}" if service.crm else None
     return AdaptersResponse(registry=router_.registry.names(), loaded=sorted(router_.engine.loaded_adapters),
                             quarantined=sorted(router_.quarantined), default=router_.default_adapter,
-                            mode=router_.default_mode)
+                            mode=router_.default_mode,
+                            scorers=ScorersOut(default=scorers.default, serving=scorers.serving, crm=crm,
+                                               combiner=scorers.combiner.name if scorers.combiner else None,
+                                               unavailable=scorers.unavailable))
 
 
 @router.get("/healthz")

@@ -10,18 +10,21 @@ import httpx
 from fastapi import FastAPI, Request
 
 from service.api import router
+from service.artifacts import ArtifactError
 from service.auth import load_keyring
+from service.combine import Combiner, ComponentRef, LlmRef, Scorers, open_combiner, refusal
 from service.config import Settings
-from service.crm import CrmScorer
+from service.crm import Crm, open_crm
 from service.encoder import build_encoder
 from service.errors import register_error_handlers
+from service.features import FeatureReader
 from service.history import HistoryStore, Keys, connect
 from service.metrics import Metrics
 from service.personalize import Personalizer, open_personalizer
 from service.prompt import load_codec
 from service.recommend import Limits, RecommendService
 from service.retrieval import open_configured_index
-from service.routing import AdapterRegistry, Router
+from service.routing import AdapterNotFound, AdapterRegistry, Router
 from service.scoring import EngineClient, EnginePool
 from service.writes import Writer
 
@@ -36,6 +39,48 @@ async def load_cohorts(router: Router, personalizer: Personalizer) -> None:
         except Exception as exc:  # noqa: BLE001 - start anyway; routing retries or falls back
             log.warning("cohort adapter %s not loaded at start: %s", name, exc)
             return
+
+
+def llm_serving(mode: str, name: str, settings: Settings, registry: AdapterRegistry,
+                personalizer: Personalizer | None) -> LlmRef | None:
+    """What the LLM of adapter mode `mode` (and adapter `name`, for named adapters) is here now."""
+    try:
+        if mode == "base":
+            return LlmRef(mode="base", name="base", version=settings.model_dir.name)
+        if mode in ("personal", "cohort"):
+            bank = personalizer.bank if personalizer else None
+            return LlmRef(mode=mode, name=bank.name, version=bank.version) if bank else None
+        adapter = settings.default_adapter if mode == "shared" else name
+        return LlmRef(mode=mode, name=adapter, version=registry.version(adapter)) if adapter else None
+    except AdapterNotFound:
+        return None
+
+
+def open_scoring(settings: Settings, registry: AdapterRegistry, personalizer: Personalizer | None
+                 ) -> tuple[Crm | None, Scorers]:
+    """The CRM and the combiner, each checked; one that cannot serve leaves its scorer unavailable (the
+    service starts on the next scorer and says why) instead of serving a wrong score."""
+    unavailable: dict[str, str] = {}
+    crm: Crm | None = None
+    combiner: Combiner | None = None
+    try:
+        crm = open_crm(settings.data_dir, settings.crm)
+    except ArtifactError as error:
+        unavailable["crm"] = unavailable["hybrid"] = f"CRM refused: {error}"
+    try:
+        combiner = open_combiner(settings.data_dir, settings.combiner)
+    except ArtifactError as error:
+        unavailable.setdefault("hybrid", f"combiner refused: {error}")
+    if combiner is not None:
+        why = refusal(combiner, ComponentRef(name=crm.name, version=crm.version) if crm else None,
+                      llm_serving(combiner.manifest.llm.mode, combiner.manifest.llm.name, settings, registry,
+                                  personalizer))
+        if why is not None:
+            unavailable.setdefault("hybrid", f"combiner refused: {why}")
+            combiner = None
+    for scorer, why in unavailable.items():
+        log.error("scorer %s unavailable: %s", scorer, why)
+    return crm, Scorers(settings.default_scorer, crm is not None, combiner, unavailable)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -64,10 +109,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await load_cohorts(router, personalizer)
             limits = Limits(max_candidates=settings.max_candidates, max_prompt_tokens=settings.prompt_budget,
                             deadline_s=settings.request_deadline_s, retrieval_timeout_s=settings.retrieval_timeout_s)
-            crm = CrmScorer(settings.data_dir / "crm" / settings.crm_fallback) if settings.crm_fallback else None
+            crm, scorers = open_scoring(settings, router.registry, personalizer)
             app.state.recommender = RecommendService(
                 history, index, codec, engine, router, metrics, default_k=settings.history_k,
-                default_mode=settings.retrieval_mode, limits=limits, crm=crm)
+                default_mode=settings.retrieval_mode, limits=limits, scorers=scorers, crm=crm,
+                features=FeatureReader(history, crm.spec) if crm else None)
             app.state.writer = Writer(history, index,
                                       build_encoder(settings.encoder, model_dir, settings.data_dir,
                                                     settings.encoder_dim))

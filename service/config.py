@@ -69,8 +69,15 @@ class Settings(BaseSettings):
                                           "behaviours dropped first); default engine_max_model_len - 1")
     request_deadline_s: float = Field(60.0, gt=0, description="a scoring request answers (or falls back) by then")
     retrieval_timeout_s: float = Field(1.0, gt=0, description="slower Qdrant searches fall back to recent history")
-    crm_fallback: str | None = Field(None, description="CRM file under data_dir/crm that scores when the LLM "
-                                     "engine fails (e.g. ml-100k-din.pt); none: such requests answer 503")
+    crm: str | None = Field(None, description="CRM under data_dir/crm (from `lorec train gbdt`): scores with "
+                            "scorer crm, in the hybrid, and when the LLM engine fails; none: such requests "
+                            "answer 503")
+    combiner: str | None = Field(None, description="combiner under data_dir/combiners (from `lorec train "
+                                 "combiner`) of the CRM and the LLM: the hybrid score")
+    scorer: Literal["auto", "hybrid", "llm", "crm"] = Field(
+        "auto", description="default scorer (auto: hybrid when a combiner is configured, else llm); one that "
+                            "cannot serve hands over to the next of hybrid -> crm -> llm")
+
 
     auth_enabled: bool = Field(True, description="require bearer API keys (off only behind a trusted proxy)")
     api_keys: dict[str, list[str]] = Field(default_factory=dict, description='JSON {"<key>": ["read", "write", '
@@ -85,6 +92,12 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value or None
+
+    @property
+    def default_scorer(self) -> Literal["hybrid", "llm", "crm"]:
+        if self.scorer == "auto":
+            return "hybrid" if self.combiner else "llm"
+        return self.scorer
 
     @property
     def qdrant_key(self) -> str | None:

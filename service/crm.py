@@ -1,142 +1,117 @@
-"""The conventional recommender (CRM) model: DIN over a long ID history, and its user vector.
+"""Stage 5b, the conventional recommender (CRM): a CTR logit per candidate from the point-in-time features.
 
-DIN (Zhou et al., KDD 2018): the target item attends over the user's last 60
-behaviours (item id + rating embeddings); the attention unit reads
-[h, t, h - t, h * t]; the weighted sum (no softmax, as in DIN) joins the
-target, user and profile embeddings in an MLP that outputs the CTR logit.
-`user_vector` (user embedding + mean of the history embeddings) is what the
-RecLoRA gate reads. The trainer (adapters/crm.py) fits it; the gateway loads
-it to personalise adapters (stage 4, routing) and, as `CrmScorer`, scores
-candidates when the LLM engine fails (stage 5's fallback).
+The CRM is trained on the whole train split (Few2Many: it sees all the data, the LLM a few
+thousand samples) and chosen on validation (`lorec train crm-gbdt`). It is the fallback scorer
+when the engine fails, one side of the hybrid score (combine.py) and the source of the user
+vector RecLoRA's gate reads.
+
+An artifact is a folder `data_dir/crm/<name>/`: `manifest.json` (`CrmManifest`: the feature spec
+it was trained on, data fingerprint, validation figures) and the model file, here LightGBM's text
+model. Its version is the model file's content hash: a retrained CRM is another version, and a
+combiner fitted on the old one is refused (combine.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-import torch
-from torch import nn
+from pydantic import BaseModel
 
-from service.ingest import MovieLens
-from service.records import Behaviour, Profile
-from service.scoring import AnswerLogprobs
+from service.artifacts import ArtifactError, Manifest, sha256_of
+from service.features import FeatureSpec
 
-LONG_HISTORY = 60
+CRM_DIR = "crm"
 
 
-@dataclass
-class Vocab:
-    users: dict[str, int]
-    items: dict[str, int]
-    genders: dict[str, int]
-    ages: dict[str, int]
-    occupations: dict[str, int]
+class SpecModel(BaseModel):
+    genres: list[str]
+    occupations: list[str]
+
+    def spec(self) -> FeatureSpec:
+        return FeatureSpec(genres=tuple(self.genres), occupations=tuple(self.occupations))
 
     @classmethod
-    def of(cls, data: MovieLens) -> Vocab:
-        def index(values) -> dict[str, int]:  # 0 is padding / unknown
-            return {v: i + 1 for i, v in enumerate(sorted(set(values)))}
-
-        profiles = data.profiles.values()
-        return cls(index(u for u, _ in data.ratings), index(i.item_id for i in data.items),
-                   index(p.gender or "" for p in profiles), index(p.age or "" for p in profiles),
-                   index(p.occupation or "" for p in profiles))
+    def of(cls, spec: FeatureSpec) -> SpecModel:
+        return cls(genres=list(spec.genres), occupations=list(spec.occupations))
 
 
-@dataclass
-class Batch:
-    user: torch.Tensor
-    profile: torch.Tensor  # (B, 3): gender, age, occupation
-    target: torch.Tensor
-    history: torch.Tensor  # (B, L) item ids, 0 = padding
-    ratings: torch.Tensor  # (B, L) 0..5 (0 = padding or click)
-    label: torch.Tensor
+class Standardizer(BaseModel):
+    """Per-feature centre and scale (from train), for inputs that need them (RecLoRA's gate)."""
+
+    center: list[float]
+    scale: list[float]
+
+    @classmethod
+    def fit(cls, rows: np.ndarray) -> Standardizer:
+        scale = rows.std(0)
+        return cls(center=rows.mean(0).tolist(), scale=np.where(scale > 1e-9, scale, 1.0).tolist())
+
+    def apply(self, rows: np.ndarray) -> np.ndarray:
+        return (rows - np.asarray(self.center)) / np.asarray(self.scale)
 
 
-Row = tuple[str, Profile | None, Sequence[Behaviour], str, int]  # user, profile, history, target, label
+class CrmManifest(Manifest):
+    FORMAT = "lorec.crm"
+    VERSION = 1
+
+    name: str
+    kind: Literal["gbdt"]
+    dataset: str
+    data_fingerprint: str
+    spec: SpecModel
+    feature_names: list[str]
+    model_file: str
+    model_sha256: str
+    params: dict
+    n_train: int
+    validation: dict
+    train_seconds: float
+    users: Standardizer  # the user side of the features (spec.user_names), standardized for the gate
+    command: str | None = None
 
 
-def encode_rows(rows: Sequence[Row], vocab: Vocab, length: int = LONG_HISTORY) -> Batch:
-    """DIN's input: the last `length` behaviours of each history (ids and ratings), profile, target."""
-    n = len(rows)
-    history = np.zeros((n, length), np.int64)
-    ratings = np.zeros((n, length), np.int64)
-    profile = np.zeros((n, 3), np.int64)
-    for row, (_, p, behaviours, _, _) in enumerate(rows):
-        recent = list(behaviours[-length:])
-        if recent:
-            history[row, -len(recent):] = [vocab.items.get(b.item_id, 0) for b in recent]
-            ratings[row, -len(recent):] = [int(round(b.rating or 0)) for b in recent]
-        if p is not None:
-            profile[row] = (vocab.genders.get(p.gender or "", 0), vocab.ages.get(p.age or "", 0),
-                            vocab.occupations.get(p.occupation or "", 0))
-    return Batch(user=torch.tensor([vocab.users.get(r[0], 0) for r in rows]),
-                 profile=torch.from_numpy(profile),
-                 target=torch.tensor([vocab.items.get(r[3], 0) for r in rows]),
-                 history=torch.from_numpy(history), ratings=torch.from_numpy(ratings),
-                 label=torch.tensor([float(r[4]) for r in rows]))
+def crm_dir(data_dir: Path, name: str) -> Path:
+    return data_dir / CRM_DIR / name
 
 
-class DIN(nn.Module):
-    def __init__(self, vocab: Vocab, dim: int = 32) -> None:
-        super().__init__()
-        self.item = nn.Embedding(len(vocab.items) + 1, dim, padding_idx=0)
-        self.rating = nn.Embedding(6, dim, padding_idx=0)
-        self.user = nn.Embedding(len(vocab.users) + 1, dim, padding_idx=0)
-        self.gender = nn.Embedding(len(vocab.genders) + 1, 8)
-        self.age = nn.Embedding(len(vocab.ages) + 1, 8)
-        self.occupation = nn.Embedding(len(vocab.occupations) + 1, 8)
-        self.attention = nn.Sequential(nn.Linear(4 * dim, 64), nn.PReLU(), nn.Linear(64, 1))
-        self.head = nn.Sequential(nn.Linear(3 * dim + 24, 128), nn.PReLU(), nn.Dropout(0.2),
-                                  nn.Linear(128, 64), nn.PReLU(), nn.Linear(64, 1))
+class Crm:
+    """A loaded CRM artifact: logits from feature rows, and standardized user vectors."""
 
-    def _history(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.item(b.history) + self.rating(b.ratings), (b.history > 0).float()
+    def __init__(self, folder: Path) -> None:
+        import lightgbm
 
-    def forward(self, b: Batch) -> torch.Tensor:
-        h, mask = self._history(b)
-        t = self.item(b.target).unsqueeze(1).expand_as(h)
-        weights = self.attention(torch.cat([h, t, h - t, h * t], -1)).squeeze(-1) * mask
-        interest = (weights.unsqueeze(-1) * h).sum(1)
-        profile = torch.cat([self.gender(b.profile[:, 0]), self.age(b.profile[:, 1]),
-                             self.occupation(b.profile[:, 2])], -1)
-        return self.head(torch.cat([interest, self.item(b.target), self.user(b.user), profile], -1)).squeeze(-1)
+        self.folder = folder
+        self.manifest = CrmManifest.load(folder)
+        model = folder / self.manifest.model_file
+        if not model.is_file() or sha256_of(model) != self.manifest.model_sha256:
+            raise ArtifactError(f"{folder}: {self.manifest.model_file} is missing or not the file its manifest names")
+        self.spec = self.manifest.spec.spec()
+        if list(self.spec.names) != self.manifest.feature_names:
+            raise ArtifactError(f"{folder}: trained on other features than this lorec computes "
+                                f"({len(self.manifest.feature_names)} vs {len(self.spec.names)}): retrain it")
+        self.booster = lightgbm.Booster(model_file=str(model))
 
-    @torch.no_grad()
-    def user_vector(self, b: Batch) -> torch.Tensor:
-        """What the RecLoRA gate reads: user embedding and mean history embedding."""
-        h, mask = self._history(b)
-        mean = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        return torch.cat([self.user(b.user), mean], -1)
+    @property
+    def name(self) -> str:
+        return self.manifest.name
 
+    @property
+    def version(self) -> str:
+        return self.manifest.model_sha256[:12]
 
-def save_crm(model: DIN, vocab: Vocab, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "vocab": asdict(vocab)}, path)
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """One logit per feature row (rows in `spec.names` order)."""
+        if len(features) == 0:
+            return np.zeros(0)
+        # One thread: the gateway's requests are small and the engine owns the cores.
+        return np.asarray(self.booster.predict(features, raw_score=True, num_threads=1), dtype=np.float64)
 
-
-def load_crm(path: Path) -> tuple[DIN, Vocab]:
-    saved = torch.load(path, weights_only=True)
-    vocab = Vocab(**saved["vocab"])
-    model = DIN(vocab)
-    model.load_state_dict(saved["state_dict"])
-    return model.eval(), vocab
+    def user_vectors(self, users: np.ndarray) -> np.ndarray:
+        """Rows of `spec.user_names` values, standardized as on train (the RecLoRA gate's input)."""
+        return self.manifest.users.apply(users)
 
 
-class CrmScorer:
-    """The CRM as a stand-in for the LLM: P(like) as the two answer log-probabilities."""
-
-    def __init__(self, path: Path) -> None:
-        self.model, self.vocab = load_crm(path)
-        self.name = path.stem
-
-    @torch.no_grad()
-    def answers(self, user_id: str, profile: Profile | None, behaviours: Sequence[Behaviour],
-                targets: Sequence[str]) -> list[AnswerLogprobs]:
-        batch = encode_rows([(user_id, profile, behaviours, t, 0) for t in targets], self.vocab)
-        logits = self.model(batch)
-        return [AnswerLogprobs(yes=float(y), no=float(n))
-                for y, n in zip(nn.functional.logsigmoid(logits), nn.functional.logsigmoid(-logits))]
+def open_crm(data_dir: Path, name: str | None) -> Crm | None:
+    return Crm(crm_dir(data_dir, name)) if name else None

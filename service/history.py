@@ -9,13 +9,22 @@ Key layout (every key starts with the prefix, `lorec` by default):
     {p}:user:{<uid>}:eids     HASH   client event id -> member: a retried event is stored once
     {p}:user:{<uid>}:profile  HASH   gender, age, occupation (display text)
     {p}:item:<iid>            HASH   title, year ("" if unknown), genres ("|"-joined)
+    {p}:item:{<iid>}:r:<b>    ZSET   every user's ratings of the item in bucket <b> (stars 1..5, a rating
+                                     rounded to the nearest star, or "click"): member
+                                     "<uid>\\x1f<rating>\\x1f<ts>", score ts. Counted by time range
+                                     (ZCOUNT) they give the item's point-in-time statistics (features.py)
+                                     without reading its ratings; one Lua call per item reads all six.
     {p}:users                 SET    every user id with events or a profile
     {p}:items                 SET    every catalog item id
     {p}:ingest:<dataset>      HASH   fingerprint and counts of a finished ingestion
 
 The `{<uid>}` hash tag keeps one user's keys in one Redis Cluster slot: a user's
 events are written in one MULTI/EXEC (and checked against the user's event ids
-in one Lua call) on a cluster as on a single server. Ids may not contain control
+in one Lua call) on a cluster as on a single server. The `{<iid>}` tag does the
+same for an item's rating sets, which one script reads together. A rating is
+written to its user's keys first (the transaction), then to its item's set; a
+retried event rewrites the item's member, which stores nothing twice, so an
+event acknowledged with 2xx is in both. Ids may not contain control
 characters, so the separator \\x1f cannot occur in them. Key builders and codecs
 are pure functions; reads are one non-transactional pipeline per round trip
 (a cluster client splits it by node).
@@ -29,6 +38,7 @@ from collections.abc import Iterable, Sequence
 
 from redis.asyncio import Redis, RedisCluster
 
+from service.features import BUCKETS, RECENT_S, ItemStats, bucket
 from service.records import Behaviour, Item, Profile, UserContext
 
 SEP = "\x1f"
@@ -49,6 +59,12 @@ class Keys:
 
     def item(self, item_id: str) -> str:
         return f"{self.prefix}:item:{item_id}"
+
+    def item_ratings(self, item_id: str, bucket: str) -> str:
+        return f"{self.prefix}:item:{{{item_id}}}:r:{bucket}"
+
+    def item_buckets(self, item_id: str) -> list[str]:
+        return [self.item_ratings(item_id, b) for b in BUCKETS]
 
     def users(self) -> str:
         return f"{self.prefix}:users"
@@ -74,6 +90,20 @@ def encode_event(b: Behaviour) -> str:
 def decode_event(member: str) -> Behaviour:
     item_id, rating, ts = member.split(SEP)
     return Behaviour(item_id=item_id, ts=int(ts), rating=float(rating) if rating else None)
+
+
+def encode_item_rating(user_id: str, b: Behaviour) -> str:
+    """An item's rating-set member: unique per event, as the user's member is."""
+    rating = "" if b.rating is None else f"{b.rating:g}"
+    return f"{user_id}{SEP}{rating}{SEP}{b.ts}"
+
+
+def decode_item_stats(reply: Sequence[int]) -> ItemStats:
+    """ITEM_STATS' reply: counts per bucket, recent counts per bucket, first time (-1: none)."""
+    n = len(BUCKETS)
+    first = int(reply[2 * n])
+    return ItemStats(counts=tuple(int(c) for c in reply[:n]), recent=tuple(int(c) for c in reply[n:2 * n]),
+                     first_ts=None if first < 0 else first)
 
 
 def encode_item(item: Item) -> dict[str, str]:
@@ -112,12 +142,35 @@ def history_bounds(as_of: int | None) -> str:
 
 
 # An event with a client id is stored only if that id is new for the user; both keys share the
-# user's hash tag, so the script runs on one Redis Cluster slot.
+# user's hash tag, so the script runs on one Redis Cluster slot. Replies: 1 stored, 0 already stored
+# (a retry, or the same event again), -1 refused (the id names another event of this user).
 STORE_ONCE = """
 if redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[1]) == 1 then
   return redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 end
-return 0
+if redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[1] then
+  return 0
+end
+return -1
+"""
+
+# An item's statistics before a time: per bucket set (KEYS, all under the item's hash tag) the count
+# below ARGV[1] ("(t": strictly before t, or "+inf"), the count from ARGV[2] (t - 30 days) to it, and
+# the earliest time of all (-1: none). One call per item instead of eighteen commands.
+ITEM_STATS = """
+local n, first = #KEYS, -1
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('ZCOUNT', key, '-inf', ARGV[1])
+  out[n + i] = redis.call('ZCOUNT', key, ARGV[2], ARGV[1])
+  local head = redis.call('ZRANGEBYSCORE', key, '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, 1)
+  if head[2] then
+    local ts = tonumber(head[2])
+    if first < 0 or ts < first then first = ts end
+  end
+end
+out[2 * n + 1] = first
+return out
 """
 
 
@@ -158,6 +211,15 @@ class HistoryStore:
             pipe.hgetall(self.keys.item(item_id))
         return {i: decode_item(i, f) for i, f in zip(ids, await pipe.execute())}
 
+    async def item_stats(self, item_ids: Sequence[str], as_of: int | None, now: int) -> dict[str, ItemStats]:
+        """Each item's ratings by every user strictly before `as_of` (all of them when None), and those
+        of the RECENT_S before `now`: one script call per item, in one pipeline."""
+        pipe = self.redis.pipeline(transaction=False)
+        for item_id in item_ids:  # EVAL, not EVALSHA: no script cache to load first on each cluster node
+            pipe.eval(ITEM_STATS, len(BUCKETS), *self.keys.item_buckets(item_id), history_bounds(as_of),
+                      now - RECENT_S)
+        return {i: decode_item_stats(r) for i, r in zip(item_ids, await pipe.execute())}
+
     async def user_history(self, user_id: str, as_of: int | None, limit: int) -> UserContext:
         context, _ = await self.load_request(user_id, [], as_of)
         context.behaviours = context.behaviours[-limit:]
@@ -180,12 +242,20 @@ class HistoryStore:
         for user_id, behaviour, event_id in events:
             by_user[user_id].append((behaviour, event_id))
         groups = [[u] for u in by_user] if self.cluster else [list(by_user)]
-        stored = await asyncio.gather(*(self._store_events(users, by_user) for users in groups))
+        replies = await asyncio.gather(*(self._store_events(users, by_user) for users in groups))
         if by_user:  # after the events: a user is listed once they exist
             await self.redis.sadd(self.keys.users(), *by_user)
-        return sum(stored)
+        # Then each item's statistics, for every event the user's keys hold (new or stored by an earlier try
+        # of this batch), not for one refused by its id: re-adding a member stores nothing twice.
+        kept = []
+        for users, reply in zip(groups, replies):
+            written = [(u, b) for u in users for b, _ in by_user[u]]  # _store_events' command order
+            kept += [event for event, outcome in zip(written, reply) if outcome >= 0]
+        await self.add_item_ratings(kept)
+        return sum(outcome == 1 for reply in replies for outcome in reply)
 
-    async def _store_events(self, users: list[str], by_user: dict[str, list[tuple[Behaviour, str | None]]]) -> int:
+    async def _store_events(self, users: list[str], by_user: dict[str, list[tuple[Behaviour, str | None]]]
+                            ) -> list[int]:
         pipe = self.redis.pipeline(transaction=True)
         for user_id in users:
             for behaviour, event_id in by_user[user_id]:
@@ -195,7 +265,16 @@ class HistoryStore:
                 else:  # EVAL, not EVALSHA: no script cache to load first on each cluster node
                     pipe.eval(STORE_ONCE, 2, self.keys.events(user_id), self.keys.event_ids(user_id),
                               member, behaviour.ts, event_id)
-        return sum(int(r) for r in await pipe.execute())
+        return [int(r) for r in await pipe.execute()]
+
+    async def add_item_ratings(self, events: Sequence[tuple[str, Behaviour]]) -> None:
+        """Each (user, behaviour) into its item's bucket set; idempotent, one pipeline."""
+        if not events:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for user_id, b in events:
+            pipe.zadd(self.keys.item_ratings(b.item_id, bucket(b.rating)), {encode_item_rating(user_id, b): b.ts})
+        await pipe.execute()
 
     async def put_item(self, item: Item) -> None:
         pipe = self.redis.pipeline(transaction=True)  # one key: a replaced item never shows mixed fields

@@ -24,11 +24,14 @@ from redis.asyncio import Redis, RedisCluster
 from tqdm import tqdm
 
 from service.config import Settings
-from service.history import Keys, connect, encode_event, encode_item, encode_profile
+from service.features import bucket
+from service.history import Keys, connect, encode_event, encode_item, encode_item_rating, encode_profile
 from service.records import Behaviour, Item, Profile
 from service.retrieval import ItemIndex, open_configured_index
 
 log = logging.getLogger(__name__)
+# Bumped when ingestion writes new structures, so a store ingested before them is written again.
+LAYOUT = "2"  # 2: item rating sets (point-in-time item statistics)
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
                  "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
@@ -210,7 +213,7 @@ async def require_store_holds(settings: Settings, dataset: str) -> None:
 async def ingest_movielens(data: MovieLens, redis: Redis | RedisCluster, keys: Keys, index: ItemIndex, encoder,
                            encoder_id: str, chunk: int = 5000) -> IngestReport:
     await claim_store(redis, keys, data.name)
-    fingerprint = f"{data.fingerprint}:{encoder_id}"
+    fingerprint = f"{data.fingerprint}:{encoder_id}:layout{LAYOUT}"
     users = set(data.profiles) | {u for u, _ in data.ratings}
     report = IngestReport(data.name, len(users), len(data.items), len(data.ratings), data.skipped)
     if await redis.hget(keys.ingest(data.name), "fingerprint") == fingerprint \
@@ -225,14 +228,18 @@ async def ingest_movielens(data: MovieLens, redis: Redis | RedisCluster, keys: K
         await index.upsert([i.item_id for i in batch], vectors[start:start + 256])
 
     by_user: dict[str, dict[str, int]] = defaultdict(dict)
+    by_item_bucket: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
     for user_id, behaviour in data.ratings:
         by_user[user_id][encode_event(behaviour)] = behaviour.ts
+        by_item_bucket[behaviour.item_id, bucket(behaviour.rating)][encode_item_rating(user_id, behaviour)] = \
+            behaviour.ts
     commands: list[Callable] = []
     commands += [lambda p, i=i: (p.delete(keys.item(i.item_id)), p.hset(keys.item(i.item_id), mapping=encode_item(i)))
                  for i in data.items]
     commands += [lambda p, u=u, pr=pr: p.hset(keys.profile(u), mapping=encode_profile(pr))
                  for u, pr in data.profiles.items() if encode_profile(pr)]
     commands += [lambda p, u=u, m=m: p.zadd(keys.events(u), m) for u, m in by_user.items()]
+    commands += [lambda p, i=i, b=b, m=m: p.zadd(keys.item_ratings(i, b), m) for (i, b), m in by_item_bucket.items()]
     for start in tqdm(range(0, len(commands), chunk), desc="redis", unit="chunk"):
         pipe = redis.pipeline(transaction=False)
         for command in commands[start:start + chunk]:

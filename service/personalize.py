@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from service.crm import DIN, Vocab, encode_rows
+from service.din import DIN, Vocab, encode_rows
 from service.records import Behaviour, Profile
 
 
@@ -207,7 +207,7 @@ class Personalizer:
 
 def open_personalizer(settings) -> Personalizer | None:
     """The deployment's personaliser: its bank, the CRM the bank was trained on, the adapter cache."""
-    from service.crm import load_crm
+    from service.din import load_crm
 
     if settings.reclora_dir is None:
         return None

@@ -1,9 +1,15 @@
 """The request flow, one stage after the other:
 
-history (Redis) -> retrieval (Qdrant) -> prompt -> routing (adapter) -> scoring (vLLM).
+history (Redis) -> features (Redis) -> retrieval (Qdrant) -> prompt -> routing (adapter)
+-> scoring (vLLM) -> crm -> combine.
 
 Routes only translate HTTP; this object does the work and knows nothing of HTTP
 beyond raising `ApiError` for what the caller got wrong.
+
+Which scorer answers (hybrid, crm, llm: combine.py) is chosen first; the stages a
+scorer does not need are skipped (the CRM alone reads no Qdrant and calls no
+engine). Features are computed whenever a CRM is configured and the answer or
+`explain` needs its score.
 
 Faults of a dependency other than Redis degrade the answer instead of failing it,
 and the result says so in `degraded`: Qdrant failing or slower than its timeout ->
@@ -16,15 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 import httpx
+import numpy as np
 from qdrant_client.http.exceptions import ApiException as QdrantApiError
 from qdrant_client.http.exceptions import ResponseHandlingException as QdrantTransportError
 
-from service.crm import CrmScorer
+from service.combine import Scorer, ScorerChoice, Scorers, llm_logit
+from service.crm import Crm
 from service.errors import ApiError
+from service.features import FeatureReader
 from service.history import HistoryStore
 from service.metrics import Metrics
 from service.prompt import PromptCodec, PromptTooLong, encode_within_budget
@@ -48,12 +58,16 @@ class ScoreQuery:
     retrieval: Mode | None = None
     k: int | None = None
     skip_unknown: bool = False
+    scorer: Scorer | None = None
+    explain: bool = False
 
 
 @dataclass
 class Scored:
     item_id: str
-    answer: AnswerLogprobs
+    score: float  # the served probability
+    llm: AnswerLogprobs | None  # the LLM's answer, when the LLM scored
+    crm: float | None  # the CRM's probability, when the CRM scored
     behaviours: list[Behaviour]
     prompt: list[int]
 
@@ -68,6 +82,8 @@ class ScoreResult:
     history_size: int
     scored: list[Scored]
     catalog: dict[str, Item]
+    scorer: Scorer = "llm"
+    combiner: str | None = None
     fallbacks: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     degraded: list[str] = field(default_factory=list)
@@ -83,10 +99,31 @@ class Limits:
     retrieval_timeout_s: float
 
 
+@dataclass
+class LlmOutcome:
+    """What the LLM stages produced: the route, and answers unless the route or the engine failed."""
+    route: Route
+    answers: list[AnswerLogprobs] | None
+    chosen: dict[str, list[Behaviour]]
+    prompts: list[list[int]]
+    catalog: dict[str, Item]  # the items the prompts show
+    fallback: dict | None = None  # why the LLM's answers cannot be used (hybrid on another route)
+
+
+@dataclass
+class CrmScores:
+    features: np.ndarray  # (targets, features)
+    logits: np.ndarray
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
 class RecommendService:
     def __init__(self, history: HistoryStore, index: ItemIndex, codec: PromptCodec, engine: EnginePool,
                  router: Router, metrics: Metrics, *, default_k: int, default_mode: Mode, limits: Limits,
-                 crm: CrmScorer | None = None) -> None:
+                 scorers: Scorers, crm: Crm | None = None, features: FeatureReader | None = None) -> None:
         self.history = history
         self.index = index
         self.codec = codec
@@ -96,7 +133,9 @@ class RecommendService:
         self.default_k = default_k
         self.default_mode = default_mode
         self.limits = limits
+        self.scorers = scorers
         self.crm = crm
+        self.features = features
 
     async def score(self, query: ScoreQuery) -> ScoreResult:
         deadline = time.monotonic() + self.limits.deadline_s
@@ -107,25 +146,65 @@ class RecommendService:
         mode = query.retrieval or self.default_mode
         timings: dict[str, float] = {}
         degraded: list[str] = []
-        stage = self.metrics.stage
+        choice = self.scorers.choose(query.scorer)
 
-        with stage("history", timings):
+        with self.metrics.stage("history", timings):
             context, candidates = await self.history.load_request(query.user_id, query.item_ids, query.as_of)
         targets, skipped = self._known_targets(query, candidates)
-        with stage("retrieval", timings):
-            chosen = await self._retrieve(context, targets, k, mode, degraded)
-        with stage("catalog", timings):
-            catalog = await self.history.items({b.item_id for picks in chosen.values() for b in picks})
-        known = {i: item for i, item in catalog.items() if item is not None}
-        with stage("prompt", timings):
-            prompts, chosen = self._prompts(context, chosen, known, candidates, targets)
-        route, answers = await self._llm_scores(context, query, targets, prompts, deadline, timings, degraded) \
-            if targets else (Route(adapter=None, mode="none"), [])
-        scored = [Scored(t, a, chosen[t], p) for t, a, p in zip(targets, answers, prompts)]
-        return ScoreResult(user_id=query.user_id, adapter=route.label, adapter_mode=route.mode, retrieval=mode,
-                           k=k, history_size=len(context.behaviours), scored=scored, fallbacks=route.fallbacks,
-                           catalog={**known, **{i: c for i, c in candidates.items() if c}}, timings=timings,
-                           degraded=degraded, skipped=skipped)
+        items = [candidates[t] for t in targets]
+        crm = await self._crm_scores(context, items, query.as_of, timings) \
+            if choice.scorer != "llm" or query.explain else None
+        llm = await self._llm_scores(context, query, targets, candidates, k, mode, deadline, timings, degraded,
+                                     choice) if choice.scorer != "crm" and targets else None
+        if llm is not None and llm.answers is None and choice.scorer != "crm":  # the CRM stands in
+            choice = ScorerChoice("crm", choice.fallbacks + ([llm.fallback] if llm.fallback else []))
+            crm = crm or await self._crm_scores(context, items, query.as_of, timings)
+        scores, combiner = self._served(choice.scorer, llm, crm, timings)
+        route = llm.route if llm is not None else Route(adapter=None, mode="none")
+        adapter, adapter_mode = (f"crm:{self.crm.name}", "crm") if choice.scorer == "crm" and targets \
+            else (route.label, route.mode)
+        return ScoreResult(user_id=query.user_id, adapter=adapter, adapter_mode=adapter_mode, retrieval=mode,
+                           k=k, history_size=len(context.behaviours),
+                           scored=self._scored(targets, scores, llm, crm),
+                           catalog={**(llm.catalog if llm else {}), **{i: c for i, c in candidates.items() if c}},
+                           scorer=choice.scorer, combiner=combiner, fallbacks=choice.fallbacks + route.fallbacks,
+                           timings=timings, degraded=degraded, skipped=skipped)
+
+    @staticmethod
+    def _scored(targets: list[str], scores: np.ndarray, llm: LlmOutcome | None, crm: CrmScores | None
+                ) -> list[Scored]:
+        """Per target: the served score and each component's (for `explain`)."""
+        answers = llm.answers if llm is not None and llm.answers is not None else [None] * len(targets)
+        crm_p = [sigmoid(float(c)) for c in crm.logits] if crm is not None else [None] * len(targets)
+        chosen = llm.chosen if llm is not None else {}
+        prompts = llm.prompts if llm is not None else [[] for _ in targets]
+        return [Scored(t, float(p), a, c, chosen.get(t, []), prompt)
+                for t, p, a, c, prompt in zip(targets, scores, answers, crm_p, prompts)]
+
+    async def _crm_scores(self, context: UserContext, items: list[Item], as_of: int | None,
+                          timings: dict[str, float]) -> CrmScores | None:
+        """The features of the candidates and the CRM's logits on them (None without a CRM)."""
+        if self.crm is None or self.features is None:
+            return None
+        with self.metrics.stage("features", timings):
+            features = await self.features.vectors(context, items, as_of)
+        with self.metrics.stage("crm", timings):
+            logits = self.crm.logits(features)
+        return CrmScores(features, logits)
+
+    def _served(self, scorer: Scorer, llm: LlmOutcome | None, crm: CrmScores | None,
+                timings: dict[str, float]) -> tuple[np.ndarray, str | None]:
+        """The served probabilities, and the combiner's name when one combined them."""
+        if scorer == "crm":
+            return np.array([sigmoid(float(c)) for c in crm.logits]) if crm is not None else np.zeros(0), None
+        answers = llm.answers if llm is not None and llm.answers is not None else []
+        if scorer == "llm" or not answers:
+            return np.array([a.p_yes for a in answers]), None
+        combiner = self.scorers.combiner
+        with self.metrics.stage("combine", timings):
+            logits = combiner.logits(np.array([llm_logit(a.p_yes) for a in answers]), crm.logits, crm.features,
+                                     self.crm.spec.names)
+        return np.array([sigmoid(float(x)) for x in logits]), combiner.name
 
     @staticmethod
     def _known_targets(query: ScoreQuery, candidates: dict[str, Item | None]) -> tuple[list[str], list[str]]:
@@ -164,32 +243,45 @@ class RecommendService:
         return prompts, shown
 
     async def _llm_scores(self, context: UserContext, query: ScoreQuery, targets: list[str],
-                          prompts: list[list[int]], deadline: float, timings: dict[str, float],
-                          degraded: list[str]) -> tuple[Route, list[AnswerLogprobs]]:
-        """Route and score through the engine within the deadline; the CRM's scores when the engine fails."""
-        route = Route(adapter=None)
+                          candidates: dict[str, Item | None], k: int, mode: Mode, deadline: float,
+                          timings: dict[str, float], degraded: list[str], choice: ScorerChoice) -> LlmOutcome:
+        """Retrieval, prompts, routing and the engine within the deadline. When the engine fails and a CRM
+        can stand in, or a hybrid request is routed to an LLM its combiner was not fitted for, the outcome
+        has no answers (and the CRM answers instead)."""
+        with self.metrics.stage("retrieval", timings):
+            chosen = await self._retrieve(context, targets, k, mode, degraded)
+        with self.metrics.stage("catalog", timings):
+            catalog = await self.history.items({b.item_id for picks in chosen.values() for b in picks})
+        known = {i: item for i, item in catalog.items() if item is not None}
+        with self.metrics.stage("prompt", timings):
+            prompts, chosen = self._prompts(context, chosen, known, candidates, targets)
+        outcome = LlmOutcome(Route(adapter=None), None, chosen, prompts, known)
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 with self.metrics.stage("routing", timings):
-                    route = await self.router.route(context, query.adapter, query.mode)
+                    outcome.route = await self.router.route(context, query.adapter, query.mode)
+                if choice.scorer == "hybrid" and self.crm is not None:
+                    reason = self.scorers.combiner.fits_route(outcome.route.mode, outcome.route.adapter)
+                    if reason is not None:  # do not spend the engine on answers that cannot be combined
+                        outcome.fallback = {"mode": "hybrid", "reason": reason}
+                        return outcome
                 with self.metrics.stage("engine", timings):
-                    answers = await self.engine.score(prompts, route.adapter, affinity=context.user_id)
+                    outcome.answers = await self.engine.score(prompts, outcome.route.adapter,
+                                                              affinity=context.user_id)
         except (EngineError, TimeoutError) as exc:
             if isinstance(exc, AdapterLoadFailed):  # a named adapter the engine refuses: the caller's choice
                 raise
-            self.metrics.engine_calls.labels(route.label, "error").inc()
+            self.metrics.engine_calls.labels(outcome.route.label, "error").inc()
             if isinstance(exc, TimeoutError):
                 exc = EngineError(f"engine past the request deadline of {self.limits.deadline_s:g} s", timeout=True)
             if self.crm is None:
                 raise exc from None
             log.warning("LLM degraded to the CRM: %s", exc)
             self._degrade("llm", degraded)
-            answers = await asyncio.to_thread(self.crm.answers, context.user_id, context.profile,
-                                              context.behaviours, targets)
-            return Route(adapter=f"crm:{self.crm.name}", mode="crm", fallbacks=route.fallbacks), answers
-        self.metrics.engine_calls.labels(route.label, "ok").inc()
+            return outcome
+        self.metrics.engine_calls.labels(outcome.route.label, "ok").inc()
         self.metrics.engine_prompts.inc(len(prompts))
-        return route, answers
+        return outcome
 
     def _degrade(self, part: str, degraded: list[str]) -> None:
         degraded.append(part)
@@ -198,5 +290,5 @@ class RecommendService:
     async def rank(self, query: ScoreQuery, top_k: int | None) -> ScoreResult:
         result = await self.score(query)
         # Stable sort: equal scores keep the request's order.
-        result.scored = sorted(result.scored, key=lambda s: -s.answer.p_yes)[:top_k]
+        result.scored = sorted(result.scored, key=lambda s: -s.score)[:top_k]
         return result

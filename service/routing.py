@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from service.artifacts import sha256_of
 from service.records import UserContext
 from service.scoring import AdapterLoadFailed, EnginePool
 
@@ -64,6 +65,10 @@ class AdapterRegistry:
         if not (path / "adapter_config.json").is_file():
             raise AdapterNotFound(name, "no such adapter in the registry")
         return path
+
+    def version(self, name: str) -> str:
+        """The adapter's content hash (what a combiner fitted on it records)."""
+        return sha256_of(self.path(name) / "adapter_model.safetensors")[:12]
 
     def names(self) -> list[str]:
         if not self.root.is_dir():

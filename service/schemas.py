@@ -35,7 +35,12 @@ class ScoreOptions(Strict):
         None, description="history selection: per-candidate SUBR, the last K, or one SUBR history for the whole "
                           "slate; default: the deployment's")
     k: int | None = Field(None, ge=0, le=50, description="behaviours in each prompt")
-    explain: bool = Field(False, description="include each item's prompt behaviours (why)")
+    scorer: Literal["hybrid", "llm", "crm"] | None = Field(
+        None, description="who scores: the combination of the LLM and the CRM, the LLM alone, or the CRM alone; "
+                          "default: the deployment's (when one cannot serve, the next of hybrid -> crm -> llm "
+                          "does and `fallbacks` says why)")
+    explain: bool = Field(False, description="include each item's prompt behaviours (why) and each component's "
+                                             "score")
     return_prompt: bool = Field(False, description="include each item's prompt token ids (debugging, audits)")
     skip_unknown: bool = Field(False, description="score the known items and list unknown ones in `skipped` "
                                                    "instead of answering 404")
@@ -65,11 +70,17 @@ class BehaviourOut(BaseModel):
     title: str | None = None
 
 
+class Components(BaseModel):
+    llm: float | None = Field(None, description="the LLM's P(Yes)")
+    crm: float | None = Field(None, description="the CRM's probability")
+
+
 class ItemScore(BaseModel):
     item_id: str
-    score: float = Field(description="P(Yes) in [0, 1]")
-    logprob_yes: float
-    logprob_no: float
+    score: float = Field(description="the served probability in [0, 1] (see the response's `scorer`)")
+    logprob_yes: float | None = Field(None, description="the LLM's answer log-probabilities, when it scored")
+    logprob_no: float | None = None
+    components: Components | None = Field(None, description="each component's score (explain)")
     why: list[BehaviourOut] | None = None
     prompt_token_ids: list[int] | None = None
 
@@ -83,8 +94,12 @@ class ScoreMeta(BaseModel):
     user_id: str
     adapter: str
     adapter_mode: str = Field(description='personal, cohort, shared, base, "named" (options.adapter), '
-                                          '"crm" (the LLM failed; the CRM scored) or "none" (nothing to score)')
-    fallbacks: list[Fallback] | None = Field(None, description="modes skipped before the one that served")
+                                          '"crm" (no LLM answer: the CRM scored alone) or "none" (nothing to '
+                                          'score)')
+    scorer: str = Field(description="who scored: hybrid (the combiner over the LLM and the CRM), llm or crm")
+    combiner: str | None = Field(None, description="the combiner that combined the scores (scorer hybrid)")
+    fallbacks: list[Fallback] | None = Field(None, description="scorers and adapter modes skipped before the "
+                                             "ones that served, with the reason")
     retrieval: str
     k: int
     history_size: int
@@ -149,12 +164,22 @@ class ItemOut(ItemIn):
     item_id: str
 
 
+class ScorersOut(BaseModel):
+    default: str = Field(description="the configured scorer (LOREC_SCORER)")
+    serving: str = Field(description="the scorer a request without options.scorer gets")
+    crm: str | None = Field(None, description="the CRM (name@version)")
+    combiner: str | None = Field(None, description="the combiner in use")
+    unavailable: dict[str, str] = Field(default_factory=dict, description="scorers that cannot serve, and why "
+                                        "(e.g. a combiner refused at start)")
+
+
 class AdaptersResponse(BaseModel):
     registry: list[str] = Field(description="servable adapters in the registry")
     loaded: list[str] = Field(description="adapters this gateway has loaded into the engine")
     quarantined: list[str] = Field(description="adapters the engine refused; not retried until restart")
     default: str | None
     mode: str
+    scorers: ScorersOut
 
 
 class ErrorBody(BaseModel):

@@ -37,7 +37,7 @@ def test_lorec_eval_crm_scores_the_llm_rows_samples(tmp_path):
 
     from adapters.samples import draw
     from adapters.train import metrics
-    from service.crm import save_crm
+    from service.din import save_crm
     from tests.conftest import LOREC
 
     data = read_movielens(ML100K)

@@ -17,19 +17,17 @@ import time
 import httpx
 import pytest
 import redis
-import torch
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.crm import DIN, CrmScorer, Vocab, save_crm
 from service.history import Keys
-from service.ingest import read_movielens
 from service.processes import Managed, free_port, redis_command
 from tests.conftest import AUTH, LOREC, ML100K, make_settings, serve_env, start_engine
+from tests.utils.crm import build_crm
 from tests.utils.metrics import metric_total
 
 ITEMS = ["1", "50", "100", "181"]
-CRM_FILE = "fault-din.pt"
+CRM = "fault-gbdt"
 
 
 def ctr(client, **options):
@@ -38,30 +36,27 @@ def ctr(client, **options):
 
 @pytest.fixture(scope="module")
 def fault_dir(tmp_path_factory, tiny_settings):
-    """A data folder with a CRM (DIN, fixed random weights) for the LLM fallback."""
+    """A data folder with a CRM (a real feature GBDT) for the LLM fallback."""
     data_dir = tmp_path_factory.mktemp("faults") / "data"
-    torch.manual_seed(0)
-    vocab = Vocab.of(read_movielens(ML100K))
-    save_crm(DIN(vocab).eval(), vocab, data_dir / "crm" / CRM_FILE)
+    build_crm(data_dir, ML100K, CRM)
     return data_dir
 
 
 @pytest.fixture
 def settings(tiny_settings, fault_dir):
-    return tiny_settings.model_copy(update={"data_dir": fault_dir, "crm_fallback": CRM_FILE})
+    """The LLM alone by default, so that a fallback to the CRM is a degradation."""
+    return tiny_settings.model_copy(update={"data_dir": fault_dir, "crm": CRM, "scorer": "llm"})
 
 
 def degraded_llm_count(client) -> float:
     return metric_total(client.get("/metrics").text, "lorec_degraded_total", part="llm")
 
 
-def crm_expected(tiny_settings, fault_dir, client) -> list[float]:
-    history = client.get("/v1/users/1/history", params={"limit": 10_000}).json()
-    from service.records import Behaviour, Profile
-
-    behaviours = [Behaviour(item_id=e["item_id"], ts=e["ts"], rating=e["rating"]) for e in history["events"]]
-    answers = CrmScorer(fault_dir / "crm" / CRM_FILE).answers("1", Profile(**history["profile"]), behaviours, ITEMS)
-    return [a.p_yes for a in answers]
+def crm_expected(client) -> list[float]:
+    """The CRM's own answer to the same request (scorer crm: no engine involved)."""
+    body = ctr(client, retrieval="recent", scorer="crm").json()
+    assert body["scorer"] == "crm" and body["adapter_mode"] == "crm"
+    return [s["score"] for s in body["scores"]]
 
 
 # --- vLLM ---------------------------------------------------------------------------------
@@ -79,15 +74,14 @@ def spare_engine(workdir, tiny_model, redis_url):
     engine.stop()
 
 
-def test_engine_stopped_then_killed_falls_back_to_the_crm_within_the_deadline(settings, fault_dir, spare_engine,
-                                                                                tiny_settings):
+def test_engine_stopped_then_killed_falls_back_to_the_crm_within_the_deadline(settings, spare_engine):
     engine, url = spare_engine
     # Two gateways at once: qdrant-client's local mode, since one Qdrant Edge shard opens in one place only.
     # The deadline leaves room for two engines sharing two cores (a healthy call takes ~1-4 s here).
     deadline = 10.0
     with_crm = settings.model_copy(update={"engine_url": url, "request_deadline_s": deadline,
                                            "qdrant_url": ":memory:"})
-    no_crm = with_crm.model_copy(update={"crm_fallback": None})
+    no_crm = with_crm.model_copy(update={"crm": None})
     with TestClient(create_app(with_crm), headers=AUTH) as client, \
             TestClient(create_app(no_crm), headers=AUTH) as bare:
         # The first gateway-shaped prompt can still miss the deadline on a loaded machine: a few tries
@@ -99,7 +93,7 @@ def test_engine_stopped_then_killed_falls_back_to_the_crm_within_the_deadline(se
             if "degraded" not in healthy.json():
                 break
         assert healthy.status_code == 200 and "degraded" not in healthy.json()
-        expected = crm_expected(tiny_settings, fault_dir, client)
+        expected = crm_expected(client)
         degraded_before = degraded_llm_count(client)
 
         os.killpg(engine.process.pid, signal.SIGSTOP)  # slow: the engine takes the request and never answers
@@ -114,6 +108,7 @@ def test_engine_stopped_then_killed_falls_back_to_the_crm_within_the_deadline(se
             os.killpg(engine.process.pid, signal.SIGCONT)
         assert slow.status_code == 200, slow.text
         assert slow.json()["degraded"] == ["llm"] and slow.json()["adapter_mode"] == "crm"
+        assert slow.json()["scorer"] == "crm" and "logprob_yes" not in slow.json()["scores"][0]
         assert max(elapsed, elapsed_bare) < deadline + 2.0, f"answered after {elapsed:.1f}s, deadline {deadline}s"
         assert [s["score"] for s in slow.json()["scores"]] == pytest.approx(expected, abs=1e-6)
         assert timed_out.status_code == 504 and timed_out.json()["error"]["dependency"] == "vllm"
@@ -135,7 +130,7 @@ def test_engine_errors_fall_back_to_the_crm(settings, tiny_engine):
     with TestClient(create_app(erroring), headers=AUTH) as client:
         response = ctr(client, retrieval="recent")
         assert response.status_code == 200 and response.json()["degraded"] == ["llm"]
-    with TestClient(create_app(erroring.model_copy(update={"crm_fallback": None})), headers=AUTH) as client:
+    with TestClient(create_app(erroring.model_copy(update={"crm": None})), headers=AUTH) as client:
         response = ctr(client, retrieval="recent")
         assert response.status_code == 503 and response.json()["error"]["dependency"] == "vllm"
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from adapters.reclora import BankSettings, cohort_centroids, load_reclora, save_cohorts
 from adapters.train import score
 from service.app import create_app
-from service.crm import DIN, Vocab, encode_rows, save_crm
+from service.din import DIN, Vocab, encode_rows, save_crm
 from service.ingest import read_movielens
 from service.prompt import load_codec
 from service.records import Behaviour, Profile

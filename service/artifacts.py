@@ -1,0 +1,89 @@
+"""Typed artifact manifests: what a trained artifact is, written beside it as `manifest.json`.
+
+Each manifest class names its format and the version of that format it writes. Loading checks
+both before anything else, so an artifact of another kind or of a format version this code does
+not know is refused with a message saying which, instead of failing on a missing key hours later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be used: missing, of another format or version, or not matching its files."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Manifest(BaseModel):
+    """Base of every manifest: `format` and `format_version` first, then the artifact's own fields."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    FORMAT: ClassVar[str]
+    VERSION: ClassVar[int]
+
+    format: str
+    format_version: int
+    created: str = Field(default_factory=utc_now)
+    git_commit: str | None = Field(default_factory=git_commit)
+
+    @classmethod
+    def new(cls, **fields) -> Self:
+        return cls(format=cls.FORMAT, format_version=cls.VERSION, **fields)
+
+    def save(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / MANIFEST
+        tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+        tmp.write_text(self.model_dump_json(indent=1) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> Self:
+        path = folder / MANIFEST
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ArtifactError(f"{folder}: no {MANIFEST} (not a {cls.FORMAT} artifact)") from None
+        except json.JSONDecodeError as error:
+            raise ArtifactError(f"{path}: not JSON ({error})") from None
+        if raw.get("format") != cls.FORMAT:
+            raise ArtifactError(f"{path}: a {raw.get('format')!r} artifact, not {cls.FORMAT!r}")
+        if raw.get("format_version") != cls.VERSION:
+            raise ArtifactError(f"{path}: {cls.FORMAT} format version {raw.get('format_version')!r}; this lorec "
+                                f"reads version {cls.VERSION}: retrain it, or run the lorec that wrote it")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as error:
+            raise ArtifactError(f"{path}: {error}") from None

@@ -1,0 +1,136 @@
+"""Stage 2, features: the gateway's vectors (from Redis) equal the trainer's (from the raw files), at as_of."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+
+from adapters.features import OfflineFeatures
+from adapters.samples import build_samples, draw, split_by_time
+from service.features import FeatureReader, FeatureSpec, ItemStats, star, summarize_history
+from service.history import HistoryStore, Keys, connect
+from service.ingest import read_movielens
+from service.records import Behaviour, Item, Profile, UserContext
+from tests.conftest import ML100K
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def _online(redis_url: str, samples, spec: FeatureSpec) -> np.ndarray:
+    redis = connect(redis_url)
+    try:
+        history = HistoryStore(redis, Keys(), 5000)  # the gateway's defaults
+        reader = FeatureReader(history, spec)
+        rows = []
+        for s in samples:
+            context, items = await history.load_request(s.user_id, [s.item_id], s.ts)
+            rows.append((await reader.vectors(context, [items[s.item_id]], s.ts))[0])
+        return np.asarray(rows)
+    finally:
+        await redis.aclose()
+
+
+def test_online_features_equal_offline_features_of_the_same_samples(ingested, redis_url):
+    data = read_movielens(ML100K)
+    parts = split_by_time(build_samples(data))
+    offline = OfflineFeatures(data)
+    samples = [s for part in ("train", "valid", "test") for s in draw(parts[part], 60, 7)]
+    online = run(_online(redis_url, samples, offline.spec))
+    expected = offline.matrix(samples)
+    assert online.shape == expected.shape == (180, len(offline.spec.names))
+    assert np.array_equal(online, expected), [
+        (offline.spec.names[c], online[r, c], expected[r, c]) for r, c in zip(*np.nonzero(online != expected))][:10]
+    # The vectors carry signal a model can read: users and items differ, counts grow with time.
+    names = list(offline.spec.names)
+    assert len({row[names.index("i_mean")] for row in expected}) > 50
+    assert expected[:60, names.index("i_n")].mean() < expected[120:, names.index("i_n")].mean()
+
+
+async def _features_around(redis_url: str, user: str, item: Item, t: int) -> tuple[np.ndarray, np.ndarray, int]:
+    redis = connect(redis_url)
+    try:
+        history = HistoryStore(redis, Keys("lorec-asof"), 5000)
+        spec = FeatureSpec(genres=("Drama",), occupations=())
+        reader = FeatureReader(history, spec)
+        first = await history.append_events([(user, Behaviour(item.item_id, t, 5.0), "e1"),
+                                             (user, Behaviour(item.item_id, t, 5.0), "e1")])
+
+        async def at(as_of: int) -> np.ndarray:
+            context, _ = await history.load_request(user, [], as_of)
+            return (await reader.vectors(context, [item], as_of))[0]
+
+        return await at(t), await at(t + 1), first
+    finally:
+        await redis.aclose()
+
+
+def test_an_event_at_t_is_invisible_at_as_of_t_and_visible_at_t_plus_1(redis_url):
+    item = Item("asof-item", "A Film", 1990, ("Drama",))
+    before, after, stored = run(_features_around(redis_url, "asof-user", item, 1_000_000))
+    names = list(FeatureSpec(genres=("Drama",), occupations=()).names)
+    assert stored == 1, "a retried event id stores once"
+    assert before[names.index("u_n")] == 0 and before[names.index("i_n")] == 0
+    assert after[names.index("u_n")] == 1 and after[names.index("i_n")] == 1, "written by /v1/events' path"
+    assert after[names.index("i_share5")] == 1.0 and after[names.index("u_mean")] == 5.0
+    assert np.all(np.isfinite(before)) and np.all(np.isfinite(after))
+
+
+async def _conflicting_id(redis_url: str) -> tuple[int, ItemStats]:
+    redis = connect(redis_url)
+    try:
+        history = HistoryStore(redis, Keys("lorec-ids"), 5000)
+        await history.append_events([("u", Behaviour("i", 10, 4.0), "same-id")])
+        stored = await history.append_events([("u", Behaviour("i", 20, 1.0), "same-id")])
+        return stored, (await history.item_stats(["i"], None, 100))["i"]
+    finally:
+        await redis.aclose()
+
+
+def test_an_event_refused_by_its_id_does_not_count_for_the_item(redis_url):
+    stored, stats = run(_conflicting_id(redis_url))
+    assert stored == 0
+    assert stats.counts == (0, 0, 0, 1, 0, 0), "only the first event under the id counts"
+
+
+def test_cold_user_and_unrated_item_get_defined_features():
+    spec = FeatureSpec(genres=("Comedy", "Drama"), occupations=("writer",))
+    user = summarize_history([], lambda i: (), spec, 1_000)
+    from service.features import feature_vector
+
+    row = feature_vector(spec, user, ItemStats.empty(), Item("x", "X"), Profile(), 1_000)
+    assert len(row) == len(spec.names) and all(math.isfinite(v) for v in row)
+
+
+@pytest.mark.parametrize("rating,expected", [(0.0, 1), (1.0, 1), (2.5, 3), (3.4, 3), (3.5, 4), (5.0, 5), (10, 5)])
+def test_star_buckets(rating, expected):
+    assert star(rating) == expected
+
+
+def test_summary_of_a_history_counts_genres_and_recent_events():
+    spec = FeatureSpec(genres=("Comedy", "Drama"), occupations=())
+    genres = {"a": ("Comedy",), "b": ("Comedy", "Drama")}
+    history = [Behaviour("a", 0, 2.0), Behaviour("b", 86_400 * 40, 5.0), Behaviour("a", 86_400 * 45, None)]
+    user = summarize_history(history, lambda i: genres.get(i, ()), spec, 86_400 * 50)
+    assert (user.n, user.clicks, user.liked, user.recent) == (2, 1, 1, 2)
+    assert user.genre_n == (2, 1) and user.genre_sum == (7.0, 5.0) and user.genre_liked == (1, 1)
+    assert user.last_ratings == (2.0, 5.0)
+
+
+def test_features_of_context_without_history_or_profile(redis_url):
+    async def go():
+        redis = connect(redis_url)
+        try:
+            history = HistoryStore(redis, Keys("lorec-cold"), 5000)
+            reader = FeatureReader(history, FeatureSpec(genres=("Drama",), occupations=()))
+            return await reader.vectors(UserContext("nobody", Profile()), [Item("nothing", "N")], None)
+        finally:
+            await redis.aclose()
+
+    rows = run(go())
+    assert rows.shape == (1, len(FeatureSpec(genres=("Drama",), occupations=()).names))
+    assert np.all(np.isfinite(rows))
