@@ -355,6 +355,9 @@ def eval_command(
     journal_dir: Path = typer.Option(None, help="append each gateway score to a journal in this folder, one file "
                                                 "per evaluation and code version; re-running the same evaluation "
                                                 "goes on where it stopped (not with --slate-size)"),
+    scorer: str = typer.Option(None, help="hybrid, llm or crm (default: the gateway's); with a CRM configured, "
+                                          "every component's figures are recorded too (METHOD-llm, METHOD-crm), "
+                                          "with the cold slices and the served score's gain over the CRM"),
 ) -> None:
     """AUC / LogLoss / ACC on a split through the running gateway (each sample at its own as_of)."""
     import sys
@@ -397,12 +400,14 @@ def eval_command(
     journal = None
     if journal_dir:
         journal = _journal(journal_dir, settings, samples, dataset=dataset, split=split, n=n, seed=seed,
-                           adapter=adapter, mode=mode, k=k, retrieval=retrieval, method=method)
+                           adapter=adapter, mode=mode, k=k, retrieval=retrieval, method=method,
+                           **({"scorer": scorer} if scorer else {}))
     served = asyncio.run(score_via_gateway(gateway, samples, adapter, k, retrieval, concurrency,
-                                           api_key=client_key(settings), mode=mode, journal=journal))
+                                           api_key=client_key(settings), mode=mode, journal=journal, scorer=scorer))
+    served_scorer = max(served.scorers, key=served.scorers.get) if served.scorers else "llm"
     result = {**summarize(samples, served.scores), "n_test": len(samples), "split": split, "seed": seed,
-              "k": k, "retrieval": retrieval, "adapter": mode or adapter, "kind": "llm",
-              "served_by": served.adapters,
+              "k": k, "retrieval": retrieval, "adapter": mode or adapter, "kind": served_scorer,
+              "served_by": served.adapters, "scorers": served.scorers,
               "gateway_seconds": round(served.seconds, 1),
               "command": "lorec eval " + " ".join(sys.argv[2:])}
     if served.resumed:
@@ -418,14 +423,53 @@ def eval_command(
         model, prepare = _offline_model(settings, data, subset, adapter, mode, getattr(torch, offline_dtype))
         offline_scores = score(model, prompts, codec.answer, codec.pad_id, progress="offline", prepare=prepare)
         result["offline"] = {**summarize(subset, offline_scores), "n": len(subset), "dtype": offline_dtype,
-                             **agreement(subset, [served.scores[i] for i in checked], offline_scores,
+                             **agreement(subset, [_llm_score(served, i) for i in checked], offline_scores,
                                          [served.prompts[i] for i in checked], prompts)}
-    typer.echo(json.dumps(result))
+    components = _components(data, samples, served) if any(c.get("crm") is not None for c in served.components) \
+        else None
+    typer.echo(json.dumps(result if components is None else {**result, "components": components}))
     if method:
         record_result(out, dataset, method, result)
+        if components is not None:
+            _record_components(out, dataset, method, result, components)
     if offline and not result["offline"]["agree"]:
         typer.echo("gateway and offline scores differ: see offline.worst", err=True)
         raise typer.Exit(1)
+
+
+def _llm_score(served, i: int) -> float:
+    """The LLM's own score of sample i (explain's component; the served score when only the LLM scored)."""
+    llm = served.components[i].get("llm") if served.components else None
+    return served.scores[i] if llm is None else llm
+
+
+def _components(data, samples, served) -> dict:
+    from adapters.evaluate import component_report
+    from adapters.features import OfflineFeatures
+
+    features = OfflineFeatures(data)
+    names = list(features.spec.names)
+    matrix = features.matrix(samples, progress="features")
+    return component_report(samples, served, matrix[:, names.index("u_n")], matrix[:, names.index("i_n")])
+
+
+def _record_components(out: Path, dataset: str, method: str, result: dict, components: dict) -> None:
+    """Each component's row beside the served one (same samples), and the dataset's served-vs-CRM figure."""
+    shared = {k: result[k] for k in ("n_test", "split", "seed", "k", "retrieval", "adapter", "command")}
+    for part in ("llm", "crm"):
+        if part in components["all"]:
+            slices = {name: {**v[part], "n": v["n"]} for name, v in components.items() if part in v}
+            record_result(out, dataset, f"{method}-{part}", {**components["all"][part], **shared, "kind": part,
+                                                             "component_of": method, "slices": slices})
+    served = {name: {k: v for k, v in slice_.items() if k not in ("llm", "crm")}
+              for name, slice_ in components.items()}
+    record_result(out, dataset, method, {**result, "slices": served})
+    if result["kind"] == "hybrid" and result["split"] == "test":
+        path_results = json.loads(out.read_text())
+        gain = components["all"]["served_vs_crm"]
+        path_results[dataset]["served_default"] = method
+        path_results[dataset]["served_vs_best_crm"] = {"crm": f"{method}-crm", **gain}
+        out.write_text(json.dumps(path_results, indent=1, sort_keys=True) + "\n")
 
 
 def _journal(folder: Path, settings: Settings, samples, **evaluation):
@@ -485,6 +529,30 @@ def gbdt(
     folder, manifest = train_from_folder(directory, Settings().data_dir, name,
                                          "lorec train " + " ".join(sys.argv[2:]), threads)
     typer.echo(json.dumps({"crm": manifest.name, "path": str(folder), "validation": manifest.validation}))
+
+
+@train_app.command("combiner")
+def combiner(
+    directory: Path = typer.Option(..., "--dir", exists=True, file_okay=False, help="MovieLens folder"),
+    gateway: str = typer.Option("http://127.0.0.1:8000", help="the running gateway (serving the LLM and the "
+                                                               "CRM to combine)"),
+    n: int = typer.Option(2000, help="seeded validation samples to fit on"),
+    seed: int = typer.Option(2, help="seed of the slice (not 1: `lorec train reit` draws its checkpoint-choice "
+                                     "samples with seed 1)"),
+    k: int = typer.Option(10), retrieval: str = typer.Option("subr"),
+    name: str = typer.Option(None, help="combiner name under LOREC_DATA_DIR/combiners"),
+    journal_dir: Path = typer.Option(None, help="keep each gateway score in a journal here (resumable)"),
+) -> None:
+    """The hybrid's combiner: logistic stacking of the LLM's and the CRM's logits (and interaction counts),
+    fitted on validation samples scored through the gateway at their own as_of."""
+    import sys
+
+    from adapters.combiner import fit_from_gateway
+
+    folder, manifest = fit_from_gateway(Settings(), directory, gateway, n, seed, k, retrieval, name, journal_dir,
+                                        "lorec train " + " ".join(sys.argv[2:]))
+    typer.echo(json.dumps({"combiner": manifest.name, "path": str(folder), "terms": manifest.terms,
+                           "validation": manifest.validation}))
 
 
 @train_app.command("crm")

@@ -30,7 +30,7 @@ def encode(samples: Sequence[Sample], data: MovieLens, vocab: Vocab, length: int
 
 
 def _rows(batch: Batch, idx: torch.Tensor) -> Batch:
-    return Batch(*(getattr(batch, f)[idx] for f in ("user", "profile", "target", "history", "ratings", "label")))
+    return batch.rows(idx)
 
 
 @torch.no_grad()
@@ -42,10 +42,11 @@ def predict(model: DIN, batch: Batch, batch_size: int = 4096) -> np.ndarray:
 
 
 def train_din(train: Batch, valid: Batch, vocab: Vocab, epochs: int = 5, batch_size: int = 1024,
-              lr: float = 1e-3, seed: int = 0, patience: int = 2) -> tuple[DIN, dict]:
-    """Adam on BCE; the epoch with the best validation AUC is kept (early stopping on valid)."""
+              lr: float = 1e-3, seed: int = 0, patience: int = 2, model: DIN | None = None) -> tuple[DIN, dict]:
+    """Adam on BCE; the epoch with the best validation AUC is kept (early stopping on valid). `model`: a
+    DIN variant to train (DINPlus), built under the same seed."""
     torch.manual_seed(seed)
-    model = DIN(vocab)
+    model = model if model is not None else DIN(vocab)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     best, best_state, stale, history = None, None, 0, []
     started = time.monotonic()

@@ -51,6 +51,8 @@ class GatewayScores:
     adapters: dict[str, int]  # adapter mode that served -> samples (fallbacks show here)
     resumed: int = 0  # samples read back from the journal instead of asked again
     seconds: float = 0.0  # time at the gateway, the journal's earlier runs included
+    components: list[dict] = field(default_factory=list)  # per sample {"llm": p, "crm": p} (explain)
+    scorers: dict[str, int] = field(default_factory=dict)  # scorer that served -> samples
 
 
 class JournalMismatch(ValueError):
@@ -95,6 +97,7 @@ class Journal:
             row = json.loads(line)
             return {"i": int(row["i"]), "sample": list(row["sample"]), "score": float(row["score"]),
                     "prompt": list(row["prompt"]), "served_by": str(row["served_by"]),
+                    "components": dict(row.get("components") or {}), "scorer": str(row.get("scorer", "llm")),
                     "segment": int(row["segment"]), "t": float(row["t"])}
         except (ValueError, TypeError, KeyError) as error:
             raise JournalMismatch(f"{self.path}: line {number} is not a journal row ({error})") from None
@@ -108,29 +111,38 @@ class Journal:
                 handle.write(json.dumps(self.key, sort_keys=True) + "\n")
             segment, started = time.time_ns(), time.monotonic()
 
-            def append(i: int, sample: Sample, score: float, prompt: list[int], served_by: str) -> None:
+            def append(i: int, sample: Sample, score: float, prompt: list[int], served_by: str,
+                       components: dict, scorer: str) -> None:
                 handle.write(json.dumps({"i": i, "sample": [sample.user_id, sample.item_id, sample.ts],
                                          "score": score, "prompt": prompt, "served_by": served_by,
+                                         "components": components, "scorer": scorer,
                                          "segment": segment, "t": round(time.monotonic() - started, 3)}) + "\n")
                 handle.flush()
             yield append
 
 
-async def score_via_gateway(base_url: str, samples: Sequence[Sample], adapter: str, k: int, retrieval: str,
+async def score_via_gateway(base_url: str, samples: Sequence[Sample], adapter: str | None, k: int, retrieval: str,
                             concurrency: int = 8, api_key: str | None = None, timeout_s: float = 600,
-                            mode: str | None = None, journal: Journal | None = None) -> GatewayScores:
+                            mode: str | None = None, journal: Journal | None = None,
+                            scorer: str | None = None) -> GatewayScores:
     """One request per sample at its own `as_of`; `concurrency` requests in flight so the engine batches.
-    `mode` (personal, cohort, shared) asks for an adapter mode instead of the adapter `adapter`.
+    `mode` (personal, cohort, shared) asks for an adapter mode instead of the adapter `adapter` (None: the
+    gateway's default); `scorer` (hybrid, llm, crm) for a scorer (None: the gateway's default). Every request
+    asks for `explain`, so each component's score comes back beside the served one.
     With a `journal`, samples it already holds are not asked again and new scores are appended to it."""
-    choice = {"mode": mode} if mode else {"adapter": adapter}
+    choice = {"mode": mode} if mode else {"adapter": adapter} if adapter else {}
+    choice |= {"scorer": scorer} if scorer else {}
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(concurrency)
     done = journal.rows if journal else {}
     scores = [done[i]["score"] if i in done else 0.0 for i in range(len(samples))]
     prompts = [done[i]["prompt"] if i in done else [] for i in range(len(samples))]
+    components = [done[i]["components"] if i in done else {} for i in range(len(samples))]
     served_by: dict[str, int] = defaultdict(int)
+    scorers: dict[str, int] = defaultdict(int)
     for row in done.values():
         served_by[row["served_by"]] += 1
+        scorers[row["scorer"]] += 1
     started = time.monotonic()
     with journal.appender() if journal else nullcontext() as record:
         async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, headers=headers) as client:
@@ -140,17 +152,23 @@ async def score_via_gateway(base_url: str, samples: Sequence[Sample], adapter: s
                 async with limit:
                     body = await _post(client, {
                         "user_id": s.user_id, "item_ids": [s.item_id], "as_of": s.ts,
-                        "options": {**choice, "k": k, "retrieval": retrieval, "return_prompt": True}}, f"sample {i}")
-                scores[i], prompts[i] = body["scores"][0]["score"], body["scores"][0]["prompt_token_ids"]
+                        "options": {**choice, "k": k, "retrieval": retrieval, "return_prompt": True,
+                                    "explain": True}}, f"sample {i}")
+                item = body["scores"][0]
+                scores[i], prompts[i] = item["score"], item.get("prompt_token_ids") or []
+                components[i] = item.get("components") or {}
                 served_by[body["adapter_mode"]] += 1
+                scorers[body.get("scorer", "llm")] += 1
                 if record:
-                    record(i, s, scores[i], prompts[i], body["adapter_mode"])
+                    record(i, s, scores[i], prompts[i], body["adapter_mode"], components[i],
+                           body.get("scorer", "llm"))
                 progress.update(1)
 
             await asyncio.gather(*(one(i, s) for i, s in enumerate(samples) if i not in done))
             progress.close()
     return GatewayScores(scores, prompts, dict(served_by), resumed=len(done),
-                         seconds=(journal.seconds if journal else 0.0) + time.monotonic() - started)
+                         seconds=(journal.seconds if journal else 0.0) + time.monotonic() - started,
+                         components=components, scorers=dict(scorers))
 
 
 def slates(pool: Sequence[Sample], n_slates: int, size: int, seed: int) -> list[list[Sample]]:
@@ -202,3 +220,45 @@ def agreement(samples: Sequence[Sample], served: Sequence[float], offline: Seque
 
 def summarize(samples: Sequence[Sample], scores: Sequence[float]) -> dict:
     return metrics([s.label for s in samples], scores)
+
+
+def paired_bootstrap(labels: Sequence[int], base: Sequence[float], other: Sequence[float], rounds: int = 1000,
+                     seed: int = 0) -> dict:
+    """AUC(other) - AUC(base) on the same samples, with a 95% interval from resampling the samples."""
+    from sklearn.metrics import roc_auc_score
+
+    y, a, b = np.asarray(labels), np.asarray(base), np.asarray(other)
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(rounds):
+        pick = rng.integers(0, len(y), len(y))
+        if y[pick].min() == y[pick].max():
+            continue
+        deltas.append(roc_auc_score(y[pick], b[pick]) - roc_auc_score(y[pick], a[pick]))
+    lo, hi = np.percentile(deltas, [2.5, 97.5])
+    return {"delta_auc": float(roc_auc_score(y, b) - roc_auc_score(y, a)), "ci95": [float(lo), float(hi)],
+            "n": int(len(y)), "rounds": len(deltas)}
+
+
+COLD_ITEM, COLD_USER = 10, 20  # fewer earlier interactions than this: a cold item / user
+
+
+def component_report(samples: Sequence[Sample], served: GatewayScores, u_n: np.ndarray, i_n: np.ndarray) -> dict:
+    """From one gateway pass with `explain`: each component's figures on all samples and on the cold slices,
+    and the served score's gain over the CRM with its paired interval."""
+    labels = np.array([s.label for s in samples])
+    columns = {"served": np.asarray(served.scores),
+               **{part: np.array([c.get(part, np.nan) for c in served.components]) for part in ("llm", "crm")}}
+    columns = {k: v for k, v in columns.items() if not np.isnan(v).any()}
+    slices = {"all": np.ones(len(samples), bool), "cold_items": i_n < COLD_ITEM, "cold_users": u_n < COLD_USER}
+    out: dict = {}
+    for name, mask in slices.items():
+        if mask.sum() < 2 or len(set(labels[mask].tolist())) < 2:
+            out[name] = {"n": int(mask.sum())}
+            continue
+        out[name] = {part: metrics(labels[mask].tolist(), values[mask]) for part, values in columns.items()}
+        out[name]["n"] = int(mask.sum())
+        if "crm" in columns:
+            out[name]["served_vs_crm"] = paired_bootstrap(labels[mask], columns["crm"][mask],
+                                                          columns["served"][mask])
+    return out

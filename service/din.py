@@ -53,6 +53,12 @@ class Batch:
     history: torch.Tensor  # (B, L) item ids, 0 = padding
     ratings: torch.Tensor  # (B, L) 0..5 (0 = padding or click)
     label: torch.Tensor
+    dense: torch.Tensor | None = None  # (B, F) standardized point-in-time features (DINPlus)
+
+    FIELDS = ("user", "profile", "target", "history", "ratings", "label", "dense")
+
+    def rows(self, idx: torch.Tensor) -> Batch:
+        return Batch(*(None if getattr(self, f) is None else getattr(self, f)[idx] for f in self.FIELDS))
 
 
 Row = tuple[str, Profile | None, Sequence[Behaviour], str, int]  # user, profile, history, target, label
@@ -110,6 +116,57 @@ class DIN(nn.Module):
         h, mask = self._history(b)
         mean = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return torch.cat([self.user(b.user), mean], -1)
+
+
+class DINPlus(DIN):
+    """DIN with the side information the data has and the point-in-time features: every item is its id
+    embedding plus its genres' and its release decade's (fixed per-item tables), and the standardized
+    feature vector (features.py) joins the MLP beside the attention's interest vector."""
+
+    def __init__(self, vocab: Vocab, item_genres: torch.Tensor, item_decades: torch.Tensor, n_dense: int,
+                 dim: int = 32) -> None:
+        super().__init__(vocab, dim)
+        self.register_buffer("item_genres", item_genres.float())  # (items + 1, genres) multi-hot
+        self.register_buffer("item_decades", item_decades.long())  # (items + 1,) 0 = unknown
+        self.genre = nn.Linear(item_genres.shape[1], dim, bias=False)
+        self.decade = nn.Embedding(int(item_decades.max()) + 1, dim)
+        self.dense = nn.Sequential(nn.Linear(n_dense, 64), nn.PReLU())
+        self.head = nn.Sequential(nn.Linear(3 * dim + 24 + 64, 128), nn.PReLU(), nn.Dropout(0.2),
+                                  nn.Linear(128, 64), nn.PReLU(), nn.Linear(64, 1))
+
+    def item_repr(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.item(ids) + self.genre(self.item_genres[ids]) + self.decade(self.item_decades[ids])
+
+    def _history(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.item_repr(b.history) + self.rating(b.ratings), (b.history > 0).float()
+
+    def forward(self, b: Batch) -> torch.Tensor:
+        h, mask = self._history(b)
+        target = self.item_repr(b.target)
+        t = target.unsqueeze(1).expand_as(h)
+        weights = self.attention(torch.cat([h, t, h - t, h * t], -1)).squeeze(-1) * mask
+        interest = (weights.unsqueeze(-1) * h).sum(1)
+        profile = torch.cat([self.gender(b.profile[:, 0]), self.age(b.profile[:, 1]),
+                             self.occupation(b.profile[:, 2])], -1)
+        return self.head(torch.cat([interest, target, self.user(b.user), profile, self.dense(b.dense)],
+                                   -1)).squeeze(-1)
+
+
+def item_tables(vocab: Vocab, items: Sequence, genres: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DINPlus's per-item tables: genre multi-hot and release decade (1 + decades since 1900, 0 unknown)."""
+    index = {g: i for i, g in enumerate(genres)}
+    multi_hot = torch.zeros(len(vocab.items) + 1, len(genres))
+    decades = torch.zeros(len(vocab.items) + 1, dtype=torch.long)
+    for item in items:
+        row = vocab.items.get(item.item_id)
+        if row is None:
+            continue
+        for g in item.genres:
+            if g in index:
+                multi_hot[row, index[g]] = 1.0
+        if item.year:
+            decades[row] = 1 + max(0, min(item.year - 1900, 150)) // 10
+    return multi_hot, decades
 
 
 def save_crm(model: DIN, vocab: Vocab, path: Path) -> None:

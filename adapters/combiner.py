@@ -1,0 +1,157 @@
+"""Fitting the combiner (service/combine.py) on validation samples only, scored through the gateway.
+
+`lorec train combiner` draws a seeded slice of the validation split, asks the running gateway for
+each sample at its own `as_of` (scorer llm, explain: the LLM's and the CRM's scores side by side),
+reads the samples' interaction counts from the offline features (equal to the gateway's), and fits
+logistic stacking. Which terms enter is chosen by cross-validation on those samples; the test split
+is never read (`require_validation` refuses any other sample).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+
+from adapters.samples import Sample
+from adapters.train import metrics
+from service.combine import bases_of, llm_logit, term_values
+
+# Candidate term sets, simplest first; cross-validation on the validation samples picks one.
+TERM_SETS: dict[str, tuple[str, ...]] = {
+    "stack": ("llm", "crm"),
+    "stack-counts": ("llm", "crm", "log_u_n", "log_i_n", "llm*log_u_n", "llm*log_i_n"),
+    "stack-counts-crm": ("llm", "crm", "log_u_n", "log_i_n", "llm*log_u_n", "llm*log_i_n", "crm*log_u_n",
+                         "crm*log_i_n"),
+}
+FOLDS = 5
+
+
+class NotValidation(ValueError):
+    """A sample outside the validation split reached the combiner's fit."""
+
+
+def require_validation(samples: Sequence[Sample], valid: Sequence[Sample]) -> None:
+    allowed = {(s.user_id, s.item_id, s.ts) for s in valid}
+    strays = [s for s in samples if (s.user_id, s.item_id, s.ts) not in allowed]
+    if strays:
+        s = strays[0]
+        raise NotValidation(f"{len(strays)} of {len(samples)} samples are not validation samples (e.g. user "
+                            f"{s.user_id}, item {s.item_id}, ts {s.ts}): a combiner is fitted on validation only")
+
+
+@dataclass
+class FitRows:
+    labels: np.ndarray
+    llm: np.ndarray  # logits
+    crm: np.ndarray  # logits
+    features: np.ndarray
+    feature_names: Sequence[str]
+
+    @classmethod
+    def of(cls, labels: Sequence[int], llm_p: Sequence[float], crm_p: Sequence[float], features: np.ndarray,
+           feature_names: Sequence[str]) -> FitRows:
+        return cls(np.asarray(labels), np.array([llm_logit(p) for p in llm_p]),
+                   np.array([llm_logit(p) for p in crm_p]), features, feature_names)
+
+    def terms(self, names: Sequence[str]) -> np.ndarray:
+        return term_values(names, bases_of(self.llm, self.crm, self.features, self.feature_names))
+
+
+@dataclass
+class Stacking:
+    terms: tuple[str, ...]
+    weights: list[float]
+    intercept: float
+
+
+def fit_stacking(x: np.ndarray, y: np.ndarray, terms: Sequence[str]) -> Stacking:
+    """Logistic regression on standardized terms (light L2), folded back to raw-term weights."""
+    center, scale = x.mean(0), x.std(0)
+    scale = np.where(scale > 1e-9, scale, 1.0)
+    model = LogisticRegression(C=1.0, max_iter=1000).fit((x - center) / scale, y)
+    weights = model.coef_[0] / scale
+    return Stacking(tuple(terms), weights.tolist(), float(model.intercept_[0] - (weights * center).sum()))
+
+
+def predict(stacking: Stacking, x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-(x @ np.asarray(stacking.weights) + stacking.intercept)))
+
+
+def cross_validated(rows: FitRows, terms: Sequence[str], seed: int = 0) -> np.ndarray:
+    """Out-of-fold probabilities of stacking on `terms`."""
+    x, out = rows.terms(terms), np.zeros(len(rows.labels))
+    for train, held in StratifiedKFold(FOLDS, shuffle=True, random_state=seed).split(x, rows.labels):
+        out[held] = predict(fit_stacking(x[train], rows.labels[train], terms), x[held])
+    return out
+
+
+def fit_combiner(rows: FitRows, seed: int = 0) -> tuple[Stacking, dict]:
+    """The term set with the best cross-validated AUC, refitted on all rows; the figures behind the choice."""
+    labels = rows.labels.tolist()
+    report = {"llm": metrics(labels, 1 / (1 + np.exp(-rows.llm))), "crm": metrics(labels, 1 / (1 + np.exp(-rows.crm))),
+              "term_sets": {}}
+    for name, terms in TERM_SETS.items():
+        report["term_sets"][name] = metrics(labels, cross_validated(rows, terms, seed))
+    chosen = max(TERM_SETS, key=lambda name: report["term_sets"][name]["auc"])
+    report["chosen"] = chosen
+    report["hybrid"] = report["term_sets"][chosen]
+    return fit_stacking(rows.terms(TERM_SETS[chosen]), rows.labels, TERM_SETS[chosen]), report
+
+
+def fit_from_gateway(settings, directory, gateway: str, n: int, seed: int, k: int, retrieval: str,
+                     name: str | None, journal_dir, command: str | None, concurrency: int = 8):
+    """`lorec train combiner`: score a seeded validation slice through the gateway (the LLM the deployment
+    serves by default, the configured CRM), fit, and save the combiner artifact naming both."""
+    import asyncio
+
+    from adapters.cli import _journal, dataset_name
+    from adapters.evaluate import score_via_gateway
+    from adapters.features import OfflineFeatures
+    from adapters.samples import build_samples, draw, split_by_time
+    from service.app import llm_serving
+    from service.auth import client_key
+    from service.combine import CombinerManifest, ComponentRef, combiner_dir
+    from service.crm import Crm, crm_dir
+    from service.ingest import read_movielens, require_store_holds
+    from service.personalize import open_personalizer
+    from service.routing import AdapterRegistry
+
+    if not settings.crm:
+        raise ValueError("set LOREC_CRM to the CRM the gateway serves")
+    crm = Crm(crm_dir(settings.data_dir, settings.crm))
+    llm = llm_serving(settings.adapter_mode, settings.default_adapter or "base", settings,
+                      AdapterRegistry(settings.registry_dir), open_personalizer(settings))
+    if llm is None:
+        raise ValueError(f"no {settings.adapter_mode} LLM configured to fit a combiner for")
+    data = read_movielens(directory)
+    dataset = dataset_name(data.name, directory)
+    asyncio.run(require_store_holds(settings, data.name))
+    parts = split_by_time(build_samples(data))
+    samples = draw(parts["valid"], n, seed)
+    require_validation(samples, parts["valid"])
+    journal = _journal(journal_dir, settings, samples, dataset=dataset, split="valid", n=n, seed=seed,
+                       adapter=None, mode=settings.adapter_mode, k=k, retrieval=retrieval,
+                       method=f"combiner-fit-{llm.name}-{crm.name}") if journal_dir else None
+    served = asyncio.run(score_via_gateway(gateway, samples, None, k, retrieval, concurrency,
+                                           api_key=client_key(settings), journal=journal, scorer="llm"))
+    if served.adapters != {llm.mode: len(samples)}:  # a fallback mixed another LLM into the samples
+        raise RuntimeError(f"the gateway answered with adapter modes {served.adapters}, not {llm.mode} throughout")
+    features = OfflineFeatures(data, crm.spec)
+    rows = FitRows.of([s.label for s in samples], [c["llm"] for c in served.components],
+                      [c["crm"] for c in served.components], features.matrix(samples), crm.spec.names)
+    stacking, report = fit_combiner(rows, seed)
+    manifest = CombinerManifest.new(
+        name=name or f"combiner-{dataset}-{crm.version[:6]}-{llm.version[:6]}", dataset=dataset,
+        data_fingerprint=data.fingerprint, crm=ComponentRef(name=crm.name, version=crm.version), llm=llm,
+        terms=list(stacking.terms), weights=stacking.weights, intercept=stacking.intercept, n_fit=len(samples),
+        fitted_on={"split": "valid", "seed": seed, "n": len(samples), "k": k, "retrieval": retrieval},
+        validation=report, command=command)
+    folder = combiner_dir(settings.data_dir, manifest.name)
+    if folder.exists():
+        raise FileExistsError(f"combiner {manifest.name!r} exists: a new version needs a new name")
+    manifest.save(folder)
+    return folder, manifest

@@ -1,0 +1,164 @@
+"""The hybrid score: a combiner fitted through a real gateway on validation samples, then served."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+from fastapi.testclient import TestClient
+
+from adapters.combiner import NotValidation, fit_from_gateway, require_validation
+from adapters.samples import build_samples, draw, split_by_time
+from service.app import create_app
+from service.combine import CombinerManifest, combiner_dir
+from service.features import ItemTimes
+from service.ingest import read_movielens
+from service.processes import Managed, free_port
+from tests.conftest import AUTH, LOREC, ML100K, serve_env
+from tests.utils.crm import build_crm
+
+CRM, ADAPTER, COMBINER = "hybrid-gbdt", "tiny-random-v1", "test-combiner"
+
+
+@pytest.fixture(scope="module")
+def parts():
+    data = read_movielens(ML100K)
+    return data, split_by_time(build_samples(data))
+
+
+@pytest.fixture(scope="module")
+def hybrid_settings(tiny_settings, tmp_path_factory):
+    """The tiny deployment with a CRM and a shared adapter, and a combiner fitted through `lorec serve`."""
+    data_dir = tmp_path_factory.mktemp("hybrid") / "data"
+    shutil.copytree(tiny_settings.data_dir, data_dir)
+    build_crm(data_dir, ML100K, CRM)
+    settings = tiny_settings.model_copy(update={"data_dir": data_dir, "crm": CRM, "default_adapter": ADAPTER,
+                                                "adapter_mode": "shared"})
+    port = free_port()
+    env = {**serve_env(settings, tmp_path_factory.mktemp("hybrid-serve") / "data", port), "LOREC_CRM": CRM,
+           "LOREC_DEFAULT_ADAPTER": ADAPTER, "LOREC_ADAPTER_MODE": "shared"}
+    server = Managed("gateway", [LOREC, "serve"], data_dir.parent / "gateway.log", env=env)
+    try:
+        server.wait_http(f"http://127.0.0.1:{port}/readyz", 120)
+        fit_from_gateway(settings, ML100K, f"http://127.0.0.1:{port}", n=150, seed=2, k=5, retrieval="recent",
+                         name=COMBINER, journal_dir=None, command="test")
+    finally:
+        server.stop()
+    return settings.model_copy(update={"combiner": COMBINER})
+
+
+@pytest.fixture(scope="module")
+def client(hybrid_settings):
+    with TestClient(create_app(hybrid_settings), headers=AUTH) as c:
+        yield c
+
+
+def ctr(client, item_ids, **options):
+    return client.post("/v1/ctr", json={"user_id": "13", "item_ids": item_ids, "as_of": 880_000_000,
+                                        "options": {"retrieval": "recent", "k": 5, **options}})
+
+
+def test_the_combiner_names_its_components_and_was_fitted_on_validation(hybrid_settings, parts):
+    manifest = CombinerManifest.load(combiner_dir(hybrid_settings.data_dir, COMBINER))
+    assert manifest.crm.name == CRM and manifest.llm.mode == "shared" and manifest.llm.name == ADAPTER
+    assert manifest.fitted_on == {"split": "valid", "seed": 2, "n": 150, "k": 5, "retrieval": "recent"}
+    assert manifest.validation["chosen"] in manifest.validation["term_sets"]
+    assert len(manifest.weights) == len(manifest.terms) and "llm" in manifest.terms and "crm" in manifest.terms
+
+
+def test_test_samples_never_reach_the_fit(parts):
+    _, split = parts
+    require_validation(draw(split["valid"], 50, 0), split["valid"])
+    with pytest.raises(NotValidation, match="validation only"):
+        require_validation([*draw(split["valid"], 50, 0), split["test"][0]], split["valid"])
+
+
+def test_hybrid_is_the_default_and_explains_its_components(client, hybrid_settings, parts):
+    data, _ = parts
+    items = ["1", "50", "100", "1600"]
+    body = ctr(client, items, explain=True).json()
+    assert body["scorer"] == "hybrid" and body["combiner"] == COMBINER and body["adapter"] == ADAPTER
+    manifest = CombinerManifest.load(combiner_dir(hybrid_settings.data_dir, COMBINER))
+    weights = dict(zip(manifest.terms, manifest.weights))
+    counts = ItemTimes(data.ratings)
+    for s in body["scores"]:
+        llm, crm = (math.log(p / (1 - p)) for p in (s["components"]["llm"], s["components"]["crm"]))
+        bases = {"llm": llm, "crm": crm, "log_u_n": math.log1p(body["history_size"]),
+                 "log_i_n": math.log1p(sum(counts.stats(s["item_id"], 880_000_000).counts[:5]))}
+        logit = manifest.intercept + sum(w * math.prod(bases[b] for b in term.split("*"))
+                                         for term, w in weights.items())
+        assert s["score"] == pytest.approx(1 / (1 + math.exp(-logit)), abs=1e-6)
+        assert math.exp(s["logprob_yes"]) / (math.exp(s["logprob_yes"]) + math.exp(s["logprob_no"])) \
+            == pytest.approx(s["components"]["llm"], abs=1e-6)
+    scorers = client.get("/v1/adapters").json()["scorers"]
+    assert scorers["serving"] == "hybrid" and scorers["combiner"] == COMBINER and scorers["crm"].startswith(CRM)
+
+
+def test_each_component_alone_on_request(client):
+    items = ["1", "50", "100"]
+    both = {s["item_id"]: s["components"] for s in ctr(client, items, explain=True).json()["scores"]}
+    crm = ctr(client, items, scorer="crm").json()
+    assert crm["scorer"] == "crm" and crm["adapter_mode"] == "crm" and crm["adapter"] == f"crm:{CRM}"
+    assert all("logprob_yes" not in s for s in crm["scores"])
+    assert [s["score"] for s in crm["scores"]] == pytest.approx([both[i]["crm"] for i in items], abs=1e-9)
+    llm = ctr(client, items, scorer="llm").json()
+    assert llm["scorer"] == "llm" and llm["adapter_mode"] == "shared" and "combiner" not in llm
+    assert [s["score"] for s in llm["scores"]] == pytest.approx([both[i]["llm"] for i in items], abs=1e-6)
+
+
+def test_an_unknown_scorer_is_refused_naming_the_field(client):
+    response = ctr(client, ["1"], scorer="magic")
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "options.scorer"
+
+
+def test_a_request_routed_to_another_llm_is_answered_by_the_crm_and_says_why(client):
+    body = ctr(client, ["1", "50"], adapter="base").json()
+    assert body["scorer"] == "crm" and "degraded" not in body
+    assert body["fallbacks"][0]["mode"] == "hybrid" and "routed to" in body["fallbacks"][0]["reason"]
+
+
+def test_engine_failure_in_hybrid_falls_back_to_the_crm_flagged(hybrid_settings):
+    # A second app beside the module's: qdrant-client's local mode (one process opens an Edge shard at a time).
+    unreachable = hybrid_settings.model_copy(update={"engine_url": f"http://127.0.0.1:{free_port()}",
+                                                     "qdrant_url": ":memory:"})
+    with TestClient(create_app(unreachable), headers=AUTH) as c:
+        body = ctr(c, ["1", "50"]).json()
+    assert body["scorer"] == "crm" and body["degraded"] == ["llm"] and body["adapter_mode"] == "crm"
+
+
+def test_a_combiner_fitted_for_another_crm_is_refused_at_start(hybrid_settings):
+    folder = combiner_dir(hybrid_settings.data_dir, COMBINER)
+    stale = combiner_dir(hybrid_settings.data_dir, "stale-combiner")
+    shutil.copytree(folder, stale, dirs_exist_ok=True)
+    raw = json.loads((stale / "manifest.json").read_text())
+    raw["name"], raw["crm"]["version"] = "stale-combiner", "000000000000"
+    (stale / "manifest.json").write_text(json.dumps(raw))
+    with TestClient(create_app(hybrid_settings.model_copy(update={"combiner": "stale-combiner",
+                                                                  "qdrant_url": ":memory:"})), headers=AUTH) as c:
+        scorers = c.get("/v1/adapters").json()["scorers"]
+        body = ctr(c, ["1", "50"]).json()
+    assert scorers["serving"] == "crm" and "fitted for CRM" in scorers["unavailable"]["hybrid"]
+    assert body["scorer"] == "crm" and body["fallbacks"][0]["mode"] == "hybrid"
+    assert "fitted for CRM" in body["fallbacks"][0]["reason"]
+
+
+def test_a_combiner_of_an_unknown_format_version_is_refused(hybrid_settings):
+    folder = combiner_dir(hybrid_settings.data_dir, "future-combiner")
+    shutil.copytree(combiner_dir(hybrid_settings.data_dir, COMBINER), folder, dirs_exist_ok=True)
+    raw = json.loads((folder / "manifest.json").read_text())
+    raw["format_version"] = 99
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    with TestClient(create_app(hybrid_settings.model_copy(update={"combiner": "future-combiner",
+                                                                  "qdrant_url": ":memory:"})), headers=AUTH) as c:
+        reason = c.get("/v1/adapters").json()["scorers"]["unavailable"]["hybrid"]
+    assert "format version 99" in reason
+
+
+def test_rank_orders_by_the_hybrid_score(client):
+    ranked = client.post("/v1/rank", json={"user_id": "13", "item_ids": ["1", "50", "100", "181"],
+                                           "as_of": 880_000_000, "options": {"retrieval": "recent", "k": 5}}).json()
+    scores = [i["score"] for i in ranked["items"]]
+    assert scores == sorted(scores, reverse=True) and ranked["scorer"] == "hybrid"
