@@ -11,7 +11,7 @@ trainer (every sample, from prefix sums over timelines) produce bit-identical ve
   history read), with per-genre counts and sums over the catalog's genres;
 - `ItemStats`: every user's ratings of the item before t, counted per star (1..5, a rating rounds
   to the nearest star) and clicks, those of the last 30 days, and the first one's time (Redis keeps
-  one sorted set per item and star, see history.py; offline, sorted arrays of times);
+  one sorted set per item and star and one of all, see history.py; offline, sorted arrays of times);
 - the profile and the candidate's catalog entry.
 
 Sums of ratings are exact in float64 for star and half-star ratings, whatever the summation order.
@@ -44,6 +44,7 @@ ITEM_PRIOR_WEIGHT = 10  # pseudo-ratings behind an item's smoothed statistics
 GENRE_PRIOR_WEIGHT = 5  # pseudo-ratings (at the user's own mean) behind a user's genre statistics
 STARS = (1, 2, 3, 4, 5)
 BUCKETS = ("1", "2", "3", "4", "5", "click")  # an item's rating buckets (Redis: one sorted set each)
+ALL = "all"  # and the set of all its ratings and clicks, for the recent count and the first time
 GENDERS = {"male": 1.0, "female": 0.0}
 _FIRST_NUMBER = re.compile(r"\d+")
 
@@ -114,15 +115,15 @@ class UserSummary:
 @dataclass(frozen=True, slots=True)
 class ItemStats:
     """An item's ratings by every user strictly before t: count per star and clicks (BUCKETS order),
-    the same over the RECENT_S before t, and the earliest one's time."""
+    how many of all of them fall in the RECENT_S before t, and the earliest one's time."""
 
     counts: tuple[int, ...]
-    recent: tuple[int, ...]
+    recent: int
     first_ts: int | None
 
     @classmethod
     def empty(cls) -> ItemStats:
-        return cls((0,) * len(BUCKETS), (0,) * len(BUCKETS), None)
+        return cls((0,) * len(BUCKETS), 0, None)
 
 
 def _last_ratings(behaviours: Sequence[Behaviour], start: int, end: int) -> tuple[tuple[float, ...], int | None]:
@@ -137,34 +138,35 @@ def _last_ratings(behaviours: Sequence[Behaviour], start: int, end: int) -> tupl
     return tuple(b.rating for b in picked), (picked[0].ts if picked else None)
 
 
-def summarize_history(behaviours: Sequence[Behaviour], genres_of: Callable[[str], Sequence[str]],
-                      spec: FeatureSpec, now: int) -> UserSummary:
-    """The online path: one request's history (time order), item genres from the catalog."""
+def genre_membership(item_ids: Sequence[str], genres_of: Callable[[str], Sequence[str]], spec: FeatureSpec
+                     ) -> np.ndarray:
+    """(items, spec genres) 0/1: which of the spec's genres each item has."""
     index = spec.genre_index()
-    n = clicks = liked = recent = 0
-    total = squares = 0.0
-    genre_n, genre_sum, genre_liked = [0] * len(index), [0.0] * len(index), [0] * len(index)
-    for b in behaviours:
-        recent += b.ts >= now - RECENT_S
-        if b.rating is None:
-            clicks += 1
-            continue
-        n += 1
-        total += b.rating
-        squares += b.rating * b.rating
-        like = b.rating > 3
-        liked += like
-        for g in genres_of(b.item_id):
+    out = np.zeros((len(item_ids), len(index)), dtype=np.int64)
+    for row, item_id in enumerate(item_ids):
+        for g in genres_of(item_id):
             if (gi := index.get(g)) is not None:
-                genre_n[gi] += 1
-                genre_sum[gi] += b.rating
-                genre_liked[gi] += like
+                out[row, gi] = 1
+    return out
+
+
+def summarize_history(behaviours: Sequence[Behaviour], membership: np.ndarray, now: int) -> UserSummary:
+    """The online path: one request's history (time order) and its items' genre membership."""
+    ratings = np.array([np.nan if b.rating is None else b.rating for b in behaviours], dtype=np.float64)
+    rated = ~np.isnan(ratings)
+    values = np.where(rated, ratings, 0.0)
+    likes = (values > 3).astype(np.int64)
+    rated_membership = membership * rated[:, None]
+    times = [b.ts for b in behaviours]
+    n = int(rated.sum())
     last, last_from = _last_ratings(behaviours, 0, len(behaviours))
-    return UserSummary(n=n, clicks=clicks, rating_sum=total, rating_sq=squares, liked=liked,
-                       first_ts=behaviours[0].ts if behaviours else None,
-                       last_ts=behaviours[-1].ts if behaviours else None, recent=recent, last_ratings=last,
-                       last_ratings_from=last_from, genre_n=tuple(genre_n), genre_sum=tuple(genre_sum),
-                       genre_liked=tuple(genre_liked))
+    return UserSummary(n=n, clicks=len(behaviours) - n, rating_sum=float(values.sum()),
+                       rating_sq=float((values * values).sum()), liked=int(likes.sum()),
+                       first_ts=times[0] if times else None, last_ts=times[-1] if times else None,
+                       recent=len(times) - bisect.bisect_left(times, now - RECENT_S), last_ratings=last,
+                       last_ratings_from=last_from, genre_n=tuple(int(v) for v in rated_membership.sum(0)),
+                       genre_sum=tuple(float(v) for v in values @ rated_membership),
+                       genre_liked=tuple(int(v) for v in likes @ rated_membership))
 
 
 class TimelineSums:
@@ -173,17 +175,10 @@ class TimelineSums:
 
     def __init__(self, timeline: Sequence[Behaviour], genres_of: Callable[[str], Sequence[str]],
                  spec: FeatureSpec) -> None:
-        index = spec.genre_index()
-        rows = len(timeline)
         rated = np.array([b.rating is not None for b in timeline], dtype=np.int64)
         ratings = np.array([b.rating or 0.0 for b in timeline], dtype=np.float64)
         likes = (ratings > 3).astype(np.int64) * rated
-        membership = np.zeros((rows, len(index)), dtype=np.int64)
-        for row, b in enumerate(timeline):
-            if b.rating is not None:
-                for g in genres_of(b.item_id):
-                    if (gi := index.get(g)) is not None:
-                        membership[row, gi] = 1
+        membership = genre_membership([b.item_id for b in timeline], genres_of, spec) * rated[:, None]
 
         def cumulative(values: np.ndarray) -> np.ndarray:
             return np.concatenate([np.zeros((1, *values.shape[1:]), values.dtype), np.cumsum(values, axis=0)])
@@ -222,17 +217,19 @@ class ItemTimes:
             if key in seen:
                 continue
             seen.add(key)
-            times.setdefault(b.item_id, [[] for _ in BUCKETS])[BUCKETS.index(bucket(b.rating))].append(b.ts)
-        self.times = {item: [sorted(ts) for ts in buckets] for item, buckets in times.items()}
+            lists = times.setdefault(b.item_id, [[] for _ in (*BUCKETS, ALL)])
+            lists[BUCKETS.index(bucket(b.rating))].append(b.ts)
+            lists[-1].append(b.ts)
+        self.times = {item: [sorted(ts) for ts in lists] for item, lists in times.items()}
 
     def stats(self, item_id: str, before: int) -> ItemStats:
-        buckets = self.times.get(item_id)
-        if buckets is None:
+        lists = self.times.get(item_id)
+        if lists is None:
             return ItemStats.empty()
-        counts = tuple(bisect.bisect_left(ts, before) for ts in buckets)
-        recent = tuple(c - bisect.bisect_left(ts, before - RECENT_S) for c, ts in zip(counts, buckets))
-        firsts = [ts[0] for ts, c in zip(buckets, counts) if c]
-        return ItemStats(counts, recent, min(firsts) if firsts else None)
+        *buckets, every = lists
+        total = bisect.bisect_left(every, before)
+        return ItemStats(tuple(bisect.bisect_left(ts, before) for ts in buckets),
+                         total - bisect.bisect_left(every, before - RECENT_S), every[0] if total else None)
 
 
 def _ratio(a: float, b: float, default: float) -> float:
@@ -249,6 +246,7 @@ def _number(text: str | None) -> float:
 
 
 def user_features(spec: FeatureSpec, user: UserSummary, profile: Profile, now: int) -> list[float]:
+    """USER_FEATURES then PROFILE_FEATURES."""
     mean = _ratio(user.rating_sum, user.n, PRIOR_MEAN)
     variance = _ratio(user.rating_sq, user.n, mean * mean) - mean * mean
     last = user.last_ratings
@@ -275,16 +273,30 @@ def user_vector(spec: FeatureSpec, user: UserSummary, profile: Profile, now: int
     return [*user_features(spec, user, profile, now), *genre_means(spec, user)]
 
 
-def feature_vector(spec: FeatureSpec, user: UserSummary, item_stats: ItemStats, target: Item, profile: Profile,
-                   now: int) -> list[float]:
-    """The CRM's input for one (user, candidate) at time `now`, in `spec.names` order."""
-    head = user_features(spec, user, profile, now)
-    u_features, p_features = head[:len(USER_FEATURES)], head[len(USER_FEATURES):]
+@dataclass(frozen=True, slots=True)
+class UserView:
+    """What every candidate's vector shares: computed once per request (or sample)."""
+
+    summary: UserSummary
+    head: list[float]  # user_features
+    means: list[float]  # genre_means
+    now: int
+    year: int
+
+
+def user_view(spec: FeatureSpec, user: UserSummary, profile: Profile, now: int) -> UserView:
+    return UserView(user, user_features(spec, user, profile, now), genre_means(spec, user), now,
+                    datetime.fromtimestamp(now, UTC).year)
+
+
+def candidate_vector(spec: FeatureSpec, view: UserView, item_stats: ItemStats, target: Item) -> list[float]:
+    """The CRM's input for one candidate, in `spec.names` order."""
+    user, now = view.summary, view.now
+    u_features, p_features = view.head[:len(USER_FEATURES)], view.head[len(USER_FEATURES):]
     u_mean = u_features[2]
     index = spec.genre_index()
     mine = sorted({index[g] for g in target.genres if g in index})
-    means = genre_means(spec, user)
-    g_means = [means[g] for g in mine]
+    g_means = [view.means[g] for g in mine]
     g_like = [(user.genre_liked[g] + GENRE_PRIOR_WEIGHT * PRIOR_LIKE) / (user.genre_n[g] + GENRE_PRIOR_WEIGHT)
               for g in mine]
     g_mean = _ratio(sum(g_means), len(g_means), u_mean)
@@ -294,17 +306,22 @@ def feature_vector(spec: FeatureSpec, user: UserSummary, item_stats: ItemStats, 
     i_mean = (total + ITEM_PRIOR_WEIGHT * PRIOR_MEAN) / (n + ITEM_PRIOR_WEIGHT)
     raw_mean = _ratio(total, n, PRIOR_MEAN)
     i_var = _ratio(sum(s * s * c for s, c in zip(STARS, counts)), n, raw_mean * raw_mean) - raw_mean * raw_mean
-    year = datetime.fromtimestamp(now, UTC).year
     match = [_ratio(sum(user.genre_n[g] for g in mine), user.n * max(len(mine), 1), 0.0), g_mean,
              _ratio(sum(g_like), len(g_like), PRIOR_LIKE), g_mean - u_mean, max(g_means, default=u_mean),
              min(g_means, default=u_mean), u_mean - i_mean]
     item = [float(n), float(counts[5]), i_mean,
             (counts[3] + counts[4] + ITEM_PRIOR_WEIGHT * PRIOR_LIKE) / (n + ITEM_PRIOR_WEIGHT),
-            math.sqrt(max(i_var, 0.0)), *(_ratio(c, n, 0.0) for c in counts[:5]), float(sum(item_stats.recent)),
-            _days(now, item_stats.first_ts), float(target.year or -1), float(year - target.year) if target.year
-            else -1.0, float(len(target.genres))]
+            math.sqrt(max(i_var, 0.0)), *(_ratio(c, n, 0.0) for c in counts[:5]), float(item_stats.recent),
+            _days(now, item_stats.first_ts), float(target.year or -1),
+            float(view.year - target.year) if target.year else -1.0, float(len(target.genres))]
     flags = [1.0 if g in target.genres else 0.0 for g in spec.genres]
     return [*u_features, *match, *item, *p_features, *flags]
+
+
+def feature_vector(spec: FeatureSpec, user: UserSummary, item_stats: ItemStats, target: Item, profile: Profile,
+                   now: int) -> list[float]:
+    """The CRM's input for one (user, candidate) at time `now`, in `spec.names` order."""
+    return candidate_vector(spec, user_view(spec, user, profile, now), item_stats, target)
 
 
 def now_of(as_of: int | None, clock: Callable[[], float] = time.time) -> int:
@@ -320,32 +337,44 @@ def catalog_genres(catalog: Mapping[str, Item]) -> Callable[[str], Sequence[str]
 
 
 class GenreCache:
-    """Item genres for the user summaries, kept in the gateway for `ttl_s`: a 2,000-event history would
-    otherwise read 2,000 catalog entries per request. A changed item's genres reach the features of
-    other gateways within `ttl_s`."""
+    """Which of the spec's genres each item has, kept in the gateway for `ttl_s`: a 2,000-event history would
+    otherwise read 2,000 catalog entries per request. Items share rows by genre set (a few hundred distinct
+    sets), so a history's membership matrix is one fancy index. A changed item's genres reach other gateways'
+    features within `ttl_s`."""
 
-    def __init__(self, load: Callable[[Iterable[str]], Awaitable[Mapping[str, Item | None]]], ttl_s: float = 60.0,
-                 max_items: int = 500_000, clock: Callable[[], float] = time.monotonic) -> None:
-        self.load, self.ttl_s, self.max_items, self.clock = load, ttl_s, max_items, clock
-        self._entries: dict[str, tuple[tuple[str, ...], float]] = {}
+    def __init__(self, load: Callable[[Iterable[str]], Awaitable[Mapping[str, Item | None]]], spec: FeatureSpec,
+                 ttl_s: float = 60.0, max_items: int = 500_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self.load, self.spec, self.ttl_s, self.max_items, self.clock = load, spec, ttl_s, max_items, clock
+        self._rows: dict[str, tuple[int, float]] = {}  # item -> (row of its genre set, expiry)
+        self._sets: dict[tuple[str, ...], int] = {}
+        self._table = np.zeros((0, len(spec.genres)), dtype=np.int64)
 
-    async def lookup(self, item_ids: Iterable[str]) -> dict[str, tuple[str, ...]]:
-        now = self.clock()
-        found, missing = {}, []
-        for item_id in set(item_ids):
-            entry = self._entries.get(item_id)
-            if entry is not None and entry[1] > now:
-                found[item_id] = entry[0]
+    def _row_of(self, genres: tuple[str, ...]) -> int:
+        key = tuple(sorted(genres))
+        if key not in self._sets:
+            self._sets[key] = len(self._sets)
+            self._table = np.vstack([self._table, genre_membership(["x"], lambda _: key, self.spec)])
+        return self._sets[key]
+
+    async def membership(self, item_ids: Sequence[str]) -> np.ndarray:
+        """(items, spec genres) 0/1, as genre_membership gives from the catalog."""
+        now, cached = self.clock(), self._rows
+        rows, missing = [], set()
+        for item_id in item_ids:  # one pass: this runs over every event of the history
+            entry = cached.get(item_id)
+            if entry is None or entry[1] <= now:
+                missing.add(item_id)
+                rows.append(-1)
             else:
-                missing.append(item_id)
+                rows.append(entry[0])
         if missing:
-            if len(self._entries) + len(missing) > self.max_items:
-                self._entries.clear()  # a bounded memory; refilled on the next requests
+            if len(cached) + len(missing) > self.max_items:
+                cached.clear()  # a bounded memory; refilled on the next requests
             for item_id, item in (await self.load(missing)).items():
-                genres = item.genres if item is not None else ()
-                self._entries[item_id] = (genres, now + self.ttl_s)
-                found[item_id] = genres
-        return found
+                cached[item_id] = (self._row_of(item.genres if item is not None else ()), now + self.ttl_s)
+            rows = [cached[i][0] if r < 0 else r for i, r in zip(item_ids, rows)]
+        return self._table[np.asarray(rows, dtype=np.int64)] if rows else \
+            np.zeros((0, len(self.spec.genres)), dtype=np.int64)
 
 
 class FeatureReader:
@@ -354,14 +383,14 @@ class FeatureReader:
     def __init__(self, history: HistoryStore, spec: FeatureSpec, genres: GenreCache | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.history, self.spec, self.clock = history, spec, clock
-        self.genres = genres or GenreCache(history.items)
+        self.genres = genres or GenreCache(history.items, spec)
 
     async def vectors(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> np.ndarray:
         """One row per target, in `spec.names` order."""
         now = now_of(as_of, self.clock)
-        stats, genres = await asyncio.gather(
+        stats, membership = await asyncio.gather(
             self.history.item_stats([t.item_id for t in targets], as_of, now),
-            self.genres.lookup(b.item_id for b in context.behaviours))
-        user = summarize_history(context.behaviours, lambda i: genres.get(i, ()), self.spec, now)
-        rows = [feature_vector(self.spec, user, stats[t.item_id], t, context.profile, now) for t in targets]
+            self.genres.membership([b.item_id for b in context.behaviours]))
+        view = user_view(self.spec, summarize_history(context.behaviours, membership, now), context.profile, now)
+        rows = [candidate_vector(self.spec, view, stats[t.item_id], t) for t in targets]
         return np.asarray(rows, dtype=np.float64).reshape(len(targets), len(self.spec.names))

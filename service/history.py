@@ -13,7 +13,8 @@ Key layout (every key starts with the prefix, `lorec` by default):
                                      rounded to the nearest star, or "click"): member
                                      "<uid>\\x1f<rating>\\x1f<ts>", score ts. Counted by time range
                                      (ZCOUNT) they give the item's point-in-time statistics (features.py)
-                                     without reading its ratings; one Lua call per item reads all six.
+                                     without reading its ratings; one Lua call per item reads them all.
+    {p}:item:{<iid>}:r:all    ZSET   the same members, all buckets together (recent count, first time)
     {p}:users                 SET    every user id with events or a profile
     {p}:items                 SET    every catalog item id
     {p}:ingest:<dataset>      HASH   fingerprint and counts of a finished ingestion
@@ -38,7 +39,7 @@ from collections.abc import Iterable, Sequence
 
 from redis.asyncio import Redis, RedisCluster
 
-from service.features import BUCKETS, RECENT_S, ItemStats, bucket
+from service.features import ALL, BUCKETS, RECENT_S, ItemStats, bucket
 from service.records import Behaviour, Item, Profile, UserContext
 
 SEP = "\x1f"
@@ -64,7 +65,8 @@ class Keys:
         return f"{self.prefix}:item:{{{item_id}}}:r:{bucket}"
 
     def item_buckets(self, item_id: str) -> list[str]:
-        return [self.item_ratings(item_id, b) for b in BUCKETS]
+        """The bucket sets in BUCKETS order, then the set of all."""
+        return [self.item_ratings(item_id, b) for b in (*BUCKETS, ALL)]
 
     def users(self) -> str:
         return f"{self.prefix}:users"
@@ -99,10 +101,10 @@ def encode_item_rating(user_id: str, b: Behaviour) -> str:
 
 
 def decode_item_stats(reply: Sequence[int]) -> ItemStats:
-    """ITEM_STATS' reply: counts per bucket, recent counts per bucket, first time (-1: none)."""
+    """ITEM_STATS' reply: counts per bucket, the recent count, the first time (-1: none)."""
     n = len(BUCKETS)
-    first = int(reply[2 * n])
-    return ItemStats(counts=tuple(int(c) for c in reply[:n]), recent=tuple(int(c) for c in reply[n:2 * n]),
+    first = int(reply[n + 1])
+    return ItemStats(counts=tuple(int(c) for c in reply[:n]), recent=int(reply[n]),
                      first_ts=None if first < 0 else first)
 
 
@@ -154,22 +156,19 @@ end
 return -1
 """
 
-# An item's statistics before a time: per bucket set (KEYS, all under the item's hash tag) the count
-# below ARGV[1] ("(t": strictly before t, or "+inf"), the count from ARGV[2] (t - 30 days) to it, and
-# the earliest time of all (-1: none). One call per item instead of eighteen commands.
+# An item's statistics before a time. KEYS: its bucket sets (BUCKETS order) and the set of all, one hash
+# tag. ARGV[1]: the upper bound ("(t": strictly before t, or "+inf"); ARGV[2]: t - 30 days. Reply: the
+# count below the bound per bucket, the count of all from ARGV[2] to the bound, the earliest time of all
+# (-1: none before the bound). One call per item instead of eight commands.
 ITEM_STATS = """
-local n, first = #KEYS, -1
+local n = #KEYS - 1
 local out = {}
-for i, key in ipairs(KEYS) do
-  out[i] = redis.call('ZCOUNT', key, '-inf', ARGV[1])
-  out[n + i] = redis.call('ZCOUNT', key, ARGV[2], ARGV[1])
-  local head = redis.call('ZRANGEBYSCORE', key, '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, 1)
-  if head[2] then
-    local ts = tonumber(head[2])
-    if first < 0 or ts < first then first = ts end
-  end
+for i = 1, n do
+  out[i] = redis.call('ZCOUNT', KEYS[i], '-inf', ARGV[1])
 end
-out[2 * n + 1] = first
+out[n + 1] = redis.call('ZCOUNT', KEYS[n + 1], ARGV[2], ARGV[1])
+local head = redis.call('ZRANGEBYSCORE', KEYS[n + 1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, 1)
+out[n + 2] = head[2] and tonumber(head[2]) or -1
 return out
 """
 
@@ -216,7 +215,7 @@ class HistoryStore:
         of the RECENT_S before `now`: one script call per item, in one pipeline."""
         pipe = self.redis.pipeline(transaction=False)
         for item_id in item_ids:  # EVAL, not EVALSHA: no script cache to load first on each cluster node
-            pipe.eval(ITEM_STATS, len(BUCKETS), *self.keys.item_buckets(item_id), history_bounds(as_of),
+            pipe.eval(ITEM_STATS, len(BUCKETS) + 1, *self.keys.item_buckets(item_id), history_bounds(as_of),
                       now - RECENT_S)
         return {i: decode_item_stats(r) for i, r in zip(item_ids, await pipe.execute())}
 
@@ -273,7 +272,9 @@ class HistoryStore:
             return
         pipe = self.redis.pipeline(transaction=False)
         for user_id, b in events:
-            pipe.zadd(self.keys.item_ratings(b.item_id, bucket(b.rating)), {encode_item_rating(user_id, b): b.ts})
+            member = {encode_item_rating(user_id, b): b.ts}
+            pipe.zadd(self.keys.item_ratings(b.item_id, bucket(b.rating)), member)
+            pipe.zadd(self.keys.item_ratings(b.item_id, ALL), member)
         await pipe.execute()
 
     async def put_item(self, item: Item) -> None:

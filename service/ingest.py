@@ -24,7 +24,7 @@ from redis.asyncio import Redis, RedisCluster
 from tqdm import tqdm
 
 from service.config import Settings
-from service.features import bucket
+from service.features import ALL, bucket
 from service.history import Keys, connect, encode_event, encode_item, encode_item_rating, encode_profile
 from service.records import Behaviour, Item, Profile
 from service.retrieval import ItemIndex, open_configured_index
@@ -231,8 +231,8 @@ async def ingest_movielens(data: MovieLens, redis: Redis | RedisCluster, keys: K
     by_item_bucket: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
     for user_id, behaviour in data.ratings:
         by_user[user_id][encode_event(behaviour)] = behaviour.ts
-        by_item_bucket[behaviour.item_id, bucket(behaviour.rating)][encode_item_rating(user_id, behaviour)] = \
-            behaviour.ts
+        for item_set in (bucket(behaviour.rating), ALL):
+            by_item_bucket[behaviour.item_id, item_set][encode_item_rating(user_id, behaviour)] = behaviour.ts
     commands: list[Callable] = []
     commands += [lambda p, i=i: (p.delete(keys.item(i.item_id)), p.hset(keys.item(i.item_id), mapping=encode_item(i)))
                  for i in data.items]

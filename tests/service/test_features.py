@@ -10,7 +10,7 @@ import pytest
 
 from adapters.features import OfflineFeatures
 from adapters.samples import build_samples, draw, split_by_time
-from service.features import FeatureReader, FeatureSpec, ItemStats, star, summarize_history
+from service.features import FeatureReader, FeatureSpec, ItemStats, genre_membership, star, summarize_history
 from service.history import HistoryStore, Keys, connect
 from service.ingest import read_movielens
 from service.records import Behaviour, Item, Profile, UserContext
@@ -94,12 +94,13 @@ async def _conflicting_id(redis_url: str) -> tuple[int, ItemStats]:
 def test_an_event_refused_by_its_id_does_not_count_for_the_item(redis_url):
     stored, stats = run(_conflicting_id(redis_url))
     assert stored == 0
-    assert stats.counts == (0, 0, 0, 1, 0, 0), "only the first event under the id counts"
+    assert stats.counts == (0, 0, 0, 1, 0, 0) and stats.recent == 1 and stats.first_ts == 10, \
+        "only the first event under the id counts"
 
 
 def test_cold_user_and_unrated_item_get_defined_features():
     spec = FeatureSpec(genres=("Comedy", "Drama"), occupations=("writer",))
-    user = summarize_history([], lambda i: (), spec, 1_000)
+    user = summarize_history([], genre_membership([], lambda i: (), spec), 1_000)
     from service.features import feature_vector
 
     row = feature_vector(spec, user, ItemStats.empty(), Item("x", "X"), Profile(), 1_000)
@@ -115,7 +116,8 @@ def test_summary_of_a_history_counts_genres_and_recent_events():
     spec = FeatureSpec(genres=("Comedy", "Drama"), occupations=())
     genres = {"a": ("Comedy",), "b": ("Comedy", "Drama")}
     history = [Behaviour("a", 0, 2.0), Behaviour("b", 86_400 * 40, 5.0), Behaviour("a", 86_400 * 45, None)]
-    user = summarize_history(history, lambda i: genres.get(i, ()), spec, 86_400 * 50)
+    membership = genre_membership([b.item_id for b in history], lambda i: genres.get(i, ()), spec)
+    user = summarize_history(history, membership, 86_400 * 50)
     assert (user.n, user.clicks, user.liked, user.recent) == (2, 1, 1, 2)
     assert user.genre_n == (2, 1) and user.genre_sum == (7.0, 5.0) and user.genre_liked == (1, 1)
     assert user.last_ratings == (2.0, 5.0)

@@ -1,0 +1,95 @@
+"""What the features stage costs a request: 20 candidates of a user with 2,000 events, on a real redis-server.
+
+The store holds a MovieLens catalog with its item rating sets (as ingestion writes them) and one
+synthetic user of 2,000 ratings written through the events path. Each round is one request's
+features stage (`FeatureReader.vectors`: the item statistics script per candidate, the genres of the
+history, the summary, the vectors) at an `as_of` inside the history; the history read of the same
+request is timed in the same run as the baseline the stage adds to. The genre cache is warm after
+the first request; the first (cold) request is reported apart.
+
+    .venv/bin/python benchmarks/features_cost.py --data ../shared/data/ml-100k -> benchmarks/results/features.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from bench_io import command, machine, save
+from service.features import FeatureReader, FeatureSpec
+from service.history import HistoryStore, Keys, connect, encode_item
+from service.ingest import read_movielens
+from service.processes import Managed, free_port, redis_command
+from service.records import Behaviour
+
+
+def percentiles(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "mean_ms": round(float(ms.mean()), 3)}
+
+
+async def measure(url: str, data_dir: Path, events: int, candidates: int, rounds: int) -> dict:
+    data = read_movielens(data_dir)
+    redis = connect(url)
+    history = HistoryStore(redis, Keys("bench"), 5000)
+    pipe = redis.pipeline(transaction=False)
+    for item in data.items:
+        pipe.hset(history.keys.item(item.item_id), mapping=encode_item(item))
+    await pipe.execute()
+    await history.add_item_ratings(data.ratings)  # every item's rating sets, as ingestion writes them
+    rng = random.Random(0)
+    start = min(b.ts for _, b in data.ratings)
+    user = [Behaviour(rng.choice(data.items).item_id, start + i * 3600, float(rng.randint(1, 5))) for i in range(events)]
+    await history.append_events([("bench-user", b, None) for b in user])
+    reader = FeatureReader(history, FeatureSpec.of(data.items, data.profiles.values()))
+    as_of = user[-1].ts + 1
+    catalog = [i.item_id for i in data.items]
+    timings: dict[str, list[float]] = {"history": [], "features": []}
+    cold = None
+    for round_ in range(rounds + 1):
+        targets = rng.sample(catalog, candidates)
+        started = time.perf_counter()
+        context, items = await history.load_request("bench-user", targets, as_of)
+        loaded = time.perf_counter()
+        rows = await reader.vectors(context, [items[t] for t in targets], as_of)
+        done = time.perf_counter()
+        assert rows.shape == (candidates, len(reader.spec.names)) and len(context.behaviours) == events
+        if round_ == 0:
+            cold = done - loaded  # the genre cache fills on the first request
+            continue
+        timings["history"].append(loaded - started)
+        timings["features"].append(done - loaded)
+    await redis.aclose()
+    features, history_read = percentiles(timings["features"]), percentiles(timings["history"])
+    return {"features": features, "features_cold_first_request_ms": round(cold * 1000, 3),
+            "history_read": history_read,
+            "features_vs_history_read_p50": round(features["p50_ms"] / history_read["p50_ms"], 2)}
+
+
+def main(data: Path = typer.Option(..., exists=True, file_okay=False, help="MovieLens folder (catalog, ratings)"),
+         events: int = typer.Option(2000), candidates: int = typer.Option(20), rounds: int = typer.Option(1000),
+         out: Path = typer.Option(Path("benchmarks/results/features.json"))) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        server = Managed("redis-server", redis_command(Path(tmp) / "redis", port), Path(tmp) / "redis.log")
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            server.wait_redis(url, 30)
+            figures = asyncio.run(measure(url, data, events, candidates, rounds))
+        finally:
+            server.stop()
+    report = {"what": f"features stage, {candidates} candidates, {events}-event user, warm genre cache",
+              "target_p99_ms": 5.0, "met": figures["features"]["p99_ms"] <= 5.0, **figures, "rounds": rounds,
+              "machine": machine(), "command": command()}
+    save(out, report)
+
+
+if __name__ == "__main__":
+    typer.run(main)
