@@ -162,9 +162,11 @@ def reit(
                                             "e.g. fitted from a bundle elsewhere, is only exported)"),
 ) -> None:
     """Train a ReiT LoRA adapter (recent-K + SUBR-K prompts) and export it into the registry."""
+    import sys
+
     from adapters import bundle
     from adapters.export import export_adapter, read_manifest
-    from adapters.train import LoraSettings, TrainSettings, train_lora
+    from adapters.train import LoraSettings, TrainSettings, train_lora, training_dtype
 
     settings = Settings()
     if bundle_path is not None:
@@ -196,7 +198,9 @@ def reit(
                 "lr": {"peak": lr, "schedule": lr_schedule.value, "warmup_steps": warmup_steps},
                 "validation": state["best"], "train_seconds": state["seconds"], "steps": state["step"],
                 "epochs": _epochs(state, len(train)),
-                "device": state["settings"].get("device", device), "stopped": state.get("stopped")}
+                "device": state["settings"].get("device", device), "stopped": state.get("stopped"),
+                "dtype": str(training_dtype(device, train_settings.dtype)).removeprefix("torch."),
+                "command": "lorec train " + " ".join(sys.argv[2:])}
     if (settings.registry_dir / name).exists() and read_manifest(settings.registry_dir, name).get("validation") \
             == state["best"]:  # this run was exported already (a re-run of a finished run)
         path = settings.registry_dir / name

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import typer
-
 from bench_io import command, machine, save
+
 from service.features import FeatureReader, FeatureSpec
 from service.history import HistoryStore, Keys, connect, encode_item
 from service.ingest import read_movielens
@@ -46,7 +46,8 @@ async def measure(url: str, data_dir: Path, events: int, candidates: int, rounds
     await history.add_item_ratings(data.ratings)  # every item's rating sets, as ingestion writes them
     rng = random.Random(0)
     start = min(b.ts for _, b in data.ratings)
-    user = [Behaviour(rng.choice(data.items).item_id, start + i * 3600, float(rng.randint(1, 5))) for i in range(events)]
+    user = [Behaviour(rng.choice(data.items).item_id, start + i * 3600, float(rng.randint(1, 5)))
+            for i in range(events)]
     await history.append_events([("bench-user", b, None) for b in user])
     reader = FeatureReader(history, FeatureSpec.of(data.items, data.profiles.values()))
     as_of = user[-1].ts + 1

@@ -82,6 +82,23 @@ def adapters_list() -> None:
 
 
 @app.command()
+def ship(
+    directory: Path = typer.Option(..., "--dir", exists=True, file_okay=False, help="the MovieLens folder the "
+                                                                                  "artifacts were trained on"),
+    quality: Path = typer.Option(Path("benchmarks/results/quality.json"), help="figures to record beside them"),
+) -> None:
+    """Copy the configured served default (LOREC_DEFAULT_ADAPTER, LOREC_CRM, LOREC_COMBINER) into
+    adapters/shipped/<dataset>/, which `lorec up` installs into a fresh data folder."""
+    from adapters.cli import dataset_name
+    from adapters.ship import ship as ship_artifacts
+    from service.ingest import read_movielens
+
+    data = read_movielens(directory)
+    out = ship_artifacts(Settings(), dataset_name(data.name, directory), data.fingerprint, quality)
+    typer.echo(str(out))
+
+
+@app.command()
 def engine(port: int = typer.Option(8100), host: str = typer.Option("127.0.0.1")) -> None:
     """Run the vLLM engine server in the foreground."""
     from service.processes import engine_command, engine_env
@@ -108,12 +125,15 @@ def up(
     data: Path = typer.Option(None, envvar="LOREC_DATA", help=f"MovieLens folder (default {DEFAULT_MOVIELENS})"),
     engine_port: int = typer.Option(8100),
 ) -> None:
-    """Everything on embedded defaults: redis-server, Qdrant Edge, vLLM, ingestion, gateway."""
+    """Everything on embedded defaults: redis-server, Qdrant Edge, vLLM, ingestion, the shipped trained
+    models for that data (when the data folder configures none), the gateway."""
     import uvicorn
 
+    from adapters.cli import dataset_name
     from service.app import create_app
     from service.model import resolve_model
-    from service.processes import Managed, engine_command, engine_env, redis_command
+    from service.processes import Managed
+    from service.shipped import install_shipped
 
     _logging()
     # SIGTERM must unwind through `finally` so the children stop too (uvicorn re-raises it on exit).
@@ -122,33 +142,62 @@ def up(
     settings = Settings()
     data = data or DEFAULT_MOVIELENS
     model_dir = resolve_model(settings.model, settings.data_dir, prepare=True)
-    logs = settings.data_dir / "logs"
     children: list[Managed] = []
     try:
-        if not _redis_answers(settings.redis_url):
-            redis_port = urlparse(settings.redis_url).port or 6379
-            redis = Managed("redis-server", redis_command(settings.data_dir / "redis", redis_port),
-                            logs / "redis.log")
-            children.append(redis)
-            redis.wait_redis(settings.redis_url, 30)
-        settings.engine_url = f"http://127.0.0.1:{engine_port}"
-        vllm = Managed("vllm", engine_command(settings, model_dir, engine_port), logs / "vllm.log",
-                       env=engine_env(settings))
-        children.append(vllm)
+        _start_redis(settings, children)
+        settings, engine = _start_engine(settings, model_dir, engine_port, children)
         log.info("ingesting %s (skipped when already ingested)", data)
-        log.info("ingest: %s", _ingest_or_exit(settings, data))
-        log.info("waiting for the vLLM engine (log: %s)", vllm.log_path)
-        vllm.wait_http(f"{settings.engine_url}/health", 900)
+        report = _ingest_or_exit(settings, data)
+        log.info("ingest: %s", report)
+        settings = install_shipped(settings, dataset_name(report["dataset"], data), report["fingerprint"])
+        if engine is not None:
+            log.info("waiting for the vLLM engine (log: %s)", engine.log_path)
+            engine.wait_http(f"{settings.engine_url}/health", 900)
         gateway = create_app(settings)  # generates and prints an API key when none is configured
         log.info("ready after %.0fs; try (KEY: an API key, e.g. the one printed above, stored in %s):\n"
                  "  curl -s -X POST http://%s:%d/v1/rank -H \"authorization: Bearer $KEY\" "
                  "-H 'content-type: application/json'"
-                 " -d '{\"user_id\": \"1\", \"item_ids\": [\"1\", \"50\", \"100\", \"181\", \"258\"], \"top_k\": 3}'",
+                 " -d '{\"user_id\": \"1\", \"item_ids\": [\"1\", \"50\", \"100\", \"181\", \"258\"], \"top_k\": 3, "
+                 "\"options\": {\"explain\": true}}'",
                  time.monotonic() - started, settings.key_file, settings.host, settings.port)
         uvicorn.run(gateway, host=settings.host, port=settings.port, log_level="info")
     finally:
         for child in reversed(children):
             child.stop()
+
+
+def _start_redis(settings: Settings, children: list) -> None:
+    """redis-server on the data folder, unless one answers at LOREC_REDIS_URL already."""
+    from service.processes import Managed, redis_command
+
+    if _redis_answers(settings.redis_url):
+        return
+    redis_port = urlparse(settings.redis_url).port or 6379
+    redis = Managed("redis-server", redis_command(settings.data_dir / "redis", redis_port),
+                    settings.data_dir / "logs" / "redis.log")
+    children.append(redis)
+    redis.wait_redis(settings.redis_url, 30)
+
+
+def _start_engine(settings: Settings, model_dir: Path, port: int, children: list) -> tuple[Settings, object]:
+    """The vLLM engine on `port` (started, not yet waited for), unless LOREC_ENGINE_URL names one that
+    answers already (another process's engine, e.g. a GPU box)."""
+    import httpx
+
+    from service.processes import Managed, engine_command, engine_env
+
+    if "engine_url" in settings.model_fields_set:
+        try:
+            httpx.get(f"{settings.engine_urls[0]}/health", timeout=2).raise_for_status()
+            log.info("using the engine at %s", settings.engine_url)
+            return settings, None
+        except httpx.HTTPError:
+            log.info("no engine answers at %s: starting one on port %d", settings.engine_url, port)
+    settings = settings.model_copy(update={"engine_url": f"http://127.0.0.1:{port}"})
+    engine = Managed("vllm", engine_command(settings, model_dir, port), settings.data_dir / "logs" / "vllm.log",
+                     env=engine_env(settings))
+    children.append(engine)
+    return settings, engine
 
 
 def _redis_answers(url: str) -> bool:

@@ -171,10 +171,12 @@ class IngestReport:
     ratings: int
     skipped_lines: list[str]
     already_done: bool = False
+    fingerprint: str = ""  # of the raw files (shipped artifacts name the data they were trained on by it)
 
     def as_dict(self) -> dict:
         return {"dataset": self.dataset, "users": self.users, "items": self.items, "ratings": self.ratings,
-                "skipped_lines": len(self.skipped_lines), "already_done": self.already_done}
+                "skipped_lines": len(self.skipped_lines), "already_done": self.already_done,
+                "fingerprint": self.fingerprint}
 
 
 class StoreMismatch(RuntimeError):
@@ -215,7 +217,8 @@ async def ingest_movielens(data: MovieLens, redis: Redis | RedisCluster, keys: K
     await claim_store(redis, keys, data.name)
     fingerprint = f"{data.fingerprint}:{encoder_id}:layout{LAYOUT}"
     users = set(data.profiles) | {u for u, _ in data.ratings}
-    report = IngestReport(data.name, len(users), len(data.items), len(data.ratings), data.skipped)
+    report = IngestReport(data.name, len(users), len(data.items), len(data.ratings), data.skipped,
+                          fingerprint=data.fingerprint)
     if await redis.hget(keys.ingest(data.name), "fingerprint") == fingerprint \
             and await index.count() >= len(data.items):
         report.already_done = True

@@ -1,0 +1,68 @@
+"""`lorec ship`: copy the served default of a data folder (adapter, CRM, combiner) into adapters/shipped/.
+
+The three artifacts are the ones the deployment is configured with (LOREC_DEFAULT_ADAPTER, LOREC_CRM,
+LOREC_COMBINER); the combiner must name the other two, by version, or nothing is shipped. The adapter
+is copied without training state (PEFT files and manifest only). The shipped manifest records the
+commands that produced each artifact and the figures of the served default from quality.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from service.app import llm_serving
+from service.combine import COMBINER_DIR, Combiner, ComponentRef, combiner_dir, refusal
+from service.config import Settings
+from service.crm import CRM_DIR, Crm, crm_dir
+from service.routing import AdapterRegistry
+from service.shipped import SHIPPED_ROOT, ShippedManifest
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.json")
+
+
+def figures_of(quality: Path, dataset: str) -> dict:
+    """The served default's rows (and its components') from quality.json, when recorded."""
+    if not quality.exists():
+        return {}
+    rows = json.loads(quality.read_text()).get(dataset, {})
+    method = rows.get("served_default")
+    if not method:
+        return {}
+    keep = ("auc", "logloss", "acc", "n_test", "split", "kind", "slices")
+    return {"served_default": method, "served_vs_best_crm": rows.get("served_vs_best_crm"),
+            **{m: {k: v for k, v in rows[m].items() if k in keep}
+               for m in (method, f"{method}-llm", f"{method}-crm") if m in rows}}
+
+
+def ship(settings: Settings, dataset: str, data_fingerprint: str, quality: Path, root: Path = SHIPPED_ROOT) -> Path:
+    if not (settings.default_adapter and settings.crm and settings.combiner):
+        raise ValueError("set LOREC_DEFAULT_ADAPTER, LOREC_CRM and LOREC_COMBINER to the served default")
+    registry = AdapterRegistry(settings.registry_dir)
+    crm = Crm(crm_dir(settings.data_dir, settings.crm))
+    combiner = Combiner(combiner_dir(settings.data_dir, settings.combiner))
+    why = refusal(combiner, ComponentRef(name=crm.name, version=crm.version),
+                  llm_serving("shared", settings.default_adapter, settings, registry, None))
+    if why is not None:
+        raise ValueError(f"not shipped: {why}")
+    for manifest in (crm.manifest, combiner.manifest):
+        if manifest.data_fingerprint != data_fingerprint:
+            raise ValueError(f"{manifest.name} was trained on other files than {dataset}'s")
+    out = root / dataset
+    shutil.rmtree(out, ignore_errors=True)
+    adapter_out = out / "adapters" / settings.default_adapter
+    adapter_out.mkdir(parents=True)
+    source = registry.path(settings.default_adapter)
+    for file in ADAPTER_FILES:
+        if (source / file).exists():
+            shutil.copy2(source / file, adapter_out / file)
+    shutil.copytree(crm.folder, out / CRM_DIR / crm.name)
+    shutil.copytree(combiner_dir(settings.data_dir, combiner.name), out / COMBINER_DIR / combiner.name)
+    adapter_manifest = json.loads((source / "manifest.json").read_text()) if (source / "manifest.json").exists() \
+        else {}
+    commands = [c for c in (adapter_manifest.get("command"), crm.manifest.command, combiner.manifest.command) if c]
+    ShippedManifest.new(dataset=dataset, data_fingerprint=data_fingerprint, adapter=settings.default_adapter,
+                        crm=crm.name, combiner=combiner.name, commands=commands,
+                        figures=figures_of(quality, dataset)).save(out)
+    return out

@@ -1,0 +1,85 @@
+"""The trained artifacts that ship with lorec, and their installation into a fresh data folder.
+
+`adapters/shipped/<dataset>/` holds what the service serves by default for that dataset: the LLM
+adapter (PEFT folder), the CRM and the combiner, each with its own manifest, and `manifest.json`
+(`ShippedManifest`) naming them, the data they were trained on (fingerprint of the raw files) and
+the commands that produced them (adapters/shipped/README.md). `lorec up` installs them into a data
+folder that has no CRM, adapter or combiner configured, when the folder it ingests is that data:
+the first command on a fresh machine serves the trained hybrid, not an untrained model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from service.artifacts import ArtifactError, Manifest
+from service.combine import COMBINER_DIR, combiner_dir
+from service.config import Settings
+from service.crm import CRM_DIR, crm_dir
+
+log = logging.getLogger(__name__)
+SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "adapters" / "shipped"
+
+
+class ShippedManifest(Manifest):
+    FORMAT = "lorec.shipped"
+    VERSION = 1
+
+    dataset: str
+    data_fingerprint: str
+    adapter: str  # folder under adapters/
+    crm: str  # folder under crm/
+    combiner: str  # folder under combiners/
+    commands: list[str]  # what produced them, in order
+    figures: dict  # validation and test figures of the served default and its components
+
+
+def shipped_for(dataset: str, root: Path = SHIPPED_ROOT) -> tuple[Path, ShippedManifest] | None:
+    folder = root / dataset
+    if not (folder / "manifest.json").exists():
+        return None
+    return folder, ShippedManifest.load(folder)
+
+
+def _copy(source: Path, target: Path) -> None:
+    """Copy a folder in whole or not at all (a reader never sees half an artifact)."""
+    if target.exists():
+        return
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    staging.rename(target)
+
+
+def install_shipped(settings: Settings, dataset: str, data_fingerprint: str, root: Path = SHIPPED_ROOT
+                    ) -> Settings:
+    """Settings serving the shipped hybrid of `dataset`, its artifacts copied into the data folder; the
+    settings unchanged when the deployment configures its own models or nothing ships for this data."""
+    if settings.crm or settings.default_adapter or settings.combiner or settings.reclora_bank:
+        return settings
+    found = shipped_for(dataset, root)
+    if found is None:
+        log.info("no trained artifacts ship for %s: serving the base model", dataset)
+        return settings
+    folder, manifest = found
+    if manifest.data_fingerprint != data_fingerprint:
+        log.warning("the shipped %s artifacts were trained on other files than these: not installed", dataset)
+        return settings
+    adapter = settings.registry_dir / manifest.adapter
+    _copy(folder / "adapters" / manifest.adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    if config.get("base_model_name_or_path") != str(settings.model_dir.resolve()):
+        config["base_model_name_or_path"] = str(settings.model_dir.resolve())  # this machine's served model
+        (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    _copy(folder / CRM_DIR / manifest.crm, crm_dir(settings.data_dir, manifest.crm))
+    _copy(folder / COMBINER_DIR / manifest.combiner, combiner_dir(settings.data_dir, manifest.combiner))
+    log.info("serving the shipped %s hybrid: adapter %s, CRM %s, combiner %s", dataset, manifest.adapter,
+             manifest.crm, manifest.combiner)
+    return settings.model_copy(update={"default_adapter": manifest.adapter, "adapter_mode": "shared",
+                                       "crm": manifest.crm, "combiner": manifest.combiner})
+
+
+__all__ = ["ArtifactError", "SHIPPED_ROOT", "ShippedManifest", "install_shipped", "shipped_for"]
