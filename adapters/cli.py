@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from adapters.bundle import LrSchedule
@@ -320,8 +321,18 @@ def _offline_model(settings: Settings, data, samples, adapter: str, mode: str | 
 
 
 def _score_crm(settings: Settings, data, dataset: str, samples) -> dict:
-    from adapters.crm import encode, predict
+    """The configured feature CRM (LOREC_CRM) on `samples`, offline; without one, the DIN file."""
     from adapters.evaluate import summarize
+
+    if settings.crm:
+        from adapters.features import OfflineFeatures
+        from service.crm import Crm, crm_dir
+
+        crm = Crm(crm_dir(settings.data_dir, settings.crm))
+        logits = crm.logits(OfflineFeatures(data, crm.spec).matrix(samples, progress="features"))
+        return {**summarize(samples, 1 / (1 + np.exp(-logits))), "n_test": len(samples), "kind": "crm",
+                "crm": f"{crm.name}@{crm.version}", "validation": crm.manifest.validation}
+    from adapters.crm import encode, predict
     from service.din import load_crm
 
     path = settings.data_dir / "crm" / f"{dataset}-din.pt"
@@ -350,8 +361,9 @@ def eval_command(
     offline: bool = typer.Option(True, help="also score with transformers + peft and compare"),
     offline_n: int = typer.Option(0, min=0, help="score only this seeded subsample of the evaluated samples "
                                                  "offline (0: all); the figures stay the gateway's on all of them"),
-    crm: bool = typer.Option(False, "--crm", help="score the saved DIN CRM (LOREC_DATA_DIR/crm/<dataset>-din.pt) "
-                                                  "on the same seeded samples instead; offline, no gateway"),
+    crm: bool = typer.Option(False, "--crm", help="score the CRM instead, offline, no gateway, on the same seeded "
+                                                  "samples: LOREC_CRM's artifact, else LOREC_DATA_DIR/crm/"
+                                                  "<dataset>-din.pt"),
     offline_dtype: str = typer.Option(None, help="dtype of the offline reference (bfloat16 or float32); "
                                                  "default: the engine's (LOREC_ENGINE_DTYPE)"),
     method: str = typer.Option(None, help="record under this method name in --out"),
@@ -567,6 +579,9 @@ def crm(
     eval_seed: int = typer.Option(0),
     out: Path = typer.Option(Path("benchmarks/results/quality.json")),
     record: bool = typer.Option(True, help="record the figures in --out"),
+    side_info: bool = typer.Option(False, help="DIN with the genres and release decade of every item and the "
+                                               "point-in-time features (DINPlus), recorded as crm-din-plus; "
+                                               "reported beside the feature CRM, not saved for serving"),
 ) -> None:
     """Train the DIN baseline on the whole train split (last 60 behaviours); test once at the end."""
     import sys
@@ -581,17 +596,38 @@ def crm(
     data = read_movielens(directory)
     parts = split_by_time(build_samples(data))
     vocab = Vocab.of(data)
-    model, report = train_din(encode(parts["train"], data, vocab), encode(parts["valid"], data, vocab), vocab,
-                              epochs=epochs, seed=seed)
-    dataset = dataset_name(data.name, directory)
-    test_full = metrics([s.label for s in parts["test"]], predict(model, encode(parts["test"], data, vocab)))
+    batches = {name: encode(samples, data, vocab) for name, samples in parts.items()}
     sliced = draw(parts["test"], eval_n, eval_seed)
-    test_slice = metrics([s.label for s in sliced], predict(model, encode(sliced, data, vocab)))
-    path = settings.data_dir / "crm" / f"{dataset}-din.pt"
-    save_crm(model, vocab, path)
+    batches["slice"] = encode(sliced, data, vocab)
+    model = _din_plus(data, vocab, parts, sliced, batches) if side_info else None
+    model, report = train_din(batches["train"], batches["valid"], vocab, epochs=epochs, seed=seed, model=model)
+    dataset = dataset_name(data.name, directory)
+    test_full = metrics([s.label for s in parts["test"]], predict(model, batches["test"]))
+    test_slice = metrics([s.label for s in sliced], predict(model, batches["slice"]))
+    if not side_info:
+        save_crm(model, vocab, settings.data_dir / "crm" / f"{dataset}-din.pt")
     result = {**test_slice, "n_test": len(sliced), "n_train": len(parts["train"]), "kind": "crm",
               "test_full": test_full, "valid": report["valid"], "train_seconds": round(report["train_seconds"], 1),
               "seed": eval_seed, "command": "lorec train " + " ".join(sys.argv[2:])}
     typer.echo(json.dumps(result))
     if record:
-        record_result(out, dataset, "crm-din", result)
+        record_result(out, dataset, "crm-din-plus" if side_info else "crm-din", result)
+
+
+def _din_plus(data, vocab, parts: dict, sliced, batches: dict):
+    """DINPlus and its dense inputs: the point-in-time features, standardized on train."""
+    import torch
+
+    from adapters.features import OfflineFeatures
+    from service.crm import Standardizer
+    from service.din import DINPlus, item_tables
+
+    features = OfflineFeatures(data)
+    matrices = {name: features.matrix(samples, progress=f"{name} features") for name, samples in parts.items()}
+    matrices["slice"] = features.matrix(sliced)
+    scale = Standardizer.fit(matrices["train"])
+    for name, matrix in matrices.items():
+        batches[name].dense = torch.tensor(scale.apply(matrix), dtype=torch.float32)
+    genres, decades = item_tables(vocab, data.items, features.spec.genres)
+    torch.manual_seed(0)
+    return DINPlus(vocab, genres, decades, matrices["train"].shape[1])

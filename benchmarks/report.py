@@ -1,4 +1,5 @@
-"""Regenerate benchmarks/quality.md and benchmarks/quality_auc_vs_n.png from benchmarks/results/quality.json.
+"""Regenerate benchmarks/quality.md, benchmarks/quality_auc_vs_n.png and benchmarks/quality_hybrid.png from
+benchmarks/results/quality.json.
 
     .venv/bin/pip install -e '.[bench]'    # once: matplotlib (and locust)
     .venv/bin/python benchmarks/report.py
@@ -45,17 +46,102 @@ def table(methods: dict) -> list[str]:
     return lines
 
 
-def plot(results: dict, path: Path) -> bool:
+SLICES = {"all": "all samples", "cold_items": "cold items (< 10 earlier ratings)",
+          "cold_users": "cold users (< 20 earlier ratings)"}
+
+
+def methods_of(entries: dict) -> dict:
+    """The method rows of a dataset (its entries besides served_default and served_vs_best_crm)."""
+    return {name: row for name, row in entries.items() if isinstance(row, dict) and "auc" in row}
+
+
+def _ci(gain: dict | None) -> str:
+    if not gain:
+        return "-"
+    lo, hi = gain["ci95"]
+    return f"{gain['delta_auc']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def served_section(entries: dict) -> list[str]:
+    """The served default against each component, on every slice, from one gateway pass."""
+    method = entries.get("served_default")
+    if not method or method not in entries:
+        return []
+    served, gain = entries[method], entries.get("served_vs_best_crm") or {}
+    lines = [f"**Served default: `{method}`** (scorer {served.get('kind')}): test AUC {served['auc']:.4f} on "
+             f"{served['n_test']:,} samples; against the best CRM (`{gain.get('crm')}`, same samples): "
+             f"{_ci(gain)} (paired bootstrap, 95%).", "",
+             "| slice | n | CRM AUC | LLM AUC | served AUC | served - CRM [95% CI] |", "|---|---|---|---|---|---|"]
+    for key, label in SLICES.items():
+        parts = {part: (entries.get(f"{method}-{part}", {}).get("slices") or {}).get(key, {})
+                 for part in ("crm", "llm")}
+        mine = (served.get("slices") or {}).get(key, {})
+        lines.append(f"| {label} | {mine.get('n', '-')} | {_fmt(parts['crm'].get('auc'))} | "
+                     f"{_fmt(parts['llm'].get('auc'))} | {_fmt((mine.get('served') or {}).get('auc'))} | "
+                     f"{_ci(mine.get('served_vs_crm'))} |")
+    return lines + [""]
+
+
+def crm_section(methods: dict) -> list[str]:
+    """The conventional recommenders side by side: validation (what chose the CRM) and test."""
+    rows = {name: r for name, r in methods.items()
+            if r.get("kind") == "crm" and (r.get("valid") or r.get("validation"))}
+    if not rows:
+        return []
+    lines = ["CRMs (the best on validation is the served CRM):", "",
+             "| CRM | validation AUC | test AUC | n_test |", "|---|---|---|---|"]
+    for name, r in sorted(rows.items(), key=lambda kv: -(kv[1].get("valid") or kv[1].get("validation"))["auc"]):
+        valid = (r.get("valid") or r.get("validation"))["auc"]
+        lines.append(f"| {name} | {valid:.4f} | {r['auc']:.4f} | {r['n_test']} |")
+    return lines + [""]
+
+
+def _pyplot():
     try:
         import matplotlib
     except ImportError:  # a report without its plot would drop the committed figure: refuse instead
         raise SystemExit("benchmarks/report.py needs matplotlib: .venv/bin/pip install -e '.[bench]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_hybrid(results: dict, path: Path) -> bool:
+    """Per dataset and slice: the CRM's, the LLM's and the served AUC, side by side."""
+    plt = _pyplot()
+    bars = []
+    for dataset, entries in sorted(results.items()):
+        method = entries.get("served_default")
+        if not method or method not in entries:
+            continue
+        for key in SLICES:
+            values = [((entries.get(f"{method}-{part}", {}).get("slices") or {}).get(key) or {}).get("auc")
+                      for part in ("crm", "llm")]
+            served = (((entries[method].get("slices") or {}).get(key) or {}).get("served") or {}).get("auc")
+            bars.append((f"{dataset}\n{key.replace('_', ' ')}", *values, served))
+    if not bars:
+        return False
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(bars)), 4))
+    for j, (label, color) in enumerate((("CRM", "C0"), ("LLM", "C1"), ("served (hybrid)", "C2"))):
+        xs = [i + (j - 1) * 0.27 for i in range(len(bars))]
+        ax.bar(xs, [b[j + 1] or 0 for b in bars], width=0.27, label=label, color=color)
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+    ax.set_ylim(0.45, max(b[k] or 0 for b in bars for k in (1, 2, 3)) + 0.03)
+    ax.set_ylabel("test AUC")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot(results: dict, path: Path) -> bool:
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4))
     drawn = False
-    for i, (dataset, methods) in enumerate(sorted(results.items())):
+    for i, (dataset, entries) in enumerate(sorted(results.items())):
+        methods = methods_of(entries)
         color = f"C{i}"  # one colour per dataset: its curve, its RecLoRA point, its baselines
         points = sorted((_n_of(m), r["auc"], r.get("epochs"), r.get("n_test")) for m, r in methods.items()
                         if re.fullmatch(r"reit-n\d+", m))
@@ -99,15 +185,18 @@ def main() -> None:
            "Generated by `.venv/bin/python benchmarks/report.py` from `benchmarks/results/quality.json`;",
            "each row's command produced it. ReLLa protocol: label = rating > 3, history = ratings strictly",
            "before the sample, samples with < 5 earlier ratings dropped, 8:1:1 split by global time.", ""]
-    for dataset, methods in sorted(results.items()):
+    for dataset, entries in sorted(results.items()):
+        methods = methods_of(entries)
         out += [f"## {dataset}", ""]
         if dataset in splits:
             s = splits[dataset]
             out += [f"Split sizes: train {s['train']:,}, valid {s['valid']:,}, test {s['test']:,} "
                     f"(from {s['ratings']:,} ratings).", ""]
-        out += table(methods) + [""]
+        out += served_section(entries) + crm_section(methods) + table(methods) + [""]
     out += ["## Published ML-1M anchors (full ML-1M, for reference only)", "",
             "| method | AUC |", "|---|---|"] + [f"| {n} | {a} |" for n, a in ANCHORS_ML1M] + [""]
+    if plot_hybrid(results, HERE / "quality_hybrid.png"):
+        out += ["![served score against its components](quality_hybrid.png)", ""]
     if plot(results, HERE / "quality_auc_vs_n.png"):
         out += ["![AUC against N](quality_auc_vs_n.png)", ""]
     notes = HERE / "quality_notes.md"
