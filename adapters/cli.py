@@ -100,6 +100,31 @@ async def _prompts(settings: Settings, directory: Path, n_train: int, n_valid: i
     return data, parts, codec, train, valid
 
 
+def _with_crm_offsets(settings: Settings, data, parts: dict, train: list, valid: list) -> tuple[list, list, str]:
+    """Each prompt with its sample's CRM logit as `offset` (residual training): out-of-fold for the train
+    samples (the CRM saw them), the CRM's own for the validation samples; and the CRM's name@version."""
+    import dataclasses
+
+    from adapters.features import OfflineFeatures
+    from adapters.gbdt import out_of_fold_logits
+    from service.crm import Crm, crm_dir
+
+    if not settings.crm:
+        raise typer.BadParameter("residual training needs the CRM: set LOREC_CRM", param_hint="--loss")
+    crm = Crm(crm_dir(settings.data_dir, settings.crm))
+    features = OfflineFeatures(data, crm.spec)
+    position = {(s.user_id, s.item_id, s.ts): i for i, s in enumerate(parts["train"])}
+    wanted = sorted({position[(p.sample.user_id, p.sample.item_id, p.sample.ts)] for p in train})
+    oof = out_of_fold_logits(crm.manifest.params, crm.spec.names, features.matrix(parts["train"], "train features"),
+                             np.array([s.label for s in parts["train"]]), wanted)
+    by_row = dict(zip(wanted, oof))
+    train = [dataclasses.replace(p, offset=float(by_row[position[(p.sample.user_id, p.sample.item_id, p.sample.ts)]]))
+             for p in train]
+    valid_logits = crm.logits(features.matrix([p.sample for p in valid]))
+    valid = [dataclasses.replace(p, offset=float(o)) for p, o in zip(valid, valid_logits)]
+    return train, valid, f"{crm.name}@{crm.version}"
+
+
 def _run_facts(data, directory: Path, parts: dict, n_train: int, k: int) -> dict:
     """What an adapter's manifest says of its data (a bundle carries the same)."""
     return {"dataset": dataset_name(data.name, directory), "data_fingerprint": data.fingerprint,
@@ -154,8 +179,9 @@ def reit(
     patience: int = typer.Option(3, min=1, help="scheduled evaluations without a better validation AUC "
                                                 "before the run stops"),
     seed: int = typer.Option(0),
-    loss: str = typer.Option("vocab", help="vocab (LM cross-entropy on the answer token) or pair (logistic "
-                                           "loss on logit Yes - logit No)"),
+    loss: str = typer.Option("vocab", help="vocab (LM cross-entropy on the answer token), pair (logistic "
+                                           "loss on logit Yes - logit No) or residual (pair with the CRM's "
+                                           "logit, LOREC_CRM, added: the adapter learns what the CRM misses)"),
     device: str = typer.Option("cpu", help="torch device to train on (cpu, cuda)"),
     max_seconds: float = typer.Option(None, help="time budget; the best checkpoint so far is exported"),
     name: str = typer.Option(None, help="adapter name in the registry (default: derived, versioned)"),
@@ -170,6 +196,9 @@ def reit(
     from adapters.train import LoraSettings, TrainSettings, train_lora, training_dtype
 
     settings = Settings()
+    if bundle_path is not None and loss == "residual":
+        raise typer.BadParameter("a bundle carries no CRM offsets: train residual adapters with --dir",
+                                 param_hint="--loss")
     if bundle_path is not None:
         loaded = bundle.load(bundle_path)
         facts, train, valid = loaded.meta, loaded.parts["train"], loaded.parts["valid"]
@@ -178,11 +207,15 @@ def reit(
         data, parts, codec, train, valid = asyncio.run(_prompts(settings, directory, n_train, n_valid, k, seed))
         facts = _run_facts(data, directory, parts, n_train, k)
         answer, pad_id = codec.answer, codec.pad_id
+        if loss == "residual":
+            train, valid, facts["offset_crm"] = _with_crm_offsets(settings, data, parts, train, valid)
     else:
         raise typer.BadParameter("give --dir or --bundle", param_hint="--dir")
     n_train, k = facts["n_train"], facts["k"]
     run_name = reit_run_name(facts["dataset"], n_train, k, rank, seed, loss, target_modules, lr_schedule.value,
                              warmup_steps)
+    if facts.get("offset_crm"):  # another CRM is another run
+        run_name += "-" + facts["offset_crm"].rsplit("@", 1)[1][:6]
     run_dir = run_dir or settings.data_dir / "runs" / (name or run_name)
     lora = LoraSettings(rank=rank, alpha=alpha, target_modules=tuple(target_modules.split(",")))
     train_settings = TrainSettings(lora=lora, lr=lr, lr_schedule=lr_schedule.value, warmup_steps=warmup_steps,
@@ -201,6 +234,7 @@ def reit(
                 "epochs": _epochs(state, len(train)),
                 "device": state["settings"].get("device", device), "stopped": state.get("stopped"),
                 "dtype": str(training_dtype(device, train_settings.dtype)).removeprefix("torch."),
+                "offset_crm": facts.get("offset_crm"),
                 "command": "lorec train " + " ".join(sys.argv[2:])}
     if (settings.registry_dir / name).exists() and read_manifest(settings.registry_dir, name).get("validation") \
             == state["best"]:  # this run was exported already (a re-run of a finished run)

@@ -109,3 +109,31 @@ def train_from_folder(directory: Path, data_dir: Path, name: str | None, command
         raise FileExistsError(f"CRM {manifest.name!r} exists: a new version needs a new name")
     staging.rename(folder)
     return folder, manifest
+
+
+def out_of_fold_logits(params: dict, names: Sequence[str], x_train: np.ndarray, y_train: np.ndarray,
+                       wanted: Sequence[int], folds: int = 5, seed: int = 0, threads: int | None = None
+                       ) -> np.ndarray:
+    """Logits for the train rows `wanted` from models that did not see them: the CRM's settings refitted
+    on the other folds of train. The CRM itself saw every train row, so its own logits there are
+    optimistic; what an LLM learns on top of them (residual training) must see honest ones."""
+    import lightgbm
+
+    fold_of = np.random.default_rng(seed).integers(0, folds, len(x_train))
+    wanted = np.asarray(wanted)
+    out = np.zeros(len(wanted))
+    rounds = params["num_boost_round"]
+    fit_params = {k: v for k, v in params.items() if k not in ("num_boost_round", "metric")}
+    if threads:
+        fit_params["num_threads"] = threads
+    categorical = [n for n in CATEGORICAL if n in names]
+    for fold in range(folds):
+        held = fold_of[wanted] == fold
+        if not held.any():
+            continue
+        keep = fold_of != fold
+        data = lightgbm.Dataset(x_train[keep], y_train[keep], feature_name=list(names),
+                                categorical_feature=categorical)
+        booster = lightgbm.train(fit_params, data, num_boost_round=rounds)
+        out[held] = booster.predict(x_train[wanted[held]], raw_score=True)
+    return out

@@ -93,6 +93,7 @@ class PromptedSample:
     sample: Sample
     mode: Mode
     input_ids: list[int]
+    offset: float = 0.0  # the CRM's logit of the sample, for residual training (train.answer_loss)
 
     @property
     def label(self) -> int:

@@ -65,7 +65,8 @@ class TrainSettings:
     patience: int = 3  # evaluations without a better validation AUC
     seed: int = 0
     threads: int | None = None
-    loss: str = "vocab"  # vocab: cross-entropy over the vocabulary; pair: logistic loss on logit(Yes) - logit(No)
+    loss: str = "vocab"  # vocab: cross-entropy over the vocabulary; pair: logistic loss on logit(Yes) - logit(No);
+    # residual: pair loss with each prompt's offset (the CRM's logit) added
     device: str = "cpu"
     max_seconds: float | None = None  # time budget: once past it, evaluate and stop (best checkpoint kept)
     dtype: str = "auto"  # the base model's dtype while training: auto = training_dtype(device)
@@ -231,7 +232,7 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompt],
         if prepare is not None:
             prepare(model, rows)
         logits = answer_logits(model, [p.input_ids for p in batch], pad_id)
-        loss = answer_loss(logits, [p.label for p in batch], answer, settings.loss)
+        loss = answer_loss(logits, [p.label for p in batch], answer, settings.loss, _offsets(batch))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -241,7 +242,9 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompt],
         progress.set_postfix(loss=f"{loss.item():.4f}", best_auc=_fmt(state["best"]))
         out_of_time = settings.max_seconds is not None and time.monotonic() - started >= settings.max_seconds
         if _scheduled(state["step"], settings.eval_every, total) or out_of_time:
-            result = metrics(valid_labels, score(model, valid_rows, answer, pad_id, prepare=valid_prepare))
+            scores = score(model, valid_rows, answer, pad_id, prepare=valid_prepare)
+            result = metrics(valid_labels, with_offsets(scores, _offsets(valid)) if settings.loss == "residual"
+                             else scores)
             improved = state["best"] is None or result["auc"] > state["best"]["auc"]
             state["evals"].append({"step": state["step"], "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                                    **result})
@@ -285,17 +288,36 @@ def _given_more_time(state: dict, settings: TrainSettings, total: int) -> bool:
             and settings.max_seconds > state["seconds"])
 
 
-def answer_loss(logits: torch.Tensor, labels: Sequence[int], answer: AnswerTokens, kind: str) -> torch.Tensor:
+def answer_loss(logits: torch.Tensor, labels: Sequence[int], answer: AnswerTokens, kind: str,
+                offsets: Sequence[float] | None = None) -> torch.Tensor:
     """Loss on the answer token only. `vocab`: the language-model loss (cross-entropy of " Yes" for
     label 1, " No" for 0 over the whole vocabulary). `pair`: the logistic loss of the score itself,
-    sigmoid(logit Yes - logit No), which is what the gateway's two-way softmax reads."""
+    sigmoid(logit Yes - logit No), which is what the gateway's two-way softmax reads. `residual`: the
+    same with each prompt's `offset` (the CRM's logit) added, so the adapter learns what the CRM misses
+    (boosting with the CRM as the prior; the served score is the combination, combine.py)."""
     y = torch.tensor(labels, dtype=torch.float32, device=logits.device)
-    if kind == "pair":
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits[:, answer.yes] - logits[:, answer.no], y)
+    if kind in ("pair", "residual"):
+        margin = logits[:, answer.yes] - logits[:, answer.no]
+        if kind == "residual":
+            margin = margin + torch.tensor(offsets, dtype=torch.float32, device=logits.device)
+        return torch.nn.functional.binary_cross_entropy_with_logits(margin, y)
     if kind != "vocab":
         raise ValueError(f"unknown loss {kind!r}")
     targets = torch.where(y > 0, answer.yes, answer.no).long()
     return torch.nn.functional.cross_entropy(logits, targets)
+
+
+def _offsets(prompts: Sequence[Prompt]) -> list[float]:
+    return [getattr(p, "offset", 0.0) for p in prompts]
+
+
+def with_offsets(scores: Sequence[float], offsets: Sequence[float]) -> list[float]:
+    """P(Yes) of the LLM moved by each prompt's offset in logit space: sigmoid(logit(p) + offset)."""
+    out = []
+    for p, offset in zip(scores, offsets):
+        p = min(max(p, 1e-7), 1 - 1e-7)
+        out.append(1 / (1 + math.exp(-(math.log(p / (1 - p)) + offset))))
+    return out
 
 
 def _fmt(best: dict | None) -> str:
