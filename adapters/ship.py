@@ -17,7 +17,7 @@ from service.combine import COMBINER_DIR, Combiner, ComponentRef, combiner_dir, 
 from service.config import Settings
 from service.crm import CRM_DIR, Crm, crm_dir
 from service.routing import AdapterRegistry
-from service.shipped import SHIPPED_ROOT, ShippedManifest
+from service.shipped import SHIPPED_ROOT, ShippedManifest, model_identity
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.json")
 
@@ -62,7 +62,8 @@ def ship(settings: Settings, dataset: str, data_fingerprint: str, quality: Path,
     adapter_manifest = json.loads((source / "manifest.json").read_text()) if (source / "manifest.json").exists() \
         else {}
     commands = [c for c in (adapter_manifest.get("command"), crm.manifest.command, combiner.manifest.command) if c]
-    ShippedManifest.new(dataset=dataset, data_fingerprint=data_fingerprint, adapter=settings.default_adapter,
+    ShippedManifest.new(dataset=dataset, data_fingerprint=data_fingerprint,
+                        base_model=model_identity(settings.model_dir), adapter=settings.default_adapter,
                         crm=crm.name, combiner=combiner.name, commands=commands,
                         figures=figures_of(quality, dataset)).save(out)
     return out

@@ -110,13 +110,18 @@ def engine(port: int = typer.Option(8100), host: str = typer.Option("127.0.0.1")
 
 @app.command()
 def serve() -> None:
-    """Run the gateway (Redis, Qdrant and the engine must be reachable)."""
+    """Run the gateway (Redis, Qdrant and the engine must be reachable). A store ingested from data that
+    trained models ship for serves them when the deployment configures none (LOREC_CRM, ...)."""
     import uvicorn
 
     from service.app import create_app
+    from service.ingest import stored_data_fingerprint
+    from service.shipped import install_shipped
 
     _logging()
     settings = Settings()
+    if not (settings.crm or settings.default_adapter or settings.combiner or settings.reclora_bank):
+        settings = install_shipped(settings, asyncio.run(stored_data_fingerprint(settings)))
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 
@@ -129,7 +134,6 @@ def up(
     models for that data (when the data folder configures none), the gateway."""
     import uvicorn
 
-    from adapters.cli import dataset_name
     from service.app import create_app
     from service.model import resolve_model
     from service.processes import Managed
@@ -149,7 +153,7 @@ def up(
         log.info("ingesting %s (skipped when already ingested)", data)
         report = _ingest_or_exit(settings, data)
         log.info("ingest: %s", report)
-        settings = install_shipped(settings, dataset_name(report["dataset"], data), report["fingerprint"])
+        settings = install_shipped(settings, report["fingerprint"])
         if engine is not None:
             log.info("waiting for the vLLM engine (log: %s)", engine.log_path)
             engine.wait_http(f"{settings.engine_url}/health", 900)

@@ -212,6 +212,18 @@ async def require_store_holds(settings: Settings, dataset: str) -> None:
                             "ingested without recording its dataset only gets it recorded)")
 
 
+async def stored_data_fingerprint(settings: Settings) -> str | None:
+    """The fingerprint of the raw files the store was ingested from (None: not ingested)."""
+    redis = connect(settings.redis_url, settings.redis_cluster)
+    keys = Keys(settings.redis_prefix)
+    try:
+        dataset = await redis.get(keys.dataset())
+        marker = await redis.hget(keys.ingest(dataset), "fingerprint") if dataset else None
+    finally:
+        await redis.aclose()
+    return marker.split(":", 1)[0] if marker else None
+
+
 async def ingest_movielens(data: MovieLens, redis: Redis | RedisCluster, keys: Keys, index: ItemIndex, encoder,
                            encoder_id: str, chunk: int = 5000) -> IngestReport:
     await claim_store(redis, keys, data.name)

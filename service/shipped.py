@@ -15,7 +15,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from service.artifacts import ArtifactError, Manifest
+from service.artifacts import ArtifactError, Manifest, sha256_of
 from service.combine import COMBINER_DIR, combiner_dir
 from service.config import Settings
 from service.crm import CRM_DIR, crm_dir
@@ -30,6 +30,7 @@ class ShippedManifest(Manifest):
 
     dataset: str
     data_fingerprint: str
+    base_model: str  # model_identity of the served model the adapter was trained on
     adapter: str  # folder under adapters/
     crm: str  # folder under crm/
     combiner: str  # folder under combiners/
@@ -37,11 +38,18 @@ class ShippedManifest(Manifest):
     figures: dict  # validation and test figures of the served default and its components
 
 
-def shipped_for(dataset: str, root: Path = SHIPPED_ROOT) -> tuple[Path, ShippedManifest] | None:
-    folder = root / dataset
-    if not (folder / "manifest.json").exists():
-        return None
-    return folder, ShippedManifest.load(folder)
+def model_identity(model_dir: Path) -> str:
+    """The served model, by its configuration's content: an adapter only fits the model it was trained on."""
+    return sha256_of(model_dir / "config.json")[:12]
+
+
+def shipped_for(data_fingerprint: str, root: Path = SHIPPED_ROOT) -> tuple[Path, ShippedManifest] | None:
+    """The shipped artifacts trained on exactly these files (by their fingerprint), if any."""
+    for manifest_file in sorted(root.glob("*/manifest.json")):
+        manifest = ShippedManifest.load(manifest_file.parent)
+        if manifest.data_fingerprint == data_fingerprint:
+            return manifest_file.parent, manifest
+    return None
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -54,19 +62,21 @@ def _copy(source: Path, target: Path) -> None:
     staging.rename(target)
 
 
-def install_shipped(settings: Settings, dataset: str, data_fingerprint: str, root: Path = SHIPPED_ROOT
-                    ) -> Settings:
-    """Settings serving the shipped hybrid of `dataset`, its artifacts copied into the data folder; the
-    settings unchanged when the deployment configures its own models or nothing ships for this data."""
+def install_shipped(settings: Settings, data_fingerprint: str | None, root: Path = SHIPPED_ROOT) -> Settings:
+    """Settings serving the shipped hybrid trained on the store's data (by the raw files' fingerprint), its
+    artifacts copied into the data folder; the settings unchanged when the deployment configures its own
+    models, or nothing ships for this data."""
     if settings.crm or settings.default_adapter or settings.combiner or settings.reclora_bank:
         return settings
-    found = shipped_for(dataset, root)
+    found = shipped_for(data_fingerprint, root) if data_fingerprint else None
     if found is None:
-        log.info("no trained artifacts ship for %s: serving the base model", dataset)
+        log.info("no trained models ship for the data this store holds: serving the base model")
         return settings
     folder, manifest = found
-    if manifest.data_fingerprint != data_fingerprint:
-        log.warning("the shipped %s artifacts were trained on other files than these: not installed", dataset)
+    dataset = manifest.dataset
+    if manifest.base_model != model_identity(settings.model_dir):
+        log.warning("the shipped %s models were trained on another base model than %s: not installed", dataset,
+                    settings.model_dir)
         return settings
     adapter = settings.registry_dir / manifest.adapter
     _copy(folder / "adapters" / manifest.adapter, adapter)
@@ -82,4 +92,4 @@ def install_shipped(settings: Settings, dataset: str, data_fingerprint: str, roo
                                        "crm": manifest.crm, "combiner": manifest.combiner})
 
 
-__all__ = ["ArtifactError", "SHIPPED_ROOT", "ShippedManifest", "install_shipped", "shipped_for"]
+__all__ = ["ArtifactError", "SHIPPED_ROOT", "ShippedManifest", "install_shipped", "model_identity", "shipped_for"]

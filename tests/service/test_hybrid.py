@@ -162,3 +162,46 @@ def test_rank_orders_by_the_hybrid_score(client):
                                            "as_of": 880_000_000, "options": {"retrieval": "recent", "k": 5}}).json()
     scores = [i["score"] for i in ranked["items"]]
     assert scores == sorted(scores, reverse=True) and ranked["scorer"] == "hybrid"
+
+
+def test_ship_then_install_into_a_fresh_data_folder_serves_the_hybrid(hybrid_settings, parts, tmp_path):
+    """`lorec ship` writes the served default with its manifest; `lorec up` / `lorec serve` install it into a
+    data folder that configures no model, for the same data and base model only."""
+    from adapters.ship import ship
+    from service.shipped import ShippedManifest, install_shipped
+
+    data, _ = parts
+    root = tmp_path / "shipped"
+    out = ship(hybrid_settings, "ml-100k", data.fingerprint, tmp_path / "no-quality.json", root=root)
+    manifest = ShippedManifest.load(out)
+    assert (manifest.adapter, manifest.crm, manifest.combiner) == (ADAPTER, CRM, COMBINER)
+    assert (out / "adapters" / ADAPTER / "adapter_model.safetensors").is_file()
+    assert not list(out.rglob("optimizer.pt")), "no training state ships"
+
+    fresh = hybrid_settings.model_copy(update={"data_dir": tmp_path / "fresh", "adapter_dir": None, "crm": None,
+                                               "combiner": None, "default_adapter": None, "qdrant_url": ":memory:"})
+    assert install_shipped(fresh, "another-fingerprint", root) == fresh
+    assert install_shipped(fresh.model_copy(update={"crm": "mine"}), data.fingerprint, root).crm == "mine"
+    installed = install_shipped(fresh, data.fingerprint, root)
+    assert (installed.default_adapter, installed.crm, installed.combiner) == (ADAPTER, CRM, COMBINER)
+    config = json.loads((installed.registry_dir / ADAPTER / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(installed.model_dir.resolve())
+    assert install_shipped(fresh, data.fingerprint, root) == installed, "installing again changes nothing"
+    with TestClient(create_app(installed), headers=AUTH) as c:
+        assert c.get("/v1/adapters").json()["scorers"]["serving"] == "hybrid"
+        assert ctr(c, ["1", "50"]).json()["scorer"] == "hybrid"
+
+
+def test_models_of_another_base_model_are_not_installed(hybrid_settings, parts, tmp_path):
+    from adapters.ship import ship
+    from service.shipped import install_shipped
+
+    data, _ = parts
+    root = tmp_path / "shipped"
+    ship(hybrid_settings, "ml-100k", data.fingerprint, tmp_path / "none.json", root=root)
+    other_model = tmp_path / "other-model"
+    other_model.mkdir()
+    (other_model / "config.json").write_text('{"model_type": "other"}')
+    fresh = hybrid_settings.model_copy(update={"data_dir": tmp_path / "fresh", "model": other_model, "crm": None,
+                                               "combiner": None, "default_adapter": None, "adapter_dir": None})
+    assert install_shipped(fresh, data.fingerprint, root) == fresh
