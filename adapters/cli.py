@@ -256,21 +256,21 @@ def reclora(
     eval_every: int = typer.Option(64, min=1), patience: int = typer.Option(3, min=1), seed: int = typer.Option(0),
     name: str = typer.Option(None, help="bank name under data_dir/reclora (default: derived)"),
 ) -> None:
-    """Train a RecLoRA bank (meta-LoRAs + gates over the frozen CRM's user vector) and its cohorts."""
-    from adapters.reclora import BankSettings, cohort_centroids, load_reclora, save_cohorts, train_reclora, user_vectors
+    """Train a RecLoRA bank (meta-LoRAs + gates over the frozen CRM's user vector) and its cohorts. The gate
+    reads the feature CRM's user side (LOREC_CRM) when one is configured, else the DIN's user vector."""
+    from adapters.reclora import BankSettings, cohort_centroids, gate_vectors, load_reclora, save_cohorts, train_reclora
     from adapters.train import TrainSettings
-    from service.din import load_crm
 
     settings = Settings()
     data, parts, codec, train, valid = asyncio.run(_prompts(settings, directory, n_train, n_valid, k, seed))
     dataset = dataset_name(data.name, directory)
-    crm_file = f"{dataset}-din.pt"
-    if not (settings.data_dir / "crm" / crm_file).exists():
-        raise typer.BadParameter(f"no CRM {crm_file} under {settings.data_dir / 'crm'}: run `lorec train crm` first",
-                                 param_hint="--dir")
-    crm, vocab = load_crm(settings.data_dir / "crm" / crm_file)
-    users = user_vectors(crm, [p.sample for p in [*train, *valid]], data, vocab)
-    name = name or f"reclora-{dataset}-n{n_train}-m{n_meta}-r{rank}-s{seed}" + _targets_tag(target_modules)
+    crm_ref = settings.crm or f"{dataset}-din.pt"
+    if not settings.crm and not (settings.data_dir / "crm" / crm_ref).exists():
+        raise typer.BadParameter(f"no CRM: set LOREC_CRM (lorec train gbdt) or run `lorec train crm` for "
+                                 f"{settings.data_dir / 'crm' / crm_ref}", param_hint="--dir")
+    users = gate_vectors(settings.data_dir, crm_ref, [p.sample for p in [*train, *valid]], data)
+    gate_tag = "" if crm_ref.endswith(".pt") else "-gbdt"
+    name = name or f"reclora-{dataset}-n{n_train}-m{n_meta}-r{rank}-s{seed}" + _targets_tag(target_modules) + gate_tag
     run_dir = settings.data_dir / "runs" / name
     bank = BankSettings(n_meta=n_meta, rank=rank, alpha=alpha, target_modules=tuple(target_modules.split(",")),
                         temperature=temperature)
@@ -279,12 +279,12 @@ def reclora(
                                         patience=patience, seed=seed), bank)
     model = load_reclora(settings.model_dir, bank_dir=run_dir / "best")
     out = settings.data_dir / "reclora" / name
-    model.save(out, {"base_model": str(settings.model_dir), "crm": crm_file, "dataset": dataset,
+    model.save(out, {"base_model": str(settings.model_dir), "crm": crm_ref, "dataset": dataset,
                      "n_train_samples": n_train, "validation": state["best"], "train_seconds": state["seconds"],
                      "epochs": _epochs(state, len(train))})
     # Cohorts over every train user's vector at their last train sample.
     last = {s.user_id: s for s in parts["train"]}
-    train_users = user_vectors(crm, list(last.values()), data, vocab)
+    train_users = gate_vectors(settings.data_dir, crm_ref, list(last.values()), data)
     save_cohorts(out, {int(c): cohort_centroids(model, train_users, int(c), seed) for c in cohorts.split(",")})
     typer.echo(json.dumps({"bank": name, "path": str(out), "validation": state["best"],
                            "cohorts": cohorts, "train_seconds": state["seconds"]}))
@@ -339,13 +339,10 @@ def _offline_model(settings: Settings, data, samples, adapter: str, mode: str | 
     from service.routing import BASE, AdapterRegistry
 
     if mode == "personal":
-        from adapters.reclora import load_reclora, user_vectors
-        from service.din import load_crm
+        from adapters.reclora import gate_vectors, load_reclora
         from service.personalize import MetaBank
 
-        bank = MetaBank(settings.reclora_dir)
-        crm, vocab = load_crm(settings.data_dir / "crm" / bank.crm)
-        users = user_vectors(crm, samples, data, vocab)
+        users = gate_vectors(settings.data_dir, MetaBank(settings.reclora_dir).crm, samples, data)
         model = load_reclora(settings.model_dir, bank_dir=settings.reclora_dir, dtype=dtype)
         return model, lambda m, rows: m.set_users(users[list(rows)])
     if mode == "shared":

@@ -160,10 +160,25 @@ def save_cohorts(bank_dir: Path, centroids: dict[int, torch.Tensor]) -> None:
 
 
 def user_vectors(crm, samples: Sequence, data, vocab) -> torch.Tensor:
-    """The frozen CRM's user vector for each sample, from the history before the sample."""
+    """The frozen DIN's user vector for each sample, from the history before the sample."""
     from adapters.crm import encode
 
     return crm.user_vector(encode(samples, data, vocab)).float()
+
+
+def gate_vectors(data_dir: Path, crm_ref: str, samples: Sequence, data) -> torch.Tensor:
+    """What a bank's gates read for each sample, as the gateway computes it (personalize.bank_gate): the DIN's
+    user vector for a DIN file (`*.pt`), else the feature CRM's standardized user side of the features."""
+    if crm_ref.endswith(".pt"):
+        from service.din import load_crm
+
+        crm, vocab = load_crm(data_dir / "crm" / crm_ref)
+        return user_vectors(crm, samples, data, vocab)
+    from adapters.features import OfflineFeatures
+    from service.crm import Crm, crm_dir
+
+    crm = Crm(crm_dir(data_dir, crm_ref))
+    return torch.tensor(crm.user_vectors(OfflineFeatures(data, crm.spec).user_matrix(samples)), dtype=torch.float32)
 
 
 def train_reclora(model_dir: Path, train: Sequence, valid: Sequence, users: torch.Tensor, answer, pad_id: int,

@@ -82,9 +82,8 @@ async def throughput(url: str, requests: list[tuple[str, list[str], str]], concu
 def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, file_okay=False),
          bank: str = typer.Option(None), candidates: int = typer.Option(5), users: int = typer.Option(64),
          concurrency: int = typer.Option(16), out: Path = typer.Option(HERE / "results" / "adapters.json")) -> None:
-    from service.din import load_crm
-    from service.personalize import MetaBank, Personalizer
-    from service.records import Behaviour, Profile
+    from service.personalize import MetaBank, Personalizer, bank_gate
+    from service.records import Behaviour, Profile, UserContext
 
     base = Settings()
     crm_files = sorted((base.data_dir / "crm").glob("*-din.pt"))
@@ -100,13 +99,13 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
 
     # Materialisation, in process (what the gateway does in a worker thread).
     meta = MetaBank(settings.reclora_dir)
-    crm, vocab = load_crm(settings.data_dir / "crm" / meta.crm)
-    personalizer = Personalizer(meta, crm, vocab, settings.data_dir / "bench-personal", 20, 1000)
+    personalizer = Personalizer(meta, bank_gate(settings.data_dir, meta), settings.data_dir / "bench-personal", 20,
+                                1000)
     times = []
     for u in range(20):
         history = [Behaviour(str(i), i, 4.0) for i in range(1, 40 + u)]
         started = time.perf_counter()
-        _, path, _ = personalizer.personal(f"bench-user-{u}", Profile(), history)
+        _, path, _ = personalizer.personal(UserContext(f"bench-user-{u}", Profile(), history))
         times.append(time.perf_counter() - started)
     adapter_bytes = sum(f.stat().st_size for f in path.iterdir())
     shutil.rmtree(settings.data_dir / "bench-personal", ignore_errors=True)

@@ -377,6 +377,12 @@ class GenreCache:
             np.zeros((0, len(self.spec.genres)), dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class RequestFeatures:
+    rows: np.ndarray  # (targets, spec.names)
+    user: list[float]  # spec.user_names: user_vector of the same summary
+
+
 class FeatureReader:
     """Stage 2 online: the feature vectors of a request's candidates, from Redis, at `as_of`."""
 
@@ -385,12 +391,16 @@ class FeatureReader:
         self.history, self.spec, self.clock = history, spec, clock
         self.genres = genres or GenreCache(history.items, spec)
 
-    async def vectors(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> np.ndarray:
-        """One row per target, in `spec.names` order."""
+    async def read(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> RequestFeatures:
+        """One row per target in `spec.names` order, and the user's side (`spec.user_names`)."""
         now = now_of(as_of, self.clock)
         stats, membership = await asyncio.gather(
             self.history.item_stats([t.item_id for t in targets], as_of, now),
             self.genres.membership([b.item_id for b in context.behaviours]))
         view = user_view(self.spec, summarize_history(context.behaviours, membership, now), context.profile, now)
         rows = [candidate_vector(self.spec, view, stats[t.item_id], t) for t in targets]
-        return np.asarray(rows, dtype=np.float64).reshape(len(targets), len(self.spec.names))
+        return RequestFeatures(np.asarray(rows, dtype=np.float64).reshape(len(targets), len(self.spec.names)),
+                               [*view.head, *view.means])
+
+    async def vectors(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> np.ndarray:
+        return (await self.read(context, targets, as_of)).rows

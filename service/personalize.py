@@ -21,15 +21,18 @@ import json
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from service.crm import Crm, crm_dir
 from service.din import DIN, Vocab, encode_rows
-from service.records import Behaviour, Profile
+from service.records import UserContext
 
 
 class Gate(nn.Module):
@@ -140,12 +143,33 @@ class MetaBank:
         return int(torch.cdist(self.flat(alphas).unsqueeze(0), self.centroids)[0].argmin())
 
 
+GateInput = Callable[[UserContext], torch.Tensor]  # the user vector a bank's gates read
+
+
+def din_gate(crm: DIN, vocab: Vocab) -> GateInput:
+    """Banks trained on the DIN: its user vector of the request's history."""
+    @torch.no_grad()
+    def vector(context: UserContext) -> torch.Tensor:
+        return crm.user_vector(encode_rows([(context.user_id, context.profile, context.behaviours, "", 0)],
+                                           vocab))[0]
+    return vector
+
+
+def feature_gate(crm: Crm) -> GateInput:
+    """Banks trained on the feature CRM: the user's side of the request's features, standardized as in training."""
+    def vector(context: UserContext) -> torch.Tensor:
+        if context.user_features is None:
+            raise LookupError("no user features for the gate (the features stage did not run)")
+        return torch.tensor(crm.user_vectors(np.asarray([context.user_features]))[0], dtype=torch.float32)
+    return vector
+
+
 class Personalizer:
     """Personal and cohort adapters for users, on disk under `cache_dir` (LRU-bounded)."""
 
-    def __init__(self, bank: MetaBank, crm: DIN, vocab: Vocab, cache_dir: Path, refresh_events: int,
-                 cache_size: int) -> None:
-        self.bank, self.crm, self.vocab = bank, crm, vocab
+    def __init__(self, bank: MetaBank, gate: GateInput, cache_dir: Path, refresh_events: int, cache_size: int,
+                 needs_features: bool = False) -> None:
+        self.bank, self.gate, self.needs_features = bank, gate, needs_features
         self.cache_dir = cache_dir
         self.refresh_events = refresh_events
         self.cache_size = cache_size
@@ -155,10 +179,8 @@ class Personalizer:
         for path in sorted(cache_dir.glob("p-*"), key=lambda p: p.stat().st_mtime):  # survive restarts
             self._lru[path.name] = path
 
-    @torch.no_grad()
-    def user_alphas(self, user_id: str, profile: Profile, behaviours: list[Behaviour]) -> dict[str, torch.Tensor]:
-        batch = encode_rows([(user_id, profile, behaviours, "", 0)], self.vocab)
-        return self.bank.alphas(self.crm.user_vector(batch)[0])
+    def user_alphas(self, context: UserContext) -> dict[str, torch.Tensor]:
+        return self.bank.alphas(self.gate(context))
 
     def personal_name(self, user_id: str, history_size: int) -> str:
         digest = hashlib.sha1(user_id.encode()).hexdigest()[:16]
@@ -167,13 +189,13 @@ class Personalizer:
     def cohort_name(self, cohort: int) -> str:
         return f"c-{self.bank.name}-{self.bank.version}-{len(self.bank.centroids)}-{cohort}"
 
-    def personal(self, user_id: str, profile: Profile, behaviours: list[Behaviour]) -> tuple[str, Path, list[str]]:
+    def personal(self, context: UserContext) -> tuple[str, Path, list[str]]:
         """(name, folder, evicted names): the user's adapter for this history, written if new."""
-        name = self.personal_name(user_id, len(behaviours))
+        name = self.personal_name(context.user_id, len(context.behaviours))
         path = self.cache_dir / name
         if not path.exists():
-            self.bank.write(self.user_alphas(user_id, profile, behaviours), path,
-                            {"kind": "personal", "bank": self.bank.name, "history_size": len(behaviours)})
+            self.bank.write(self.user_alphas(context), path,
+                            {"kind": "personal", "bank": self.bank.name, "history_size": len(context.behaviours)})
         return name, path, self._touch(name, path)
 
     def cohorts(self) -> list[tuple[str, Path]]:
@@ -189,8 +211,8 @@ class Personalizer:
             out.append((name, path))
         return out
 
-    def cohort(self, user_id: str, profile: Profile, behaviours: list[Behaviour]) -> tuple[str, Path]:
-        name = self.cohort_name(self.bank.nearest_cohort(self.user_alphas(user_id, profile, behaviours)))
+    def cohort(self, context: UserContext) -> tuple[str, Path]:
+        name = self.cohort_name(self.bank.nearest_cohort(self.user_alphas(context)))
         return name, self.cache_dir / name
 
     def _touch(self, name: str, path: Path) -> list[str]:
@@ -205,13 +227,20 @@ class Personalizer:
             return evicted
 
 
+def bank_gate(data_dir: Path, bank: MetaBank) -> GateInput:
+    """The gate input of the CRM a bank was trained on: a DIN file (`*.pt`) or a feature CRM artifact."""
+    if bank.crm.endswith(".pt"):
+        from service.din import load_crm
+
+        return din_gate(*load_crm(data_dir / "crm" / bank.crm))
+    return feature_gate(Crm(crm_dir(data_dir, bank.crm)))
+
+
 def open_personalizer(settings) -> Personalizer | None:
     """The deployment's personaliser: its bank, the CRM the bank was trained on, the adapter cache."""
-    from service.din import load_crm
-
     if settings.reclora_dir is None:
         return None
     bank = MetaBank(settings.reclora_dir, settings.cohorts)
-    crm, vocab = load_crm(settings.data_dir / "crm" / bank.crm)
-    return Personalizer(bank, crm, vocab, settings.data_dir / "personal", settings.personal_refresh_events,
-                        settings.personal_cache_size)
+    return Personalizer(bank, bank_gate(settings.data_dir, bank), settings.data_dir / "personal",
+                        settings.personal_refresh_events, settings.personal_cache_size,
+                        needs_features=not bank.crm.endswith(".pt"))

@@ -152,8 +152,8 @@ class RecommendService:
             context, candidates = await self.history.load_request(query.user_id, query.item_ids, query.as_of)
         targets, skipped = self._known_targets(query, candidates)
         items = [candidates[t] for t in targets]
-        crm = await self._crm_scores(context, items, query.as_of, timings) \
-            if choice.scorer != "llm" or query.explain else None
+        needs_features = choice.scorer != "llm" or query.explain or self.router.gates_on_features
+        crm = await self._crm_scores(context, items, query.as_of, timings) if needs_features else None
         llm = await self._llm_scores(context, query, targets, candidates, k, mode, deadline, timings, degraded,
                                      choice) if choice.scorer != "crm" and targets else None
         if llm is not None and llm.answers is None and choice.scorer != "crm":  # the CRM stands in
@@ -187,10 +187,11 @@ class RecommendService:
         if self.crm is None or self.features is None:
             return None
         with self.metrics.stage("features", timings):
-            features = await self.features.vectors(context, items, as_of)
+            features = await self.features.read(context, items, as_of)
+        context.user_features = features.user  # what a bank gated on the feature CRM reads (routing)
         with self.metrics.stage("crm", timings):
-            logits = self.crm.logits(features)
-        return CrmScores(features, logits)
+            logits = self.crm.logits(features.rows)
+        return CrmScores(features.rows, logits)
 
     def _served(self, scorer: Scorer, llm: LlmOutcome | None, crm: CrmScores | None,
                 timings: dict[str, float]) -> tuple[np.ndarray, str | None]:

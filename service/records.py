@@ -37,8 +37,10 @@ class Profile:
 
 @dataclass(slots=True)
 class UserContext:
-    """What the history stage hands on: the user's profile and time-ordered behaviours."""
+    """What the history stage hands on: the user's profile and time-ordered behaviours; the features
+    stage adds the user's side of the features (what a RecLoRA bank gated on the feature CRM reads)."""
 
     user_id: str
     profile: Profile
     behaviours: list[Behaviour] = field(default_factory=list)
+    user_features: list[float] | None = None  # features.FeatureSpec.user_names order

@@ -104,6 +104,11 @@ class Router:
         self.quarantined: dict[str, str] = {}
         self._unloads: set[asyncio.Task] = set()  # referenced until done (the loop keeps weak refs only)
 
+    @property
+    def gates_on_features(self) -> bool:
+        """The personal and cohort modes read the request's user features (a bank on the feature CRM)."""
+        return self.personalizer is not None and self.personalizer.needs_features
+
     async def route(self, context: UserContext, adapter: str | None, mode: Mode | None) -> Route:
         if adapter is not None:  # an explicit adapter: that one or an error, no fallback
             route = choose_route(adapter, None, self.registry)
@@ -132,10 +137,8 @@ class Router:
         if self.personalizer is None:
             raise LookupError("no RecLoRA bank configured")
         if mode == "cohort":
-            return await asyncio.to_thread(self.personalizer.cohort, context.user_id, context.profile,
-                                           context.behaviours)
-        name, path, evicted = await asyncio.to_thread(self.personalizer.personal, context.user_id,
-                                                      context.profile, context.behaviours)
+            return await asyncio.to_thread(self.personalizer.cohort, context)
+        name, path, evicted = await asyncio.to_thread(self.personalizer.personal, context)
         for old in evicted:  # off the disk already; free the engine's slot too
             task = asyncio.create_task(self.engine.unload_adapter(old))
             self._unloads.add(task)

@@ -84,6 +84,33 @@ def test_ingestion_and_scores_match_a_single_server(cluster_gateway, gateway, in
         pytest.approx([s["score"] for s in single.json()["scores"]], abs=1e-6)
 
 
+def test_point_in_time_features_match_a_single_server(cluster, cluster_gateway, redis_url):
+    """The item statistics script reads one item's sets on one slot; vectors equal the single server's."""
+    from service.features import FeatureReader, FeatureSpec
+    from service.history import HistoryStore, connect
+    from service.ingest import read_movielens
+
+    url, _ = cluster
+    data = read_movielens(ML100K)
+    spec = FeatureSpec.of(data.items, data.profiles.values())
+    direct = redis.RedisCluster.from_url(url)
+    assert len({direct.keyslot(k) for k in Keys().item_buckets("50")}) == 1, "an item's sets share a slot"
+    direct.close()
+
+    async def vectors(redis_url: str, cluster_mode: bool):
+        client = connect(redis_url, cluster_mode)
+        try:
+            history = HistoryStore(client, Keys(), 5000)
+            context, items = await history.load_request("42", REQUEST["item_ids"], AS_OF)
+            return await FeatureReader(history, spec).vectors(context, [items[i] for i in REQUEST["item_ids"]],
+                                                              AS_OF)
+        finally:
+            await client.aclose()
+
+    on_cluster, single = asyncio.run(vectors(url, True)), asyncio.run(vectors(redis_url, False))
+    assert on_cluster.shape == (5, len(spec.names)) and (on_cluster == single).all()
+
+
 def test_a_users_keys_share_a_slot_and_users_spread_over_the_nodes(cluster, cluster_gateway):
     url, nodes = cluster
     client, _ = cluster_gateway
