@@ -112,10 +112,10 @@ class Journal:
             segment, started = time.time_ns(), time.monotonic()
 
             def append(i: int, sample: Sample, score: float, prompt: list[int], served_by: str,
-                       components: dict, scorer: str) -> None:
+                       components: dict | None = None, scorer: str = "llm") -> None:
                 handle.write(json.dumps({"i": i, "sample": [sample.user_id, sample.item_id, sample.ts],
                                          "score": score, "prompt": prompt, "served_by": served_by,
-                                         "components": components, "scorer": scorer,
+                                         "components": components or {}, "scorer": scorer,
                                          "segment": segment, "t": round(time.monotonic() - started, 3)}) + "\n")
                 handle.flush()
             yield append

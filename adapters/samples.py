@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from service.history import time_order_key
 from service.ingest import MovieLens
 from service.prompt import PromptCodec, build_prompt
-from service.records import Behaviour, Item, Profile
-from service.retrieval import ItemIndex, Mode, select_behaviours
+from service.records import Behaviour, Item, Profile, RetrievalMode
+from service.retrieval import ItemIndex, select_behaviours
 
 MIN_HISTORY = 5
 SPLIT_RATIOS = (8, 1, 1)
@@ -91,7 +91,7 @@ def draw(pool: Sequence[Sample], n: int, seed: int) -> list[Sample]:
 @dataclass(frozen=True, slots=True)
 class PromptedSample:
     sample: Sample
-    mode: Mode
+    mode: RetrievalMode
     input_ids: list[int]
     offset: float = 0.0  # the CRM's logit of the sample, for residual training (train.answer_loss)
 
@@ -101,14 +101,14 @@ class PromptedSample:
 
 
 async def prompt_ids(sample: Sample, profile: Profile, catalog: dict[str, Item], index: ItemIndex,
-                     codec: PromptCodec, k: int, mode: Mode) -> list[int]:
+                     codec: PromptCodec, k: int, mode: RetrievalMode) -> list[int]:
     chosen = (await select_behaviours(index, sample.history(), [sample.item_id], k, mode))[sample.item_id]
     chosen = [b for b in chosen if b.item_id in catalog]
     return codec.encode(build_prompt(profile, chosen, catalog, catalog[sample.item_id]))
 
 
 async def reit_prompts(samples: Sequence[Sample], data: MovieLens, index: ItemIndex, codec: PromptCodec,
-                       k: int, modes: Sequence[Mode] = ("recent", "subr")) -> list[PromptedSample]:
+                       k: int, modes: Sequence[RetrievalMode] = ("recent", "subr")) -> list[PromptedSample]:
     """ReiT: every sample once per history view (recent-K and SUBR-K by default)."""
     catalog = {i.item_id: i for i in data.items}
     out = []

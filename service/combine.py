@@ -27,8 +27,8 @@ import numpy as np
 from pydantic import BaseModel
 
 from service.artifacts import ArtifactError, Manifest
+from service.records import AdapterMode, Scorer
 
-Scorer = Literal["hybrid", "llm", "crm"]
 SCORER_CHAIN: dict[str, tuple[Scorer, ...]] = {"hybrid": ("hybrid", "crm", "llm"), "crm": ("crm", "llm"),
                                                "llm": ("llm",)}
 COMBINER_DIR = "combiners"
@@ -45,7 +45,7 @@ class ComponentRef(BaseModel):
 class LlmRef(BaseModel):
     """The LLM a combiner was fitted for: the adapter mode that served its samples and what it names."""
 
-    mode: Literal["shared", "named", "personal", "cohort", "base"]
+    mode: AdapterMode | Literal["named"]
     name: str  # adapter name, RecLoRA bank name, or "base"
     version: str  # adapter or bank content hash, or the base model's folder name
 

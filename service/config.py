@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.model import resolve_model
+from service.records import AdapterMode, RetrievalMode, Scorer
 
 
 class Settings(BaseSettings):
@@ -53,7 +54,7 @@ class Settings(BaseSettings):
                                    "into the engine; off = vLLM's own CPU LoRA ops")
     adapter_dir: Path | None = Field(None, description="adapter registry; default data_dir/adapters")
     default_adapter: str | None = Field(None, description="the shared adapter (e.g. ReiT) for mode shared")
-    adapter_mode: Literal["personal", "cohort", "shared", "base"] = Field(
+    adapter_mode: AdapterMode = Field(
         "shared", description="default adapter mode; shared without default_adapter serves the base model")
     reclora_bank: str | None = Field(None, description="RecLoRA bank folder under data_dir/reclora "
                                      "(personal and cohort modes)")
@@ -62,7 +63,7 @@ class Settings(BaseSettings):
     personal_cache_size: int = Field(256, ge=1, description="personal adapters kept on disk (LRU)")
 
     history_k: int = Field(10, ge=0, le=100)
-    retrieval_mode: Literal["subr", "recent", "slate"] = "subr"
+    retrieval_mode: RetrievalMode = "subr"
     max_history_events: int = Field(5000, ge=1)
     max_candidates: int = Field(200, ge=1)
     max_prompt_tokens: int | None = Field(None, ge=64, description="token budget of one prompt (oldest "
@@ -74,7 +75,7 @@ class Settings(BaseSettings):
                             "answer 503")
     combiner: str | None = Field(None, description="combiner under data_dir/combiners (from `lorec train "
                                  "combiner`) of the CRM and the LLM: the hybrid score")
-    scorer: Literal["auto", "hybrid", "llm", "crm"] = Field(
+    scorer: Scorer | Literal["auto"] = Field(
         "auto", description="default scorer (auto: hybrid when a combiner is configured, else llm); one that "
                             "cannot serve hands over to the next of hybrid -> crm -> llm")
 
@@ -94,7 +95,7 @@ class Settings(BaseSettings):
         return value or None
 
     @property
-    def default_scorer(self) -> Literal["hybrid", "llm", "crm"]:
+    def default_scorer(self) -> Scorer:
         if self.scorer == "auto":
             return "hybrid" if self.combiner else "llm"
         return self.scorer

@@ -33,6 +33,15 @@ from torch import nn
 from service.crm import Crm, crm_dir
 from service.din import DIN, Vocab, encode_rows
 from service.records import UserContext
+from service.routing import ModeUnavailable
+
+
+class NoCohorts(ModeUnavailable):
+    pass
+
+
+class NoGateInput(ModeUnavailable):
+    pass
 
 
 class Gate(nn.Module):
@@ -139,7 +148,7 @@ class MetaBank:
 
     def nearest_cohort(self, alphas: dict[str, torch.Tensor]) -> int:
         if self.centroids is None:
-            raise LookupError(f"bank {self.name!r} has no cohorts of the configured size")
+            raise NoCohorts(f"bank {self.name!r} has no cohorts of the configured size")
         return int(torch.cdist(self.flat(alphas).unsqueeze(0), self.centroids)[0].argmin())
 
 
@@ -159,7 +168,7 @@ def feature_gate(crm: Crm) -> GateInput:
     """Banks trained on the feature CRM: the user's side of the request's features, standardized as in training."""
     def vector(context: UserContext) -> torch.Tensor:
         if context.user_features is None:
-            raise LookupError("no user features for the gate (the features stage did not run)")
+            raise NoGateInput("no user features for the gate (the features stage did not run: no LOREC_CRM)")
         return torch.tensor(crm.user_vectors(np.asarray([context.user_features]))[0], dtype=torch.float32)
     return vector
 

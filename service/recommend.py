@@ -31,16 +31,15 @@ import numpy as np
 from qdrant_client.http.exceptions import ApiException as QdrantApiError
 from qdrant_client.http.exceptions import ResponseHandlingException as QdrantTransportError
 
-from service.combine import Scorer, ScorerChoice, Scorers, llm_logit
+from service.combine import ScorerChoice, Scorers, llm_logit
 from service.crm import Crm
 from service.errors import ApiError
 from service.features import FeatureReader
 from service.history import HistoryStore
 from service.metrics import Metrics
 from service.prompt import PromptCodec, PromptTooLong, encode_within_budget
-from service.records import Behaviour, Item, UserContext
-from service.retrieval import ItemIndex, Mode, select_behaviours
-from service.routing import Mode as AdapterMode
+from service.records import AdapterMode, Behaviour, Item, RetrievalMode, RouteMode, Scorer, UserContext
+from service.retrieval import ItemIndex, select_behaviours
 from service.routing import Route, Router
 from service.scoring import AdapterLoadFailed, AnswerLogprobs, EngineError, EnginePool
 
@@ -55,7 +54,7 @@ class ScoreQuery:
     as_of: int | None = None
     adapter: str | None = None
     mode: AdapterMode | None = None
-    retrieval: Mode | None = None
+    retrieval: RetrievalMode | None = None
     k: int | None = None
     skip_unknown: bool = False
     scorer: Scorer | None = None
@@ -76,8 +75,8 @@ class Scored:
 class ScoreResult:
     user_id: str
     adapter: str
-    adapter_mode: str
-    retrieval: Mode
+    adapter_mode: RouteMode
+    retrieval: RetrievalMode
     k: int
     history_size: int
     scored: list[Scored]
@@ -122,7 +121,7 @@ def sigmoid(x: float) -> float:
 
 class RecommendService:
     def __init__(self, history: HistoryStore, index: ItemIndex, codec: PromptCodec, engine: EnginePool,
-                 router: Router, metrics: Metrics, *, default_k: int, default_mode: Mode, limits: Limits,
+                 router: Router, metrics: Metrics, *, default_k: int, default_mode: RetrievalMode, limits: Limits,
                  scorers: Scorers, crm: Crm | None = None, features: FeatureReader | None = None) -> None:
         self.history = history
         self.index = index
@@ -215,7 +214,7 @@ class RecommendService:
                            field="item_ids", details=[{"item_id": i} for i in unknown])
         return [i for i in query.item_ids if candidates[i] is not None], unknown
 
-    async def _retrieve(self, context: UserContext, targets: list[str], k: int, mode: Mode,
+    async def _retrieve(self, context: UserContext, targets: list[str], k: int, mode: RetrievalMode,
                         degraded: list[str]) -> dict[str, list[Behaviour]]:
         if mode == "recent" or not targets:
             return await select_behaviours(self.index, context.behaviours, targets, k, "recent")
@@ -244,7 +243,7 @@ class RecommendService:
         return prompts, shown
 
     async def _llm_scores(self, context: UserContext, query: ScoreQuery, targets: list[str],
-                          candidates: dict[str, Item | None], k: int, mode: Mode, deadline: float,
+                          candidates: dict[str, Item | None], k: int, mode: RetrievalMode, deadline: float,
                           timings: dict[str, float], degraded: list[str], choice: ScorerChoice) -> LlmOutcome:
         """Retrieval, prompts, routing and the engine within the deadline. When the engine fails and a CRM
         can stand in, or a hybrid request is routed to an LLM its combiner was not fitted for, the outcome

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+# The vocabularies of the request, defined once: settings, wire schemas and modules import them.
+RetrievalMode = Literal["subr", "recent", "slate"]  # which past behaviours each prompt shows
+AdapterMode = Literal["personal", "cohort", "shared", "base"]  # which LoRA adapter scores
+RouteMode = Literal["personal", "cohort", "shared", "base", "named", "crm", "none"]  # what served (responses)
+Scorer = Literal["hybrid", "llm", "crm"]  # who scores
 
 
 @dataclass(frozen=True, slots=True)

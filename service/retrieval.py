@@ -20,13 +20,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from service.records import Behaviour
+from service.records import Behaviour, RetrievalMode
 
-Mode = Literal["subr", "recent", "slate"]
 _ID_NAMESPACE = uuid.UUID("6f1d3c1e-6a43-4c55-9b39-1f3c0c8a2b11")
 
 
@@ -259,7 +258,7 @@ async def pick_slate(index: ItemIndex, behaviours: Sequence[Behaviour], targets:
 
 
 async def select_behaviours(index: ItemIndex, behaviours: Sequence[Behaviour], targets: Sequence[str],
-                            k: int, mode: Mode) -> dict[str, list[Behaviour]]:
+                            k: int, mode: RetrievalMode) -> dict[str, list[Behaviour]]:
     if mode == "subr":
         return await pick_subr(index, behaviours, targets, k)
     shared = pick_recent(behaviours, k) if mode == "recent" else await pick_slate(index, behaviours, targets, k)

@@ -19,21 +19,32 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from service.artifacts import sha256_of
-from service.records import UserContext
+from service.records import AdapterMode, RouteMode, UserContext
 from service.scoring import AdapterLoadFailed, EnginePool
 
 log = logging.getLogger(__name__)
-Mode = Literal["personal", "cohort", "shared", "base"]
-CHAIN: tuple[Mode, ...] = ("personal", "cohort", "shared", "base")
+CHAIN: tuple[AdapterMode, ...] = ("personal", "cohort", "shared", "base")
 
 BASE = "base"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class AdapterNotFound(LookupError):
+class ModeUnavailable(Exception):
+    """An adapter mode that cannot serve this request (the next mode of the chain does). Only these, and the
+    engine refusing an adapter, move the chain on: any other exception is a bug and surfaces as one."""
+
+
+class NoSharedAdapter(ModeUnavailable):
+    pass
+
+
+class NoBank(ModeUnavailable):
+    pass
+
+
+class AdapterNotFound(ModeUnavailable, LookupError):
     def __init__(self, name: str, reason: str) -> None:
         super().__init__(f"adapter {name!r}: {reason}")
         self.name = name
@@ -43,7 +54,7 @@ class AdapterNotFound(LookupError):
 class Route:
     adapter: str | None  # None: the base model
     path: Path | None = None
-    mode: str = "shared"
+    mode: RouteMode = "shared"
     fallbacks: list[dict] = field(default_factory=list)  # modes skipped on the way, with the reason
 
     @property
@@ -95,7 +106,7 @@ class Router:
     """Chooses and loads the request's adapter, falling back along personal -> cohort -> shared -> base."""
 
     def __init__(self, registry: AdapterRegistry, engine: EnginePool, default_adapter: str | None,
-                 default_mode: Mode, personalizer=None) -> None:
+                 default_mode: AdapterMode, personalizer=None) -> None:
         self.registry = registry
         self.engine = engine
         self.default_adapter = default_adapter
@@ -109,7 +120,7 @@ class Router:
         """The personal and cohort modes read the request's user features (a bank on the feature CRM)."""
         return self.personalizer is not None and self.personalizer.needs_features
 
-    async def route(self, context: UserContext, adapter: str | None, mode: Mode | None) -> Route:
+    async def route(self, context: UserContext, adapter: str | None, mode: AdapterMode | None) -> Route:
         if adapter is not None:  # an explicit adapter: that one or an error, no fallback
             route = choose_route(adapter, None, self.registry)
             if route.adapter is not None:
@@ -123,19 +134,19 @@ class Router:
                 if name is not None:
                     await self._load(name, path)
                 return Route(name, path, mode=step, fallbacks=skipped)
-            except (LookupError, AdapterLoadFailed) as reason:
+            except (ModeUnavailable, AdapterLoadFailed) as reason:
                 skipped.append({"mode": step, "reason": str(reason)})
         raise AssertionError("the base model is always routable")  # pragma: no cover
 
-    async def _resolve(self, mode: Mode, context: UserContext) -> tuple[str | None, Path | None]:
+    async def _resolve(self, mode: AdapterMode, context: UserContext) -> tuple[str | None, Path | None]:
         if mode == "base":
             return None, None
         if mode == "shared":
             if self.default_adapter is None or self.default_adapter == BASE:
-                raise LookupError("no shared adapter configured")
+                raise NoSharedAdapter("no shared adapter configured")
             return self.default_adapter, self.registry.path(self.default_adapter)
         if self.personalizer is None:
-            raise LookupError("no RecLoRA bank configured")
+            raise NoBank("no RecLoRA bank configured")
         if mode == "cohort":
             return await asyncio.to_thread(self.personalizer.cohort, context)
         name, path, evicted = await asyncio.to_thread(self.personalizer.personal, context)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+
+from service.records import AdapterMode, RetrievalMode, RouteMode, Scorer
 
 MAX_ID_LENGTH = 128
 MAX_ITEMS_PER_REQUEST = 1000
@@ -28,14 +30,14 @@ class Strict(BaseModel):
 
 class ScoreOptions(Strict):
     adapter: str | None = Field(None, description='adapter name from the registry, or "base" (no fallback)')
-    mode: Literal["personal", "cohort", "shared", "base"] | None = Field(
+    mode: AdapterMode | None = Field(
         None, description="which adapter: the user's RecLoRA adapter, their cohort's, the shared one, or none; "
                           "default: the deployment's")
-    retrieval: Literal["subr", "recent", "slate"] | None = Field(
+    retrieval: RetrievalMode | None = Field(
         None, description="history selection: per-candidate SUBR, the last K, or one SUBR history for the whole "
                           "slate; default: the deployment's")
     k: int | None = Field(None, ge=0, le=50, description="behaviours in each prompt")
-    scorer: Literal["hybrid", "llm", "crm"] | None = Field(
+    scorer: Scorer | None = Field(
         None, description="who scores: the combination of the LLM and the CRM, the LLM alone, or the CRM alone; "
                           "default: the deployment's (when one cannot serve, the next of hybrid -> crm -> llm "
                           "does and `fallbacks` says why)")
@@ -93,10 +95,10 @@ class Fallback(BaseModel):
 class ScoreMeta(BaseModel):
     user_id: str
     adapter: str
-    adapter_mode: str = Field(description='personal, cohort, shared, base, "named" (options.adapter), '
+    adapter_mode: RouteMode = Field(description='personal, cohort, shared, base, "named" (options.adapter), '
                                           '"crm" (no LLM answer: the CRM scored alone) or "none" (nothing to '
                                           'score)')
-    scorer: str = Field(description="who scored: hybrid (the combiner over the LLM and the CRM), llm or crm")
+    scorer: Scorer = Field(description="who scored: hybrid (the combiner over the LLM and the CRM), llm or crm")
     combiner: str | None = Field(None, description="the combiner that combined the scores (scorer hybrid)")
     fallbacks: list[Fallback] | None = Field(None, description="scorers and adapter modes skipped before the "
                                              "ones that served, with the reason")

@@ -27,6 +27,18 @@ ADMIN_KEY, READ_KEY, WRITE_KEY = KEYS
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
+# Tests that use one of these run real processes (redis-server, vLLM, a gateway) or a model: marked `slow`,
+# so `pytest -m "not slow"` runs the rest (the request flow on fakes, pure logic) in well under a minute.
+PROCESS_FIXTURES = {"redis_url", "tiny_model", "tiny_engine", "gemma_model", "gemma_engine", "ingested",
+                    "tiny_settings", "gateway", "http_gateway", "adapter_dir"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lorec")

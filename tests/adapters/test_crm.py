@@ -11,6 +11,7 @@ from service.ingest import read_movielens
 from tests.conftest import ML100K
 
 
+@pytest.mark.slow  # trains a DIN on 20,000 samples
 def test_din_beats_chance_on_ml100k_slice():
     data = read_movielens(ML100K)
     parts = split_by_time(build_samples(data))
@@ -29,6 +30,7 @@ def test_din_beats_chance_on_ml100k_slice():
     assert vectors.shape == (3000, 64) and bool(vectors.abs().sum(1).gt(0).all())
 
 
+@pytest.mark.slow  # trains a DIN, runs the lorec command
 def test_lorec_eval_crm_scores_the_llm_rows_samples(tmp_path):
     """`lorec eval --crm` scores the saved CRM on the same seeded slice the LLM rows use."""
     import json
