@@ -14,25 +14,23 @@ has torch, transformers and peft and nothing else of lorec (a GPU box);
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+import torch
 import typer
 
+from adapters import options as o
+from adapters.train import load_model, metrics, score, train_lora
 from service.prompt import AnswerTokens
 
+D = o.DEFAULTS
+
 PARTS = ("train", "valid", "test")
-
-
-class LrSchedule(StrEnum):
-    """The learning rate after warmup: constant, or decaying to 0 at the last step (transformers' schedules). Both fit
-    commands take it: `lorec train reit` and this module's `fit` (which runs without the rest of lorec)."""
-    constant = "constant"
-    linear = "linear"
-    cosine = "cosine"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,25 +99,21 @@ app = typer.Typer(help="Fit or score a prompt bundle with torch + transformers +
 
 @app.command("fit")
 def fit_command(
-    bundle_path: Path = typer.Argument(..., exists=True, dir_okay=False),
-    model: Path = typer.Option(..., exists=True, file_okay=False, help="the served model's folder"),
-    run_dir: Path = typer.Option(..., help="checkpoints; re-running resumes"),
-    rank: int = typer.Option(8), alpha: int = typer.Option(16), target_modules: str = typer.Option("q_proj,v_proj"),
-    lr: float = typer.Option(1e-3), batch_size: int = typer.Option(8), max_epochs: int = typer.Option(2),
-    eval_every: int = typer.Option(64, min=1), patience: int = typer.Option(3, min=1), seed: int = typer.Option(0),
-    lr_schedule: LrSchedule = typer.Option(LrSchedule.constant, help="learning rate after warmup"),
-    warmup_steps: int = typer.Option(0, min=0),
-    loss: str = typer.Option("vocab"), device: str = typer.Option("cpu"),
-    max_seconds: float = typer.Option(None, help="time budget; the best checkpoint so far is kept"),
+    bundle_path: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+    model: Annotated[Path, typer.Option(exists=True, file_okay=False, help="the served model's folder")],
+    run_dir: Annotated[Path, typer.Option(help="checkpoints; re-running resumes")],
+    rank: o.Rank = D.lora.rank, alpha: o.Alpha = D.lora.alpha, target_modules: o.Targets = o.DEFAULT_TARGETS,
+    lr: o.Lr = D.lr, batch_size: o.BatchSize = D.batch_size, max_epochs: o.MaxEpochs = D.max_epochs,
+    lr_schedule: o.Schedule = o.LrSchedule.constant, warmup_steps: o.Warmup = D.warmup_steps,
+    eval_every: o.EvalEvery = D.eval_every, patience: o.Patience = D.patience, seed: o.Seed = D.seed,
+    loss: o.LossOption = o.Loss.vocab, device: o.Device = D.device, max_seconds: o.MaxSeconds = None,
 ) -> None:
     """Train a LoRA on the bundle's train part, choosing the checkpoint on its valid part."""
-    from adapters.train import LoraSettings, TrainSettings, train_lora
-
+    if loss == o.Loss.residual:
+        raise typer.BadParameter("a bundle carries no CRM offsets", param_hint="--loss")
     bundle = load(bundle_path)
-    settings = TrainSettings(lora=LoraSettings(rank=rank, alpha=alpha, target_modules=tuple(target_modules.split(","))),
-                             lr=lr, lr_schedule=lr_schedule.value, warmup_steps=warmup_steps, batch_size=batch_size,
-                             max_epochs=max_epochs, eval_every=eval_every, patience=patience, seed=seed,
-                             loss=loss, device=device, max_seconds=max_seconds)
+    settings = o.train_settings(rank, alpha, target_modules, lr, batch_size, max_epochs, lr_schedule, warmup_steps,
+                                eval_every, patience, seed, loss, device, max_seconds)
     state = train_lora(model, bundle.parts["train"], bundle.parts["valid"], bundle.answer, bundle.pad_id, run_dir,
                        settings)
     typer.echo(json.dumps({"run_dir": str(run_dir), "best": state["best"], "steps": state["step"],
@@ -136,12 +130,6 @@ def score_command(
     out: Path = typer.Option(..., help="JSON: metrics, and the scores in the part's order"),
 ) -> None:
     """P(Yes) for every prompt of one part, and its AUC / LogLoss / ACC."""
-    import time
-
-    import torch
-
-    from adapters.train import load_model, metrics, score
-
     bundle = load(bundle_path)
     rows = bundle.parts[part]
     started = time.monotonic()

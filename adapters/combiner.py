@@ -9,16 +9,29 @@ is never read (`require_validation` refuses any other sample).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from adapters.samples import Sample
+from adapters.features import OfflineFeatures
+from adapters.gateway_scores import score_via_gateway
+from adapters.journal import open_journal
+from adapters.offline import Dataset
+from adapters.records import recorded_command
+from adapters.samples import Sample, draw
 from adapters.train import metrics
-from service.combine import bases_of, llm_logit, term_values
+from service.auth import client_key
+from service.combine import CombinerManifest, ComponentRef, bases_of, combiner_dir, llm_logit, llm_serving, term_values
+from service.config import Settings
+from service.crm import Crm, crm_dir
+from service.ingest import require_store_holds
+from service.personalize import open_personalizer
+from service.routing import AdapterRegistry
 
 # Candidate term sets, simplest first; cross-validation on the validation samples picks one.
 TERM_SETS: dict[str, tuple[str, ...]] = {
@@ -102,24 +115,10 @@ def fit_combiner(rows: FitRows, seed: int = 0) -> tuple[Stacking, dict]:
     return fit_stacking(rows.terms(TERM_SETS[chosen]), rows.labels, TERM_SETS[chosen]), report
 
 
-def fit_from_gateway(settings, directory, gateway: str, n: int, seed: int, k: int, retrieval: str,
-                     name: str | None, journal_dir, command: str | None, concurrency: int = 8):
+def fit_from_gateway(settings: Settings, directory: Path, gateway: str, n: int, seed: int, k: int, retrieval: str,
+                     name: str | None, journal_dir: Path | None, concurrency: int = 8) -> tuple[Path, CombinerManifest]:
     """`lorec train combiner`: score a seeded validation slice through the gateway (the LLM the deployment
     serves by default, the configured CRM), fit, and save the combiner artifact naming both."""
-    import asyncio
-
-    from adapters.cli import _journal, dataset_name
-    from adapters.evaluate import score_via_gateway
-    from adapters.features import OfflineFeatures
-    from adapters.samples import build_samples, draw, split_by_time
-    from service.app import llm_serving
-    from service.auth import client_key
-    from service.combine import CombinerManifest, ComponentRef, combiner_dir
-    from service.crm import Crm, crm_dir
-    from service.ingest import read_movielens, require_store_holds
-    from service.personalize import open_personalizer
-    from service.routing import AdapterRegistry
-
     if not settings.crm:
         raise ValueError("set LOREC_CRM to the CRM the gateway serves")
     crm = Crm(crm_dir(settings.data_dir, settings.crm))
@@ -127,29 +126,27 @@ def fit_from_gateway(settings, directory, gateway: str, n: int, seed: int, k: in
                       AdapterRegistry(settings.registry_dir), open_personalizer(settings))
     if llm is None:
         raise ValueError(f"no {settings.adapter_mode} LLM configured to fit a combiner for")
-    data = read_movielens(directory)
-    dataset = dataset_name(data.name, directory)
-    asyncio.run(require_store_holds(settings, data.name))
-    parts = split_by_time(build_samples(data))
-    samples = draw(parts["valid"], n, seed)
-    require_validation(samples, parts["valid"])
-    journal = _journal(journal_dir, settings, samples, dataset=dataset, split="valid", n=n, seed=seed,
-                       adapter=None, mode=settings.adapter_mode, k=k, retrieval=retrieval,
-                       method=f"combiner-fit-{llm.name}-{crm.name}") if journal_dir else None
+    dataset = Dataset.read(directory)
+    asyncio.run(require_store_holds(settings, dataset.data.name))
+    samples = draw(dataset.parts["valid"], n, seed)
+    require_validation(samples, dataset.parts["valid"])
+    journal = open_journal(journal_dir, samples, None, dataset=dataset.name, split="valid", n=n, seed=seed,
+                           adapter=None, mode=settings.adapter_mode, k=k, retrieval=retrieval,
+                           method=f"combiner-fit-{llm.name}-{crm.name}") if journal_dir else None
     served = asyncio.run(score_via_gateway(gateway, samples, None, k, retrieval, concurrency,
                                            api_key=client_key(settings), journal=journal, scorer="llm"))
     if served.adapters != {llm.mode: len(samples)}:  # a fallback mixed another LLM into the samples
         raise RuntimeError(f"the gateway answered with adapter modes {served.adapters}, not {llm.mode} throughout")
-    features = OfflineFeatures(data, crm.spec)
     rows = FitRows.of([s.label for s in samples], [c["llm"] for c in served.components],
-                      [c["crm"] for c in served.components], features.matrix(samples), crm.spec.names)
+                      [c["crm"] for c in served.components],
+                      OfflineFeatures(dataset.data, crm.spec).matrix(samples), crm.spec.names)
     stacking, report = fit_combiner(rows, seed)
     manifest = CombinerManifest.new(
-        name=name or f"combiner-{dataset}-{crm.version[:6]}-{llm.version[:6]}", dataset=dataset,
-        data_fingerprint=data.fingerprint, crm=ComponentRef(name=crm.name, version=crm.version), llm=llm,
+        name=name or f"combiner-{dataset.name}-{crm.version[:6]}-{llm.version[:6]}", dataset=dataset.name,
+        data_fingerprint=dataset.data.fingerprint, crm=ComponentRef(name=crm.name, version=crm.version), llm=llm,
         terms=list(stacking.terms), weights=stacking.weights, intercept=stacking.intercept, n_fit=len(samples),
         fitted_on={"split": "valid", "seed": seed, "n": len(samples), "k": k, "retrieval": retrieval},
-        validation=report, command=command)
+        validation=report, command=recorded_command())
     folder = combiner_dir(settings.data_dir, manifest.name)
     if folder.exists():
         raise FileExistsError(f"combiner {manifest.name!r} exists: a new version needs a new name")

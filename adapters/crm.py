@@ -9,15 +9,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from adapters.samples import Sample
+from adapters.features import OfflineFeatures
+from adapters.offline import Dataset
+from adapters.records import recorded_command
+from adapters.samples import Sample, draw
 from adapters.train import metrics
-from service.din import DIN, LONG_HISTORY, Batch, Vocab, encode_rows
+from service.config import Settings
+from service.crm import Standardizer
+from service.din import DIN, LONG_HISTORY, Batch, DINPlus, Vocab, encode_rows, item_tables, save_crm
 from service.ingest import MovieLens
 
 __all__ = ["LONG_HISTORY", "DIN", "Vocab", "encode", "predict", "train_din"]
@@ -74,3 +80,39 @@ def train_din(train: Batch, valid: Batch, vocab: Vocab, epochs: int = 5, batch_s
                 break
     model.load_state_dict(best_state)
     return model, {"valid": best, "epochs": history, "train_seconds": time.monotonic() - started}
+
+
+def _din_plus(data: MovieLens, vocab: Vocab, parts: dict, sliced: Sequence[Sample], batches: dict) -> DINPlus:
+    """DINPlus and its dense inputs: the point-in-time features, standardized on train."""
+    features = OfflineFeatures(data)
+    matrices = {name: features.matrix(samples, progress=f"{name} features") for name, samples in parts.items()}
+    matrices["slice"] = features.matrix(sliced)
+    scale = Standardizer.fit(matrices["train"])
+    for name, matrix in matrices.items():
+        batches[name].dense = torch.tensor(scale.apply(matrix), dtype=torch.float32)
+    genres, decades = item_tables(vocab, data.items, features.spec.genres)
+    torch.manual_seed(0)
+    return DINPlus(vocab, genres, decades, matrices["train"].shape[1])
+
+
+def train_din_from_folder(settings: Settings, directory: Path, epochs: int, seed: int, eval_n: int, eval_seed: int,
+                          side_info: bool) -> tuple[str, str, dict]:
+    """`lorec train crm`: the DIN (or DINPlus) on the whole train split, tested once at the end on the whole
+    test split and on the LLM rows' seeded slice; the DIN is saved for RecLoRA banks gated on it.
+    Returns the dataset, the method name its figures are recorded under, and the figures."""
+    dataset = Dataset.read(directory)
+    data, parts = dataset.data, dataset.parts
+    vocab = Vocab.of(data)
+    batches = {name: encode(samples, data, vocab) for name, samples in parts.items()}
+    sliced = draw(parts["test"], eval_n, eval_seed)
+    batches["slice"] = encode(sliced, data, vocab)
+    model = _din_plus(data, vocab, parts, sliced, batches) if side_info else None
+    model, report = train_din(batches["train"], batches["valid"], vocab, epochs=epochs, seed=seed, model=model)
+    test_full = metrics([s.label for s in parts["test"]], predict(model, batches["test"]))
+    test_slice = metrics([s.label for s in sliced], predict(model, batches["slice"]))
+    if not side_info:
+        save_crm(model, vocab, settings.data_dir / "crm" / f"{dataset.name}-din.pt")
+    result = {**test_slice, "n_test": len(sliced), "n_train": len(parts["train"]), "kind": "crm",
+              "test_full": test_full, "valid": report["valid"], "train_seconds": round(report["train_seconds"], 1),
+              "seed": eval_seed, "command": recorded_command()}
+    return dataset.name, "crm-din-plus" if side_info else "crm-din", result

@@ -1,264 +1,217 @@
-"""Evaluation: AUC, LogLoss and accuracy on a split, through the running gateway and offline.
+"""`lorec eval`: AUC, LogLoss and accuracy on a split, through the running gateway and offline.
 
-Through the gateway, each sample is one `/v1/ctr` request at `as_of` its own
-timestamp, so no later behaviour leaks into its prompt. Offline, the same
-samples are scored with transformers + peft from prompts built by the same
-modules. The two must agree (mean |delta p| < 0.01); where they do not, the
-report lists the samples that differ most.
+Through the gateway, each sample is one `/v1/ctr` request at `as_of` its own timestamp (gateway_scores.py).
+Offline, the same samples are scored with transformers + peft from prompts built by the same modules; the
+LLM's served and offline scores must agree (mean |delta p| < 0.01), else the report lists where they
+differ most. With a CRM configured every answer carries each component's score (`explain`), and one
+pass records the served score and its components on the same samples, with the cold slices and the
+served score's gain over the CRM. `--crm` scores the CRM alone offline on the same seeded samples.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
-from collections import defaultdict
-from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
-from tqdm import tqdm
+import torch
 
-from adapters.samples import Sample
-from adapters.train import metrics
-
-AGREEMENT = 0.01
-RETRIED = (503, 504)  # the gateway's dependency faults: transient, so worth another try
-RETRY_WAITS_S = (1.0, 4.0, 15.0)  # one long evaluation must not be lost to one engine hiccup
-
-
-async def _post(client: httpx.AsyncClient, body: dict, what: str) -> dict:
-    """POST /v1/ctr, retrying dependency faults (503/504) after each wait in RETRY_WAITS_S; any other error,
-    or a fault that outlasts the waits, fails the evaluation naming `what`."""
-    for wait_s in (*RETRY_WAITS_S, None):
-        response = await client.post("/v1/ctr", json=body)
-        if response.status_code not in RETRIED or wait_s is None:
-            break
-        await asyncio.sleep(wait_s)
-    if response.status_code != 200:
-        raise RuntimeError(f"gateway answered {response.status_code} for {what}: {response.text[:300]}")
-    return response.json()
-
-
-@dataclass
-class GatewayScores:
-    scores: list[float]
-    prompts: list[list[int]]
-    adapters: dict[str, int]  # adapter mode that served -> samples (fallbacks show here)
-    resumed: int = 0  # samples read back from the journal instead of asked again
-    seconds: float = 0.0  # time at the gateway, the journal's earlier runs included
-    components: list[dict] = field(default_factory=list)  # per sample {"llm": p, "crm": p} (explain)
-    scorers: dict[str, int] = field(default_factory=dict)  # scorer that served -> samples
-
-
-class JournalMismatch(ValueError):
-    """The journal belongs to another evaluation (other samples, adapter, options or code)."""
+from adapters.export import read_manifest
+from adapters.features import OfflineFeatures
+from adapters.figures import agreement, component_report, summarize
+from adapters.gateway_scores import GatewayScores, score_slates_via_gateway, score_via_gateway, slates
+from adapters.journal import open_journal
+from adapters.offline import Dataset, prompted
+from adapters.reclora import gate_vectors, load_reclora
+from adapters.records import record_dataset_facts, record_result, recorded_command
+from adapters.samples import Sample, draw
+from adapters.train import load_model, score
+from service.auth import client_key
+from service.config import Settings
+from service.crm import Crm, crm_dir
+from service.din import load_crm
+from service.ingest import require_store_holds
+from service.personalize import MetaBank
+from service.prompt import load_codec
+from service.routing import BASE, AdapterRegistry
 
 
 @dataclass
-class Journal:
-    """Each gateway score appended as it arrives (JSON lines after a header naming the evaluation), so a
-    10,000-sample evaluation cut short goes on where it stopped instead of starting over."""
-
-    path: Path
-    key: dict
-    rows: dict[int, dict] = field(default_factory=dict)
-    seconds: float = 0.0  # the earlier runs' time at the gateway
-
-    def load(self, samples: Sequence[Sample]) -> None:
-        """Read what an earlier run scored, checking each row is the same sample; drop a line cut by a kill."""
-        if not self.path.exists():
-            return
-        text = self.path.read_text()
-        complete = text[:text.rfind("\n") + 1]  # a run killed mid-write leaves a partial last line
-        if complete != text:
-            self.path.write_text(complete)
-        lines = complete.splitlines()
-        if not lines:
-            return
-        if lines[0] != json.dumps(self.key, sort_keys=True):
-            raise JournalMismatch(f"{self.path} holds another evaluation ({lines[0][:300]}): remove it to start over")
-        segments: dict[int, float] = defaultdict(float)
-        for number, line in enumerate(lines[1:], start=2):
-            row = self._row(line, number)
-            sample = samples[row["i"]] if 0 <= row["i"] < len(samples) else None
-            if sample is None or [sample.user_id, sample.item_id, sample.ts] != row["sample"]:
-                raise JournalMismatch(f"{self.path}: line {number} is not this evaluation's sample {row['i']}")
-            self.rows[row["i"]] = row
-            segments[row["segment"]] = max(segments[row["segment"]], row["t"])
-        self.seconds = sum(segments.values())
-
-    def _row(self, line: str, number: int) -> dict:
-        try:
-            row = json.loads(line)
-            return {"i": int(row["i"]), "sample": list(row["sample"]), "score": float(row["score"]),
-                    "prompt": list(row["prompt"]), "served_by": str(row["served_by"]),
-                    "components": dict(row.get("components") or {}), "scorer": str(row.get("scorer", "llm")),
-                    "segment": int(row["segment"]), "t": float(row["t"])}
-        except (ValueError, TypeError, KeyError) as error:
-            raise JournalMismatch(f"{self.path}: line {number} is not a journal row ({error})") from None
-
-    @contextmanager
-    def appender(self):
-        """An append function for this run's rows (the header first when the journal is new)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            if self.path.stat().st_size == 0:
-                handle.write(json.dumps(self.key, sort_keys=True) + "\n")
-            segment, started = time.time_ns(), time.monotonic()
-
-            def append(i: int, sample: Sample, score: float, prompt: list[int], served_by: str,
-                       components: dict | None = None, scorer: str = "llm") -> None:
-                handle.write(json.dumps({"i": i, "sample": [sample.user_id, sample.item_id, sample.ts],
-                                         "score": score, "prompt": prompt, "served_by": served_by,
-                                         "components": components or {}, "scorer": scorer,
-                                         "segment": segment, "t": round(time.monotonic() - started, 3)}) + "\n")
-                handle.flush()
-            yield append
+class EvalJob:
+    directory: Path
+    gateway: str = "http://127.0.0.1:8000"
+    adapter: str = "base"
+    mode: str | None = None
+    scorer: str | None = None
+    split: str = "test"
+    n: int = 10_000
+    seed: int = 0
+    k: int = 10
+    retrieval: str = "subr"
+    concurrency: int = 8
+    slate_size: int = 0
+    offline: bool = True
+    offline_n: int = 0
+    offline_dtype: str | None = None
+    method: str | None = None
+    out: Path = Path("benchmarks/results/quality.json")
+    journal_dir: Path | None = None
 
 
-async def score_via_gateway(base_url: str, samples: Sequence[Sample], adapter: str | None, k: int, retrieval: str,
-                            concurrency: int = 8, api_key: str | None = None, timeout_s: float = 600,
-                            mode: str | None = None, journal: Journal | None = None,
-                            scorer: str | None = None) -> GatewayScores:
-    """One request per sample at its own `as_of`; `concurrency` requests in flight so the engine batches.
-    `mode` (personal, cohort, shared) asks for an adapter mode instead of the adapter `adapter` (None: the
-    gateway's default); `scorer` (hybrid, llm, crm) for a scorer (None: the gateway's default). Every request
-    asks for `explain`, so each component's score comes back beside the served one.
-    With a `journal`, samples it already holds are not asked again and new scores are appended to it."""
-    choice = {"mode": mode} if mode else {"adapter": adapter} if adapter else {}
-    choice |= {"scorer": scorer} if scorer else {}
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    limit = asyncio.Semaphore(concurrency)
-    done = journal.rows if journal else {}
-    scores = [done[i]["score"] if i in done else 0.0 for i in range(len(samples))]
-    prompts = [done[i]["prompt"] if i in done else [] for i in range(len(samples))]
-    components = [done[i]["components"] if i in done else {} for i in range(len(samples))]
-    served_by: dict[str, int] = defaultdict(int)
-    scorers: dict[str, int] = defaultdict(int)
-    for row in done.values():
-        served_by[row["served_by"]] += 1
-        scorers[row["scorer"]] += 1
+def training_facts(settings: Settings, adapter: str, mode: str | None) -> dict:
+    """n_train, train_seconds and epochs of what is evaluated, from the adapter's manifest or the bank's."""
+    if mode in ("personal", "cohort"):
+        meta = json.loads((settings.reclora_dir / "reclora.json").read_text())
+    elif mode is None and adapter != BASE:
+        meta = read_manifest(settings.registry_dir, adapter)
+    else:
+        return {}
+    facts = {"n_train": meta.get("n_train_samples"), "train_seconds": meta.get("train_seconds"),
+             "epochs": meta.get("epochs")}
+    return {key: value for key, value in facts.items() if value is not None}
+
+
+def offline_model(settings: Settings, data, samples: list[Sample], adapter: str, mode: str | None,
+                  dtype: torch.dtype):
+    """The transformers model the served scores must equal: base, a registry adapter, or (personal mode)
+    the RecLoRA bank gated on each sample's CRM user vector; and what to run before each batch."""
+    if mode == "personal":
+        users = gate_vectors(settings.data_dir, MetaBank(settings.reclora_dir).crm, samples, data)
+        model = load_reclora(settings.model_dir, bank_dir=settings.reclora_dir, dtype=dtype)
+        return model, lambda m, rows: m.set_users(users[list(rows)])
+    if mode == "shared":
+        adapter = settings.default_adapter or BASE
+    adapter_dir = None if adapter == BASE else AdapterRegistry(settings.registry_dir).path(adapter)
+    return load_model(settings.model_dir, adapter_dir=adapter_dir, dtype=dtype), None
+
+
+def crm_figures(settings: Settings, dataset: Dataset, samples: list[Sample]) -> dict:
+    """The configured feature CRM (LOREC_CRM) on `samples`, offline; without one, the DIN file."""
+    if settings.crm:
+        crm = Crm(crm_dir(settings.data_dir, settings.crm))
+        logits = crm.logits(OfflineFeatures(dataset.data, crm.spec).matrix(samples, progress="features"))
+        return {**summarize(samples, 1 / (1 + np.exp(-logits))), "n_test": len(samples), "kind": "crm",
+                "crm": f"{crm.name}@{crm.version}", "validation": crm.manifest.validation}
+    from adapters.crm import encode, predict
+
+    path = settings.data_dir / "crm" / f"{dataset.name}-din.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no CRM: set LOREC_CRM, or run `lorec train crm` for {path}")
+    model, vocab = load_crm(path)
+    return {**summarize(samples, predict(model, encode(samples, dataset.data, vocab))), "n_test": len(samples),
+            "kind": "crm", "crm": path.name}
+
+
+def _llm_score(served: GatewayScores, i: int) -> float:
+    """The LLM's own score of sample i (explain's component; the served score when only the LLM scored)."""
+    llm = served.components[i].get("llm") if served.components else None
+    return served.scores[i] if llm is None else llm
+
+
+def offline_check(settings: Settings, job: EvalJob, dataset: Dataset, samples: list[Sample],
+                  served: GatewayScores) -> dict:
+    """The same computation outside vLLM, on all evaluated samples or a seeded part of them."""
+    checked = draw(range(len(samples)), job.offline_n, job.seed) if job.offline_n else range(len(samples))
+    subset = [samples[i] for i in checked]
+    prompts = [p.input_ids for p in asyncio.run(prompted(settings, dataset.data, subset, job.k, job.retrieval))]
+    codec = load_codec(settings.model_dir)
+    dtype = job.offline_dtype or settings.engine_dtype
+    model, prepare = offline_model(settings, dataset.data, subset, job.adapter, job.mode, getattr(torch, dtype))
+    offline_scores = score(model, prompts, codec.answer, codec.pad_id, progress="offline", prepare=prepare)
+    return {**summarize(subset, offline_scores), "n": len(subset), "dtype": dtype,
+            **agreement(subset, [_llm_score(served, i) for i in checked], offline_scores,
+                        [served.prompts[i] for i in checked], prompts)}
+
+
+def components_of(dataset: Dataset, samples: list[Sample], served: GatewayScores) -> dict | None:
+    """Each component's figures on all samples and the cold slices, when the answers carried them."""
+    if not any(c.get("crm") is not None for c in served.components):
+        return None
+    features = OfflineFeatures(dataset.data)
+    names = list(features.spec.names)
+    matrix = features.matrix(samples, progress="features")
+    return component_report(samples, served, matrix[:, names.index("u_n")], matrix[:, names.index("i_n")])
+
+
+def record_components(out: Path, dataset: str, method: str, result: dict, components: dict) -> None:
+    """Each component's row beside the served one (same samples), and the dataset's served-vs-CRM figure."""
+    shared = {k: result[k] for k in ("n_test", "split", "seed", "k", "retrieval", "adapter", "command")}
+    for part in ("llm", "crm"):
+        if part in components["all"]:
+            slices = {name: {**v[part], "n": v["n"]} for name, v in components.items() if part in v}
+            record_result(out, dataset, f"{method}-{part}", {**components["all"][part], **shared, "kind": part,
+                                                             "component_of": method, "slices": slices})
+    served = {name: {k: v for k, v in slice_.items() if k not in ("llm", "crm")}
+              for name, slice_ in components.items()}
+    record_result(out, dataset, method, {**result, "slices": served})
+    if result["kind"] == "hybrid" and result["split"] == "test":
+        record_dataset_facts(out, dataset, served_default=method,
+                             served_vs_best_crm={"crm": f"{method}-crm", **components["all"]["served_vs_crm"]})
+
+
+def evaluate_slates(settings: Settings, job: EvalJob, pool: list[Sample], dataset: str, started: float) -> dict:
+    """Quality when each request carries a slate (what `slate` retrieval shares one history over)."""
+    groups = slates(pool, max(1, job.n // job.slate_size), job.slate_size, job.seed)
+    scores = asyncio.run(score_slates_via_gateway(job.gateway, groups, job.adapter, job.k, job.retrieval,
+                                                  api_key=client_key(settings)))
+    samples = [s for g in groups for s in g]
+    result = {**summarize(samples, [p for ps in scores for p in ps]), "n_test": len(samples), "slates": len(groups),
+              "slate_size": job.slate_size, "seed": job.seed, "k": job.k, "retrieval": job.retrieval,
+              "adapter": job.adapter, "kind": "llm", "gateway_seconds": round(time.monotonic() - started, 1),
+              "command": recorded_command()}
+    if job.method:
+        record_result(job.out, dataset, job.method, result)
+    return result
+
+
+def evaluate(settings: Settings, job: EvalJob) -> dict:
+    """Score the seeded slice through the gateway (and offline), record the figures; returns them."""
+    dataset = Dataset.read(job.directory)
+    if job.mode in ("personal", "cohort") and settings.reclora_dir is None:
+        raise ValueError("set LOREC_RECLORA_BANK to the bank the gateway serves")
+    pool = dataset.parts[job.split]
+    asyncio.run(require_store_holds(settings, dataset.data.name))  # before an hour of scoring another catalogue
     started = time.monotonic()
-    with journal.appender() if journal else nullcontext() as record:
-        async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, headers=headers) as client:
-            progress = tqdm(total=len(samples), initial=len(done), desc=f"gateway {mode or adapter}", unit="sample")
-
-            async def one(i: int, s: Sample) -> None:
-                async with limit:
-                    body = await _post(client, {
-                        "user_id": s.user_id, "item_ids": [s.item_id], "as_of": s.ts,
-                        "options": {**choice, "k": k, "retrieval": retrieval, "return_prompt": True,
-                                    "explain": True}}, f"sample {i}")
-                item = body["scores"][0]
-                scores[i], prompts[i] = item["score"], item.get("prompt_token_ids") or []
-                components[i] = item.get("components") or {}
-                served_by[body["adapter_mode"]] += 1
-                scorers[body.get("scorer", "llm")] += 1
-                if record:
-                    record(i, s, scores[i], prompts[i], body["adapter_mode"], components[i],
-                           body.get("scorer", "llm"))
-                progress.update(1)
-
-            await asyncio.gather(*(one(i, s) for i, s in enumerate(samples) if i not in done))
-            progress.close()
-    return GatewayScores(scores, prompts, dict(served_by), resumed=len(done),
-                         seconds=(journal.seconds if journal else 0.0) + time.monotonic() - started,
-                         components=components, scorers=dict(scorers))
-
-
-def slates(pool: Sequence[Sample], n_slates: int, size: int, seed: int) -> list[list[Sample]]:
-    """Test samples grouped as a ranking request carries them: one user's consecutive samples in time
-    order, up to `size` distinct items a slate; `n_slates` of them drawn with a fixed seed."""
-    by_user: dict[str, list[Sample]] = defaultdict(list)
-    for sample in sorted(pool, key=lambda s: (s.user_id, s.ts, s.item_id)):
-        if sample.item_id not in {s.item_id for s in by_user[sample.user_id]}:
-            by_user[sample.user_id].append(sample)
-    chunks = [samples[i:i + size] for _, samples in sorted(by_user.items()) for i in range(0, len(samples), size)]
-    return random.Random(seed).sample(chunks, min(n_slates, len(chunks)))
+    if job.slate_size:
+        if job.journal_dir:
+            raise ValueError("slate evaluations keep no journal")
+        return evaluate_slates(settings, job, pool, dataset.name, started)
+    samples = draw(pool, job.n, job.seed) if job.n else pool
+    journal = None
+    if job.journal_dir:
+        bank = settings.reclora_dir.name if job.mode in ("personal", "cohort") else None
+        journal = open_journal(job.journal_dir, samples, bank, dataset=dataset.name, split=job.split, n=job.n,
+                               seed=job.seed, adapter=job.adapter, mode=job.mode, k=job.k, retrieval=job.retrieval,
+                               method=job.method, **({"scorer": job.scorer} if job.scorer else {}))
+    served = asyncio.run(score_via_gateway(job.gateway, samples, job.adapter, job.k, job.retrieval, job.concurrency,
+                                           api_key=client_key(settings), mode=job.mode, journal=journal,
+                                           scorer=job.scorer))
+    kind = max(served.scorers, key=served.scorers.get) if served.scorers else "llm"
+    result = {**summarize(samples, served.scores), "n_test": len(samples), "split": job.split, "seed": job.seed,
+              "k": job.k, "retrieval": job.retrieval, "adapter": job.mode or job.adapter, "kind": kind,
+              "served_by": served.adapters, "scorers": served.scorers, "gateway_seconds": round(served.seconds, 1),
+              "command": recorded_command(), **training_facts(settings, job.adapter, job.mode)}
+    if served.resumed:
+        result["resumed_from_journal"] = served.resumed
+    if job.offline and job.mode != "cohort":  # no offline reference for cohort routing (personal covers the bank)
+        result["offline"] = offline_check(settings, job, dataset, samples, served)
+    components = components_of(dataset, samples, served)
+    if job.method:
+        record_result(job.out, dataset.name, job.method, result)
+        if components is not None:
+            record_components(job.out, dataset.name, job.method, result, components)
+    return result if components is None else {**result, "components": components}
 
 
-async def score_slates_via_gateway(base_url: str, groups: Sequence[Sequence[Sample]], adapter: str, k: int,
-                                   retrieval: str, concurrency: int = 2, api_key: str | None = None,
-                                   timeout_s: float = 1800) -> list[list[float]]:
-    """One request per slate at `as_of` its earliest sample: no behaviour of the slate, or later, leaks."""
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    limit = asyncio.Semaphore(concurrency)
-    scores: list[list[float]] = [[] for _ in groups]
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, headers=headers) as client:
-        progress = tqdm(total=len(groups), desc=f"gateway slates {retrieval}", unit="slate")
-
-        async def one(i: int, group: Sequence[Sample]) -> None:
-            async with limit:
-                body = await _post(client, {
-                    "user_id": group[0].user_id, "item_ids": [s.item_id for s in group],
-                    "as_of": min(s.ts for s in group), "options": {"adapter": adapter, "k": k,
-                                                                  "retrieval": retrieval}}, f"slate {i}")
-            scores[i] = [s["score"] for s in body["scores"]]
-            progress.update(1)
-
-        await asyncio.gather(*(one(i, g) for i, g in enumerate(groups)))
-        progress.close()
-    return scores
-
-
-def agreement(samples: Sequence[Sample], served: Sequence[float], offline: Sequence[float],
-              served_prompts: Sequence[Sequence[int]], offline_prompts: Sequence[Sequence[int]]) -> dict:
-    delta = np.abs(np.asarray(served) - np.asarray(offline))
-    prompt_mismatch = [i for i, (a, b) in enumerate(zip(served_prompts, offline_prompts)) if list(a) != list(b)]
-    worst = np.argsort(-delta)[:5]
-    return {"mean_abs_delta_p": float(delta.mean()), "max_abs_delta_p": float(delta.max()),
-            "agree": bool(delta.mean() < AGREEMENT and not prompt_mismatch),
-            "prompt_mismatches": len(prompt_mismatch),
-            "worst": [{"user_id": samples[i].user_id, "item_id": samples[i].item_id, "ts": samples[i].ts,
-                       "served": float(served[i]), "offline": float(offline[i])} for i in worst]}
-
-
-def summarize(samples: Sequence[Sample], scores: Sequence[float]) -> dict:
-    return metrics([s.label for s in samples], scores)
-
-
-def paired_bootstrap(labels: Sequence[int], base: Sequence[float], other: Sequence[float], rounds: int = 1000,
-                     seed: int = 0) -> dict:
-    """AUC(other) - AUC(base) on the same samples, with a 95% interval from resampling the samples."""
-    from sklearn.metrics import roc_auc_score
-
-    y, a, b = np.asarray(labels), np.asarray(base), np.asarray(other)
-    rng = np.random.default_rng(seed)
-    deltas = []
-    for _ in range(rounds):
-        pick = rng.integers(0, len(y), len(y))
-        if y[pick].min() == y[pick].max():
-            continue
-        deltas.append(roc_auc_score(y[pick], b[pick]) - roc_auc_score(y[pick], a[pick]))
-    lo, hi = np.percentile(deltas, [2.5, 97.5])
-    return {"delta_auc": float(roc_auc_score(y, b) - roc_auc_score(y, a)), "ci95": [float(lo), float(hi)],
-            "n": int(len(y)), "rounds": len(deltas)}
-
-
-COLD_ITEM, COLD_USER = 10, 20  # fewer earlier interactions than this: a cold item / user
-
-
-def component_report(samples: Sequence[Sample], served: GatewayScores, u_n: np.ndarray, i_n: np.ndarray) -> dict:
-    """From one gateway pass with `explain`: each component's figures on all samples and on the cold slices,
-    and the served score's gain over the CRM with its paired interval."""
-    labels = np.array([s.label for s in samples])
-    columns = {"served": np.asarray(served.scores),
-               **{part: np.array([c.get(part, np.nan) for c in served.components]) for part in ("llm", "crm")}}
-    columns = {k: v for k, v in columns.items() if not np.isnan(v).any()}
-    slices = {"all": np.ones(len(samples), bool), "cold_items": i_n < COLD_ITEM, "cold_users": u_n < COLD_USER}
-    out: dict = {}
-    for name, mask in slices.items():
-        if mask.sum() < 2 or len(set(labels[mask].tolist())) < 2:
-            out[name] = {"n": int(mask.sum())}
-            continue
-        out[name] = {part: metrics(labels[mask].tolist(), values[mask]) for part, values in columns.items()}
-        out[name]["n"] = int(mask.sum())
-        if "crm" in columns:
-            out[name]["served_vs_crm"] = paired_bootstrap(labels[mask], columns["crm"][mask],
-                                                          columns["served"][mask])
-    return out
+def evaluate_crm(settings: Settings, job: EvalJob) -> dict:
+    """`lorec eval --crm`: the CRM alone, offline, on exactly the LLM rows' seeded samples."""
+    dataset = Dataset.read(job.directory)
+    pool = dataset.parts[job.split]
+    result = {**crm_figures(settings, dataset, draw(pool, job.n, job.seed) if job.n else pool),
+              "split": job.split, "seed": job.seed, "command": recorded_command()}
+    if job.method:
+        record_result(job.out, dataset.name, job.method, result)
+    return result

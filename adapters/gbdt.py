@@ -15,9 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from adapters.features import OfflineFeatures
+from adapters.offline import Dataset
+from adapters.records import recorded_command
 from adapters.train import metrics
 from service.artifacts import sha256_of
-from service.crm import CrmManifest, SpecModel, Standardizer
+from service.crm import CrmManifest, SpecModel, Standardizer, crm_dir
 from service.features import CATEGORICAL, FeatureSpec
 
 MODEL_FILE = "model.txt"
@@ -79,30 +82,23 @@ def save_gbdt(fit: GbdtFit, folder: Path, *, name: str, dataset: str, data_finge
     return manifest
 
 
-def train_from_folder(directory: Path, data_dir: Path, name: str | None, command: str | None,
-                      threads: int | None = None) -> tuple[Path, CrmManifest]:
+def train_from_folder(directory: Path, data_dir: Path, name: str | None, threads: int | None = None
+                      ) -> tuple[Path, CrmManifest]:
     """`lorec train gbdt`: samples and features of a MovieLens folder, the grid, the artifact."""
-    from adapters.cli import dataset_name
-    from adapters.features import OfflineFeatures
-    from adapters.samples import build_samples, split_by_time
-    from service.crm import crm_dir
-    from service.ingest import read_movielens
-
-    data = read_movielens(directory)
-    parts = split_by_time(build_samples(data))
-    features = OfflineFeatures(data)
+    dataset = Dataset.read(directory)
+    parts = dataset.parts
+    features = OfflineFeatures(dataset.data)
     x_train = features.matrix(parts["train"], progress="train features")
     x_valid = features.matrix(parts["valid"], progress="valid features")
     fit = fit_gbdt(features.spec.names, x_train, np.array([s.label for s in parts["train"]]),
                    x_valid, np.array([s.label for s in parts["valid"]]), threads=threads)
-    dataset = dataset_name(data.name, directory)
-    staging = crm_dir(data_dir, f".staging-{dataset}")
+    staging = crm_dir(data_dir, f".staging-{dataset.name}")
     shutil.rmtree(staging, ignore_errors=True)
-    manifest = save_gbdt(fit, staging, name=name or "", dataset=dataset, data_fingerprint=data.fingerprint,
-                         spec=features.spec, n_train=len(parts["train"]),
-                         user_rows=features.user_matrix(parts["train"]), command=command)
+    manifest = save_gbdt(fit, staging, name=name or "", dataset=dataset.name,
+                         data_fingerprint=dataset.data.fingerprint, spec=features.spec, n_train=len(parts["train"]),
+                         user_rows=features.user_matrix(parts["train"]), command=recorded_command())
     if not name:  # the default name carries the model's hash: a retrained CRM is a new artifact
-        manifest = manifest.model_copy(update={"name": f"gbdt-{dataset}-{manifest.model_sha256[:8]}"})
+        manifest = manifest.model_copy(update={"name": f"gbdt-{dataset.name}-{manifest.model_sha256[:8]}"})
         manifest.save(staging)
     folder = crm_dir(data_dir, manifest.name)
     if folder.exists():

@@ -12,8 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from service.app import llm_serving
-from service.combine import COMBINER_DIR, Combiner, ComponentRef, combiner_dir, refusal
+from service.combine import COMBINER_DIR, Combiner, ComponentRef, combiner_dir, llm_serving, refusal
 from service.config import Settings
 from service.crm import CRM_DIR, Crm, crm_dir
 from service.routing import AdapterRegistry

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from service.api import router
 from service.artifacts import ArtifactError
 from service.auth import load_keyring
-from service.combine import Combiner, ComponentRef, LlmRef, Scorers, open_combiner, refusal
+from service.combine import Combiner, ComponentRef, Scorers, llm_serving, open_combiner, refusal
 from service.config import Settings
 from service.crm import Crm, open_crm
 from service.encoder import build_encoder
@@ -24,7 +24,7 @@ from service.personalize import Personalizer, open_personalizer
 from service.prompt import load_codec
 from service.recommend import Limits, RecommendService
 from service.retrieval import open_configured_index
-from service.routing import AdapterNotFound, AdapterRegistry, Router
+from service.routing import AdapterRegistry, Router
 from service.scoring import EngineClient, EnginePool
 from service.writes import Writer
 
@@ -39,21 +39,6 @@ async def load_cohorts(router: Router, personalizer: Personalizer) -> None:
         except Exception as exc:  # noqa: BLE001 - start anyway; routing retries or falls back
             log.warning("cohort adapter %s not loaded at start: %s", name, exc)
             return
-
-
-def llm_serving(mode: str, name: str, settings: Settings, registry: AdapterRegistry,
-                personalizer: Personalizer | None) -> LlmRef | None:
-    """What the LLM of adapter mode `mode` (and adapter `name`, for named adapters) is here now."""
-    try:
-        if mode == "base":
-            return LlmRef(mode="base", name="base", version=settings.model_dir.name)
-        if mode in ("personal", "cohort"):
-            bank = personalizer.bank if personalizer else None
-            return LlmRef(mode=mode, name=bank.name, version=bank.version) if bank else None
-        adapter = settings.default_adapter if mode == "shared" else name
-        return LlmRef(mode=mode, name=adapter, version=registry.version(adapter)) if adapter else None
-    except AdapterNotFound:
-        return None
 
 
 def open_scoring(settings: Settings, registry: AdapterRegistry, personalizer: Personalizer | None

@@ -89,12 +89,11 @@ def ship(
 ) -> None:
     """Copy the configured served default (LOREC_DEFAULT_ADAPTER, LOREC_CRM, LOREC_COMBINER) into
     adapters/shipped/<dataset>/, which `lorec up` installs into a fresh data folder."""
-    from adapters.cli import dataset_name
+    from adapters.offline import Dataset
     from adapters.ship import ship as ship_artifacts
-    from service.ingest import read_movielens
 
-    data = read_movielens(directory)
-    out = ship_artifacts(Settings(), dataset_name(data.name, directory), data.fingerprint, quality)
+    dataset = Dataset.read(directory)
+    out = ship_artifacts(Settings(), dataset.name, dataset.data.fingerprint, quality)
     typer.echo(str(out))
 
 

@@ -27,7 +27,9 @@ import numpy as np
 from pydantic import BaseModel
 
 from service.artifacts import ArtifactError, Manifest
+from service.config import Settings
 from service.records import AdapterMode, Scorer
+from service.routing import AdapterNotFound, AdapterRegistry
 
 SCORER_CHAIN: dict[str, tuple[Scorer, ...]] = {"hybrid": ("hybrid", "crm", "llm"), "crm": ("crm", "llm"),
                                                "llm": ("llm",)}
@@ -158,6 +160,20 @@ class Scorers:
     @property
     def serving(self) -> Scorer:
         return self.choose(None).scorer
+
+
+def llm_serving(mode: str, name: str, settings: Settings, registry: AdapterRegistry, personalizer) -> LlmRef | None:
+    """What the LLM of adapter mode `mode` (and adapter `name`, for named adapters) is here now."""
+    try:
+        if mode == "base":
+            return LlmRef(mode="base", name="base", version=settings.model_dir.name)
+        if mode in ("personal", "cohort"):
+            bank = personalizer.bank if personalizer else None
+            return LlmRef(mode=mode, name=bank.name, version=bank.version) if bank else None
+        adapter = settings.default_adapter if mode == "shared" else name
+        return LlmRef(mode=mode, name=adapter, version=registry.version(adapter)) if adapter else None
+    except AdapterNotFound:
+        return None
 
 
 def open_combiner(data_dir: Path, name: str | None) -> Combiner | None:

@@ -32,7 +32,7 @@ def _invoke(app, args):
 
 
 def test_bundle_holds_the_trainers_and_evals_prompts(gateway, tiny_settings, lorec_env):
-    from adapters.cli import _offline_prompts, _prompts
+    from adapters.offline import few_shot_prompts, prompted
     from service.cli import app
     from service.config import Settings
 
@@ -45,17 +45,17 @@ def test_bundle_holds_the_trainers_and_evals_prompts(gateway, tiny_settings, lor
     assert loaded.meta["n_train"] == 8 and loaded.meta["k"] == 4
 
     settings = Settings()
-    data, parts, codec, train, valid = asyncio.run(_prompts(settings, ML100K, 8, 16, 4, 0))
-    assert loaded.parts["train"] == bundle.from_prompted(train)  # both views of each sample, same tokens
+    shots = asyncio.run(few_shot_prompts(settings, ML100K, 8, 16, 4, 0))
+    assert loaded.parts["train"] == bundle.from_prompted(shots.train)  # both views of each sample, same tokens
     assert [r.mode for r in loaded.parts["train"][:2]] == ["recent", "subr"]
-    assert loaded.parts["valid"] == bundle.from_prompted(valid)
-    assert (loaded.answer, loaded.pad_id) == (codec.answer, codec.pad_id)
+    assert loaded.parts["valid"] == bundle.from_prompted(shots.valid)
+    assert (loaded.answer, loaded.pad_id) == (shots.codec.answer, shots.codec.pad_id)
     # The test part is `lorec eval --n 12 --k 4`'s slice with its offline reference's prompts.
     test = draw(split_by_time(build_samples(read_movielens(ML100K)))["test"], 12, 0)
     assert [(r.user_id, r.item_id, r.ts, r.label) for r in loaded.parts["test"]] == \
         [(s.user_id, s.item_id, s.ts, s.label) for s in test]
     assert [r.input_ids for r in loaded.parts["test"]] == \
-        asyncio.run(_offline_prompts(settings, data, test, 4, "subr"))
+        [p.input_ids for p in asyncio.run(prompted(settings, shots.dataset.data, test, 4, "subr"))]
 
 
 def test_fit_on_a_time_budget_export_and_score(gateway, tiny_settings, lorec_env):

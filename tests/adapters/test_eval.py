@@ -59,7 +59,7 @@ def test_lorec_eval_checks_a_seeded_part_offline_when_told(http_gateway, tmp_pat
 
 async def _post_against(statuses: list[int], monkeypatch) -> tuple[dict | Exception, int]:
     """`_post` against a gateway answering `statuses` in turn (then 200); its result or error, and the calls made."""
-    from adapters import evaluate
+    from adapters import gateway_scores as evaluate
 
     monkeypatch.setattr(evaluate, "RETRY_WAITS_S", (0.0, 0.0, 0.0))
     calls = []
@@ -95,7 +95,7 @@ def _fake_samples(n: int):
 def _gateway_answering(monkeypatch, failing_from: int | None, score: float) -> list[dict]:
     """Route the evaluation's client to a fake gateway scoring `score` (422 from call `failing_from` on);
     the request bodies it received."""
-    from adapters import evaluate
+    from adapters import gateway_scores as evaluate
 
     bodies = []
 
@@ -114,7 +114,8 @@ def _gateway_answering(monkeypatch, failing_from: int | None, score: float) -> l
 async def test_a_journal_lets_a_cut_short_evaluation_go_on_where_it_stopped(monkeypatch, tmp_path):
     """Rows scored before a failure are kept; the re-run asks only for the rest, and a partial last line
     (a kill mid-write) is dropped, not read as a score."""
-    from adapters.evaluate import Journal, score_via_gateway
+    from adapters.gateway_scores import score_via_gateway
+    from adapters.journal import Journal
 
     samples, key, path = _fake_samples(10), {"adapter": "a", "n": 10}, tmp_path / "j.jsonl"
     _gateway_answering(monkeypatch, failing_from=4, score=0.25)
@@ -135,7 +136,7 @@ async def test_a_journal_lets_a_cut_short_evaluation_go_on_where_it_stopped(monk
 
 
 def test_a_journal_of_another_evaluation_or_other_samples_is_refused(tmp_path):
-    from adapters.evaluate import Journal, JournalMismatch
+    from adapters.journal import Journal, JournalMismatch
 
     path = tmp_path / "j.jsonl"
     with Journal(path, {"adapter": "a"}).appender() as append:
@@ -151,7 +152,7 @@ def test_a_journal_of_another_evaluation_or_other_samples_is_refused(tmp_path):
 
 
 def test_slates_are_one_users_consecutive_distinct_items():
-    from adapters.evaluate import slates
+    from adapters.gateway_scores import slates
     from adapters.samples import Sample
 
     pool = [Sample(user_id=f"u{u}", item_id=f"i{(u * 7 + t) % 9}", ts=100 + t, label=t % 2, timeline=(), end=0)

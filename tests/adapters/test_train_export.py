@@ -117,7 +117,8 @@ def test_answer_losses_prefer_the_right_answer():
 
 def test_run_names_keep_variants_apart():
     """A variant of the recipe (loss, rank, target modules) never resumes or overwrites the default run."""
-    from adapters.cli import DEFAULT_TARGETS, reit_run_name
+    from adapters.options import DEFAULT_TARGETS
+    from adapters.reit import reit_run_name
 
     default = reit_run_name("ml-1m-u2999", 256, 10, 8, 0, "vocab", DEFAULT_TARGETS)
     assert default == "reit-ml-1m-u2999-n256-k10-r8-s0"

@@ -43,7 +43,7 @@ def hybrid_settings(tiny_settings, tmp_path_factory):
     try:
         server.wait_http(f"http://127.0.0.1:{port}/readyz", 120)
         fit_from_gateway(settings, ML100K, f"http://127.0.0.1:{port}", n=150, seed=2, k=5, retrieval="recent",
-                         name=COMBINER, journal_dir=None, command="test")
+                         name=COMBINER, journal_dir=None)
     finally:
         server.stop()
     return settings.model_copy(update={"combiner": COMBINER})
