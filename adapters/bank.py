@@ -12,7 +12,7 @@ from pathlib import Path
 
 from adapters.offline import few_shot_prompts
 from adapters.reclora import BankSettings, cohort_centroids, gate_vectors, load_reclora, save_cohorts, train_reclora
-from adapters.reit import epochs_of, targets_tag
+from adapters.reit import targets_tag
 from adapters.train import TrainSettings
 from service.config import Settings
 
@@ -48,11 +48,11 @@ def train_bank(settings: Settings, job: BankJob) -> dict:
     model = load_reclora(settings.model_dir, bank_dir=run_dir / "best")
     out = settings.data_dir / "reclora" / name
     model.save(out, {"base_model": str(settings.model_dir), "crm": crm_ref, "dataset": dataset.name,
-                     "n_train_samples": job.n_train, "validation": state["best"], "train_seconds": state["seconds"],
-                     "epochs": epochs_of(state, len(shots.train))})
+                     "n_train_samples": job.n_train, "validation": state.best, "train_seconds": state.seconds,
+                     "epochs": state.epochs()})
     # Cohorts over every train user's vector at their last train sample.
     last = {s.user_id: s for s in dataset.parts["train"]}
     train_users = gate_vectors(settings.data_dir, crm_ref, list(last.values()), data)
     save_cohorts(out, {c: cohort_centroids(model, train_users, c, job.training.seed) for c in job.cohorts})
-    return {"bank": name, "path": str(out), "validation": state["best"], "cohorts": list(job.cohorts),
-            "train_seconds": state["seconds"]}
+    return {"bank": name, "path": str(out), "validation": state.best, "cohorts": list(job.cohorts),
+            "train_seconds": state.seconds}

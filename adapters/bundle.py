@@ -116,8 +116,8 @@ def fit_command(
                                 eval_every, patience, seed, loss, device, max_seconds)
     state = train_lora(model, bundle.parts["train"], bundle.parts["valid"], bundle.answer, bundle.pad_id, run_dir,
                        settings)
-    typer.echo(json.dumps({"run_dir": str(run_dir), "best": state["best"], "steps": state["step"],
-                           "seconds": round(state["seconds"], 1), "stopped": state.get("stopped")}))
+    typer.echo(json.dumps({"run_dir": str(run_dir), "best": state.best, "steps": state.step,
+                           "seconds": round(state.seconds, 1), "stopped": state.stopped}))
 
 
 @app.command("score")

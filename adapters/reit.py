@@ -42,11 +42,6 @@ def targets_tag(target_modules: str) -> str:
     return "-" + ".".join(m.removesuffix("_proj") for m in target_modules.split(","))
 
 
-def epochs_of(state: dict, n_prompts: int) -> float:
-    """Epochs of training behind the exported (best) checkpoint, not the run's last step."""
-    return round(state["best"]["step"] * state["settings"]["batch_size"] / n_prompts, 3)
-
-
 def with_crm_offsets(settings: Settings, dataset: Dataset, train: list[PromptedSample], valid: list[PromptedSample]
                      ) -> tuple[list[PromptedSample], list[PromptedSample], str]:
     """Each prompt with its sample's CRM logit as `offset`, and the CRM's name@version."""
@@ -112,20 +107,20 @@ def train_reit(settings: Settings, job: ReitJob) -> dict:
     state = train_lora(settings.model_dir, train, valid, answer, pad_id, run_dir, t)
     # A run cut short by its budget is exported under a name that says where it stopped, so the run can
     # go on later (under a larger --max-seconds) and export its final adapter as a new version.
-    name = job.name or run_name + (f"-step{state['step']}" if state.get("stopped") == "time" else "")
+    name = job.name or run_name + (f"-step{state.step}" if state.stopped == "time" else "")
     manifest = {"method": "reit", "dataset": facts["dataset"], "data_fingerprint": facts["data_fingerprint"],
                 "split_sizes": facts["split_sizes"], "n_train_samples": facts["n_train"],
                 "n_train_prompts": len(train), "n_valid": len(valid), "k": facts["k"],
                 "lora": {"rank": lora.rank, "alpha": lora.alpha, "target_modules": lora.target_modules},
                 "loss": t.loss, "lr": {"peak": t.lr, "schedule": t.lr_schedule, "warmup_steps": t.warmup_steps},
-                "validation": state["best"], "train_seconds": state["seconds"], "steps": state["step"],
-                "epochs": epochs_of(state, len(train)), "device": state["settings"].get("device", t.device),
-                "stopped": state.get("stopped"),
+                "validation": state.best, "train_seconds": state.seconds, "steps": state.step,
+                "epochs": state.epochs(), "device": state.settings.get("device", t.device),
+                "stopped": state.stopped,
                 "dtype": str(training_dtype(t.device, t.dtype)).removeprefix("torch."),
                 "offset_crm": facts.get("offset_crm"), "command": recorded_command()}
     if (settings.registry_dir / name).exists() and read_manifest(settings.registry_dir, name).get("validation") \
-            == state["best"]:  # this run was exported already (a re-run of a finished run)
+            == state.best:  # this run was exported already (a re-run of a finished run)
         path = settings.registry_dir / name
     else:
         path = export_adapter(run_dir / "best", settings.registry_dir, name, settings.model_dir, manifest)
-    return {"adapter": name, "path": str(path), "validation": state["best"]}
+    return {"adapter": name, "path": str(path), "validation": state.best}

@@ -18,6 +18,7 @@ built to avoid, and its evaluation would need overriding anyway.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -151,6 +152,50 @@ def score(model, rows: Sequence[Sequence[int]], answer: AnswerTokens, pad_id: in
     return out
 
 
+class UnknownRunFormat(ValueError):
+    """A run directory written by another format (version) of the trainer."""
+
+
+@dataclass
+class RunState:
+    """What a run directory's `state.json` holds: where training stands, every validation, the best one."""
+
+    FORMAT: ClassVar[str] = "lorec.run"
+    VERSION: ClassVar[int] = 1
+
+    settings: dict  # the TrainSettings it was started with (as a dict)
+    n_train: int
+    n_valid: int
+    step: int = 0
+    best: dict | None = None  # {"step", "auc", "logloss", "acc", "n"} of the best validation
+    evals: list[dict] = field(default_factory=list)
+    stale: int = 0  # scheduled evaluations since the best one
+    seconds: float = 0.0  # training time so far, across resumes
+    done: bool = False
+    stopped: str | None = None  # "patience", "time" or None (ran to the end)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": self.FORMAT, "format_version": self.VERSION, **asdict(self)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> RunState:
+        raw = json.loads(text)
+        # Runs written before the format was named carry the same fields: they read as version 1.
+        found = (raw.pop("format", cls.FORMAT), raw.pop("format_version", cls.VERSION))
+        if found != (cls.FORMAT, cls.VERSION):
+            raise UnknownRunFormat(f"{where}: a {found[0]!r} version {found[1]!r} run; this trainer reads "
+                                   f"{cls.FORMAT!r} version {cls.VERSION}: train it again, or use the lorec that "
+                                   "wrote it")
+        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise UnknownRunFormat(f"{where}: unknown run state fields {sorted(unknown)}")
+        return cls(**raw)
+
+    def epochs(self) -> float:
+        """Epochs of training behind the best checkpoint, not the run's last step."""
+        return round(self.best["step"] * self.settings["batch_size"] / self.n_train, 3)
+
+
 class Run:
     """The run directory: latest state for resuming, best adapter by validation AUC."""
 
@@ -158,10 +203,10 @@ class Run:
         self.path = path
         self.state_file = path / "state.json"
 
-    def state(self) -> dict | None:
-        return json.loads(self.state_file.read_text()) if self.state_file.exists() else None
+    def state(self) -> RunState | None:
+        return RunState.from_json(self.state_file.read_text(), self.state_file) if self.state_file.exists() else None
 
-    def save(self, model, optimizer, scheduler, state: dict, best: bool) -> None:
+    def save(self, model, optimizer, scheduler, state: RunState, best: bool) -> None:
         latest = self.path / "latest"
         tmp = self.path / "latest.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -174,12 +219,12 @@ class Run:
             shutil.rmtree(self.path / "best", ignore_errors=True)
             model.save_pretrained(str(self.path / "best"))
         tmp_state = self.state_file.with_suffix(".tmp")
-        tmp_state.write_text(json.dumps(state, indent=1))
+        tmp_state.write_text(state.to_json())
         tmp_state.replace(self.state_file)
 
 
 def train_lora(model_dir: Path, train: Sequence[Prompt], valid: Sequence[Prompt],
-               answer: AnswerTokens, pad_id: int, run_dir: Path, settings: TrainSettings) -> dict:
+               answer: AnswerTokens, pad_id: int, run_dir: Path, settings: TrainSettings) -> RunState:
     """Train (or resume) one LoRA adapter; returns the final state with the best validation metrics."""
     def load(resume: Path | None):
         return load_model(model_dir, settings.lora, adapter_dir=resume, device=settings.device,
@@ -199,17 +244,16 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompt],
     torch.manual_seed(settings.seed)
     run = Run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = run.state() or {"step": 0, "best": None, "evals": [], "stale": 0, "seconds": 0.0, "done": False,
-                            "settings": json.loads(json.dumps(asdict(settings))), "n_train": len(train),
-                            "n_valid": len(valid)}
+    state = run.state() or RunState(settings=json.loads(json.dumps(asdict(settings))), n_train=len(train),
+                                    n_valid=len(valid))
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     total = steps_per_epoch * settings.max_epochs
-    if state["done"] and _given_more_time(state, settings, total):
-        state.update(done=False, stopped=None)  # a run stopped by its budget goes on under a larger one
-        state["settings"]["max_seconds"] = settings.max_seconds
-    if state["done"]:
+    if state.done and _given_more_time(state, settings, total):
+        state.done, state.stopped = False, None  # a run stopped by its budget goes on under a larger one
+        state.settings["max_seconds"] = settings.max_seconds
+    if state.done:
         return state
-    resume = run_dir / "latest" if state["step"] else None
+    resume = run_dir / "latest" if state.step else None
     model = load(resume)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     scheduler = learning_rate_schedule(optimizer, settings, total)
@@ -220,10 +264,10 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompt],
 
     valid_rows, valid_labels = [p.input_ids for p in valid], [p.label for p in valid]
     valid_prepare = None if prepare is None else (lambda m, rows: prepare(m, [len(train) + r for r in rows]))
-    progress = tqdm(total=total, initial=state["step"], desc="train", unit="step")
-    started = time.monotonic() - state["seconds"]
-    while state["step"] < total and not state["done"]:
-        epoch, offset = divmod(state["step"], steps_per_epoch)
+    progress = tqdm(total=total, initial=state.step, desc="train", unit="step")
+    started = time.monotonic() - state.seconds
+    while state.step < total and not state.done:
+        epoch, offset = divmod(state.step, steps_per_epoch)
         order = list(range(len(train)))
         random.Random(settings.seed + epoch).shuffle(order)  # same order on resume
         rows = order[offset * settings.batch_size:(offset + 1) * settings.batch_size]
@@ -237,25 +281,25 @@ def fit(load: Callable[[Path | None], torch.nn.Module], train: Sequence[Prompt],
         loss.backward()
         optimizer.step()
         scheduler.step()
-        state["step"] += 1
+        state.step += 1
         progress.update(1)
-        progress.set_postfix(loss=f"{loss.item():.4f}", best_auc=_fmt(state["best"]))
+        progress.set_postfix(loss=f"{loss.item():.4f}", best_auc=_fmt(state.best))
         out_of_time = settings.max_seconds is not None and time.monotonic() - started >= settings.max_seconds
-        if _scheduled(state["step"], settings.eval_every, total) or out_of_time:
+        if _scheduled(state.step, settings.eval_every, total) or out_of_time:
             scores = score(model, valid_rows, answer, pad_id, prepare=valid_prepare)
             result = metrics(valid_labels, with_offsets(scores, _offsets(valid)) if settings.loss == "residual"
                              else scores)
-            improved = state["best"] is None or result["auc"] > state["best"]["auc"]
-            state["evals"].append({"step": state["step"], "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+            improved = state.best is None or result["auc"] > state.best["auc"]
+            state.evals.append({"step": state.step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                                    **result})
-            state["best"] = {"step": state["step"], **result} if improved else state["best"]
-            state["stale"] = _stale_evaluations(state, settings.eval_every, total)
-            state["seconds"] = time.monotonic() - started
-            state["stopped"] = "patience" if state["stale"] >= settings.patience else "time" if out_of_time else None
-            state["done"] = state["stopped"] is not None or state["step"] == total
+            state.best = {"step": state.step, **result} if improved else state.best
+            state.stale = _stale_evaluations(state, settings.eval_every, total)
+            state.seconds = time.monotonic() - started
+            state.stopped = "patience" if state.stale >= settings.patience else "time" if out_of_time else None
+            state.done = state.stopped is not None or state.step == total
             run.save(model, optimizer, scheduler, state, best=improved)
             progress.set_postfix(loss=f"{loss.item():.4f}", val_auc=f"{result['auc']:.4f}",
-                                 best_auc=_fmt(state["best"]))
+                                 best_auc=_fmt(state.best))
     progress.close()
     return state
 
@@ -268,12 +312,12 @@ def learning_rate_schedule(optimizer, settings: TrainSettings, total_steps: int)
     return get_scheduler(name, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=total_steps)
 
 
-def _stale_evaluations(state: dict, eval_every: int, total: int) -> int:
+def _stale_evaluations(state: RunState, eval_every: int, total: int) -> int:
     """Scheduled evaluations since the best one: what patience counts. An evaluation forced by the time
     budget may pick the checkpoint but does not count, so a run stopped and resumed is not stopped
     earlier than an unbroken one; derived from the record, a resumed run's count is right again."""
-    best = state["best"]["step"]
-    return sum(1 for e in state["evals"] if e["step"] > best and _scheduled(e["step"], eval_every, total))
+    best = state.best["step"]
+    return sum(1 for e in state.evals if e["step"] > best and _scheduled(e["step"], eval_every, total))
 
 
 def _scheduled(step: int, eval_every: int, total: int) -> bool:
@@ -281,11 +325,11 @@ def _scheduled(step: int, eval_every: int, total: int) -> bool:
     return step % eval_every == 0 or step == total
 
 
-def _given_more_time(state: dict, settings: TrainSettings, total: int) -> bool:
+def _given_more_time(state: RunState, settings: TrainSettings, total: int) -> bool:
     """A run that stopped on its time budget resumes only when handed a larger one explicitly: re-running
     it without a budget exports what it has (e.g. a run fitted on a GPU box under a budget)."""
-    return (state.get("stopped") == "time" and state["step"] < total and settings.max_seconds is not None
-            and settings.max_seconds > state["seconds"])
+    return (state.stopped == "time" and state.step < total and settings.max_seconds is not None
+            and settings.max_seconds > state.seconds)
 
 
 def answer_loss(logits: torch.Tensor, labels: Sequence[int], answer: AnswerTokens, kind: str,

@@ -33,16 +33,16 @@ def test_train_resume_export_and_serve(gateway, tiny_settings, tmp_path):
     run_dir = tmp_path / "run"
     pad = codec.tokenizer.pad_token_id
     state = train_lora(tiny_settings.model_dir, train, valid, codec.answer, pad, run_dir, settings)
-    assert state["done"] and state["step"] == 12 and len(state["evals"]) == 4
-    assert state["best"]["auc"] == max(e["auc"] for e in state["evals"])
+    assert state.done and state.step == 12 and len(state.evals) == 4
+    assert state.best["auc"] == max(e["auc"] for e in state.evals)
     assert json.loads((run_dir / "state.json").read_text())["step"] == 12
     # A finished run resumes to its end without training again.
     assert train_lora(tiny_settings.model_dir, train, valid, codec.answer, pad, run_dir, settings) == state
 
     name = "reit-test-v1"
     export_adapter(run_dir / "best", tiny_settings.registry_dir, name, tiny_settings.model_dir,
-                   {"method": "reit", "validation": state["best"]})
-    assert read_manifest(tiny_settings.registry_dir, name)["validation"] == state["best"]
+                   {"method": "reit", "validation": state.best})
+    assert read_manifest(tiny_settings.registry_dir, name)["validation"] == state.best
 
     # Served through the gateway and vLLM ...
     sample = valid[0].sample
