@@ -37,6 +37,7 @@ from perf import start_stack, workload  # noqa: E402
 
 from service.auth import auth_headers  # noqa: E402
 from service.config import Settings  # noqa: E402
+from service.stack import Stack  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -112,9 +113,9 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
 
     os.environ.update({"LOREC_RECLORA_BANK": bank, "LOREC_ADAPTER_MODE": "personal",
                        "LOREC_ENGINE_MAX_LORAS": "8", "LOREC_ENGINE_MAX_CPU_LORAS": str(users + 8)})
-    procs, url = start_stack(settings, data, settings.data_dir / "logs")
-    engine = procs[1]
+    stack = Stack(settings.data_dir / "logs" / "adapters")
     try:
+        url, engine = start_stack(stack, settings, data)
         work = workload(6 * users, 11)
         cold, warm = [], []
 
@@ -146,8 +147,7 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
         rates = {n: asyncio.run(throughput(url, [(u, c, names[i % n]) for i, (u, c) in enumerate(requests(case))],
                                            concurrency)) for case, n in enumerate((1, 8, users), start=1)}
     finally:
-        for p in procs:
-            p.stop()
+        stack.close()
         for path in settings.registry_dir.glob("bench-mix-*"):
             shutil.rmtree(path)
     result = {"materialize_s": round(statistics.mean(times), 4),

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_io import command, machine, save  # noqa: E402
 
 from service.config import Settings  # noqa: E402
-from service.processes import Managed, engine_command, engine_env, free_port  # noqa: E402
+from service.stack import Stack  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "lora_prefill.json"
 
@@ -97,13 +97,9 @@ async def measure(url: str, adapters: list[Path], prompts: int, tokens: int, rou
 def run_engine(settings: Settings, fast_lora: bool, adapters: list[Path], log: Path, **sizes) -> dict:
     settings = settings.model_copy(update={"engine_fast_lora": fast_lora, "engine_max_loras": len(adapters),
                                            "engine_max_cpu_loras": len(adapters)})
-    port = free_port()
-    engine = Managed("vllm", engine_command(settings, settings.model_dir, port), log, env=engine_env(settings))
-    try:
-        engine.wait_http(f"http://127.0.0.1:{port}/health", 600)
-        return asyncio.run(measure(f"http://127.0.0.1:{port}", adapters, **sizes))
-    finally:
-        engine.stop()
+    with Stack(log.parent) as stack:
+        url, _ = stack.engine(settings, name=log.stem)
+        return asyncio.run(measure(url, adapters, **sizes))
 
 
 def main(prompts: int = typer.Option(20, help="prompts per batch"), tokens: int = typer.Option(210),

@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,33 +35,27 @@ from bench_io import command, machine, save  # noqa: E402
 
 from service.auth import auth_headers  # noqa: E402
 from service.config import Settings  # noqa: E402
-from service.processes import Managed, engine_command, engine_env, free_port, redis_command  # noqa: E402
+from service.processes import Managed  # noqa: E402
+from service.stack import LOREC, Stack  # noqa: E402
 
 HERE = Path(__file__).parent
 CANDIDATES, K = 20, 10
 
 
-def start_stack(settings: Settings, data: Path, logs: Path) -> tuple[list[Managed], str]:
-    """redis-server, vLLM and `lorec serve` as a user runs them; returns them and the gateway URL."""
-    redis_port, engine_port, gateway_port = free_port(), free_port(), free_port()
-    redis = Managed("redis", redis_command(settings.data_dir / "redis", redis_port), logs / "perf-redis.log")
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    redis.wait_redis(redis_url, 30)
-    engine = Managed("vllm", engine_command(settings, settings.model_dir, engine_port), logs / "perf-vllm.log",
-                     env=engine_env(settings))
-    env = {**os.environ, "LOREC_REDIS_URL": redis_url, "LOREC_ENGINE_URL": f"http://127.0.0.1:{engine_port}",
-           "LOREC_PORT": str(gateway_port), "LOREC_DATA_DIR": str(settings.data_dir),
+def start_stack(stack: Stack, settings: Settings, data: Path) -> tuple[str, Managed]:
+    """redis-server, vLLM and `lorec serve` as a user runs them, the data ingested; the gateway URL and the
+    engine process."""
+    redis_url = stack.redis(settings.data_dir / "redis")
+    engine_url, engine = stack.engine(settings, wait=False)
+    env = {"LOREC_REDIS_URL": redis_url, "LOREC_ENGINE_URL": engine_url, "LOREC_DATA_DIR": str(settings.data_dir),
            # 16 clients queue ~30 requests of ~10 s each on 2 cores: measure the queue, do not time it out.
            "LOREC_ENGINE_TIMEOUT_S": "1800", "LOREC_REQUEST_DEADLINE_S": "1800"}
-    lorec = str(Path(sys.executable).with_name("lorec"))
-    ingest = Managed("ingest", [lorec, "ingest", "movielens", "--dir", str(data)], logs / "perf-ingest.log", env=env)
-    if ingest.process.wait() != 0:
-        raise RuntimeError("ingestion failed:\n" + ingest.tail())
-    engine.wait_http(f"http://127.0.0.1:{engine_port}/health", 600)
-    gateway = Managed("gateway", [lorec, "serve"], logs / "perf-gateway.log", env=env)
-    url = f"http://127.0.0.1:{gateway_port}"
-    gateway.wait_http(f"{url}/readyz", 120)
-    return [gateway, engine, redis], url
+    ingest = subprocess.run([LOREC, "ingest", "movielens", "--dir", str(data)], env={**os.environ, **env},
+                            capture_output=True, text=True)
+    if ingest.returncode != 0:
+        raise RuntimeError("ingestion failed:\n" + ingest.stderr[-3000:])
+    stack.wait_engine(engine_url, engine)
+    return stack.gateway(env), engine
 
 
 def workload(n: int, seed: int) -> list[tuple[str, list[str]]]:
@@ -216,8 +211,8 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
          seed: int = typer.Option(0), out: Path = typer.Option(HERE / "results" / "perf.json")) -> None:
     settings = Settings()
     torch.set_num_threads(os.cpu_count() or 1)
-    procs, url = start_stack(settings, data, settings.data_dir / "logs")
-    try:
+    with Stack(settings.data_dir / "logs" / "perf") as stack:
+        url, _ = start_stack(stack, settings, data)
         asyncio.run(rank_requests(url, workload(2, seed + 99), 1, "subr", adapter))  # warm-up
         level_list = [int(c) for c in levels.split(",")]
         report: dict = {"levels": level_list, "modes": {}}
@@ -230,9 +225,6 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
         user = asyncio.run(long_history_user(url))
         long = asyncio.run(rank_requests(url, [(user, items) for _, items in workload(8, seed + 5)], 1, "subr",
                                          adapter))
-    finally:
-        for p in procs:
-            p.stop()
     per_mode = {mode: mode_summary(settings, by_level, level_list, adapter)
                 for mode, by_level in report["modes"].items()}
     headline = per_mode["subr"]  # ReLLa's retrieval, the deployment default

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_io import command, machine, save  # noqa: E402
 
 from service.config import Settings  # noqa: E402
-from service.processes import Managed, engine_command, engine_env, free_port  # noqa: E402
+from service.stack import Stack  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "prefix_reuse.json"
 N = 20
@@ -67,14 +67,10 @@ async def measure(url: str, prefix: int, suffix: int, rounds: int) -> dict[str, 
 
 
 def run(settings: Settings, block_size: int | None, log: Path, **sizes) -> dict[str, float]:
-    port = free_port()
     settings = settings.model_copy(update={"engine_block_size": block_size})
-    engine = Managed("vllm", engine_command(settings, settings.model_dir, port), log, env=engine_env(settings))
-    try:
-        engine.wait_http(f"http://127.0.0.1:{port}/health", 600)
-        return asyncio.run(measure(f"http://127.0.0.1:{port}", **sizes))
-    finally:
-        engine.stop()
+    with Stack(log.parent) as stack:
+        url, _ = stack.engine(settings, name=log.stem)
+        return asyncio.run(measure(url, **sizes))
 
 
 def main(prefix: int = typer.Option(200), suffix: int = typer.Option(25), rounds: int = typer.Option(3),

@@ -23,8 +23,12 @@ DATA=${1:?MovieLens folder}; EVAL_N=${2:-10000}; LORA_EVAL_N=${3:-$EVAL_N}; shif
 N_TRAIN=("${@:-256 1024 4096}")
 export LOREC_DATA_DIR=${LOREC_DATA_DIR:-var} LOREC_REDIS_URL=${LOREC_REDIS_URL:-redis://127.0.0.1:6399/0}
 PORT=${LOREC_PORT:-8000}; export LOREC_PORT=$PORT LOREC_ENGINE_URL=http://127.0.0.1:8100
-source benchmarks/stack.sh
-start_redis "$LOREC_DATA_DIR/redis.log"
+# The stack's processes, started by `lorec stack` (service/stack.py), stopped when this script exits.
+pids=(); trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+up() { local log=$1; shift; : >"$log"; "$@" >>"$log" 2>&1 & pids+=($!); until grep -qs "^ready" "$log"; do
+  kill -0 "$!" 2>/dev/null || { tail -20 "$log" >&2; exit 1; }; sleep 1; done; }
+LOREC=.venv/bin/lorec; mkdir -p "$LOREC_DATA_DIR/logs"
+up "$LOREC_DATA_DIR/logs/stack-redis.log" $LOREC stack --redis
 $LOREC ingest movielens --dir "$DATA"
 json_field() { .venv/bin/python -c "import json,sys; print(json.loads(sys.stdin.read().splitlines()[-1])['$1'])"; }
 # Training first, the engine after: an idle vLLM engine polls and takes ~20% of a core from training.
@@ -37,8 +41,11 @@ for n in ${RECLORA_N:-}; do
   banks+=("$($LOREC train reclora --dir "$DATA" --n "$n" ${RECLORA_ARGS:-${TRAIN_ARGS:---n-valid 500 --eval-every 32}} \
     | json_field bank)")
 done
-start_engine 8100 "$LOREC_DATA_DIR/vllm-quality.log"
-start_gateway() { gateway_restart "$LOREC_DATA_DIR/gateway-quality.log" "$@"; }  # env, e.g. LOREC_RECLORA_BANK=...
+up "$LOREC_DATA_DIR/logs/stack-engine.log" $LOREC stack --engine-port 8100
+gateway=
+start_gateway() {  # (re)starts the gateway with extra environment, e.g. LOREC_RECLORA_BANK=...
+  [ -z "$gateway" ] || { kill "$gateway"; wait "$gateway" 2>/dev/null || true; }
+  up "$LOREC_DATA_DIR/logs/gateway-quality.log" env "$@" $LOREC stack --gateway-port "$PORT"; gateway=${pids[-1]}; }
 # Each evaluation keeps a journal of its gateway scores: re-running the script after a cut goes on where it stopped.
 evaluate() { $LOREC eval --dir "$DATA" --gateway "http://127.0.0.1:$PORT" --journal-dir "$LOREC_DATA_DIR/eval" \
   ${EVAL_ARGS:-} "$@" || true; }

@@ -10,7 +10,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import typer
 
@@ -135,8 +134,8 @@ def up(
 
     from service.app import create_app
     from service.model import resolve_model
-    from service.processes import Managed
     from service.shipped import install_shipped
+    from service.stack import Stack
 
     _logging()
     # SIGTERM must unwind through `finally` so the children stop too (uvicorn re-raises it on exit).
@@ -145,17 +144,18 @@ def up(
     settings = Settings()
     data = data or DEFAULT_MOVIELENS
     model_dir = resolve_model(settings.model, settings.data_dir, prepare=True)
-    children: list[Managed] = []
-    try:
-        _start_redis(settings, children)
-        settings, engine = _start_engine(settings, model_dir, engine_port, children)
+    with Stack(settings.data_dir / "logs") as stack:
+        stack.redis(settings.data_dir / "redis", settings.redis_url)
+        engine = None if _engine_answers(settings) else stack.engine(settings, model_dir, engine_port, wait=False)
+        if engine is not None:
+            settings = settings.model_copy(update={"engine_url": engine[0]})
         log.info("ingesting %s (skipped when already ingested)", data)
         report = _ingest_or_exit(settings, data)
         log.info("ingest: %s", report)
         settings = install_shipped(settings, report["fingerprint"])
         if engine is not None:
-            log.info("waiting for the vLLM engine (log: %s)", engine.log_path)
-            engine.wait_http(f"{settings.engine_url}/health", 900)
+            log.info("waiting for the vLLM engine (log: %s)", engine[1].log_path)
+            stack.wait_engine(*engine)
         gateway = create_app(settings)  # generates and prints an API key when none is configured
         log.info("ready after %.0fs; try (KEY: an API key, e.g. the one printed above, stored in %s):\n"
                  "  curl -s -X POST http://%s:%d/v1/rank -H \"authorization: Bearer $KEY\" "
@@ -164,52 +164,46 @@ def up(
                  "\"options\": {\"explain\": true}}'",
                  time.monotonic() - started, settings.key_file, settings.host, settings.port)
         uvicorn.run(gateway, host=settings.host, port=settings.port, log_level="info")
-    finally:
-        for child in reversed(children):
-            child.stop()
 
 
-def _start_redis(settings: Settings, children: list) -> None:
-    """redis-server on the data folder, unless one answers at LOREC_REDIS_URL already."""
-    from service.processes import Managed, redis_command
+@app.command()
+def stack(
+    redis: bool = typer.Option(False, "--redis", help="redis-server for LOREC_REDIS_URL, unless one answers there"),
+    engine_port: int = typer.Option(None, help="the vLLM engine of LOREC_MODEL on this port"),
+    gateway_port: int = typer.Option(None, help="`lorec serve` on this port, configured by this environment"),
+) -> None:
+    """Start parts of the stack in the foreground (what the benchmark scripts run in the background): each
+    waited for until it answers, then `ready` is printed; SIGTERM or Ctrl-C stops them all."""
+    from service.stack import Stack
 
-    if _redis_answers(settings.redis_url):
-        return
-    redis_port = urlparse(settings.redis_url).port or 6379
-    redis = Managed("redis-server", redis_command(settings.data_dir / "redis", redis_port),
-                    settings.data_dir / "logs" / "redis.log")
-    children.append(redis)
-    redis.wait_redis(settings.redis_url, 30)
+    _logging()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    settings = Settings()
+    with Stack(settings.data_dir / "logs") as parts:
+        if redis:
+            parts.redis(settings.data_dir / "redis", settings.redis_url)
+        if engine_port:
+            parts.engine(settings, port=engine_port)
+        if gateway_port:
+            parts.gateway({}, port=gateway_port)
+        typer.echo("ready", err=True)
+        while True:
+            signal.pause()
 
 
-def _start_engine(settings: Settings, model_dir: Path, port: int, children: list) -> tuple[Settings, object]:
-    """The vLLM engine on `port` (started, not yet waited for), unless LOREC_ENGINE_URL names one that
-    answers already (another process's engine, e.g. a GPU box)."""
+def _engine_answers(settings: Settings) -> bool:
+    """LOREC_ENGINE_URL names an engine that answers (another process's, e.g. a GPU box): use it."""
     import httpx
 
-    from service.processes import Managed, engine_command, engine_env
-
-    if "engine_url" in settings.model_fields_set:
-        try:
-            httpx.get(f"{settings.engine_urls[0]}/health", timeout=2).raise_for_status()
-            log.info("using the engine at %s", settings.engine_url)
-            return settings, None
-        except httpx.HTTPError:
-            log.info("no engine answers at %s: starting one on port %d", settings.engine_url, port)
-    settings = settings.model_copy(update={"engine_url": f"http://127.0.0.1:{port}"})
-    engine = Managed("vllm", engine_command(settings, model_dir, port), settings.data_dir / "logs" / "vllm.log",
-                     env=engine_env(settings))
-    children.append(engine)
-    return settings, engine
-
-
-def _redis_answers(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
+    if "engine_url" not in settings.model_fields_set:
         return False
+    try:
+        httpx.get(f"{settings.engine_urls[0]}/health", timeout=2).raise_for_status()
+    except httpx.HTTPError:
+        log.info("no engine answers at %s: starting one", settings.engine_url)
+        return False
+    log.info("using the engine at %s", settings.engine_url)
+    return True
 
 
 def main() -> None:

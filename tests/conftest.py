@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,12 @@ import pytest
 from service.config import Settings
 from service.ingest import ingest_folder
 from service.model import resolve_model
-from service.processes import Managed, engine_command, engine_env, free_port, redis_command
+from service.processes import Managed, free_port
+from service.stack import LOREC, Stack
 from tests.utils.tiny_model import build_random_adapter, build_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 ML100K = Path(os.environ.get("LOREC_TEST_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))
-ENGINE_START_TIMEOUT_S = 900
 # Test API keys: one per scope and one with all of them (what most tests use).
 KEYS = {"test-admin-key-0123456789": ["read", "write", "admin"], "test-read-key-0123456789": ["read"],
         "test-write-key-0123456789": ["write"]}
@@ -46,12 +45,8 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_url(workdir):
-    port = free_port()
-    server = Managed("redis-server", redis_command(workdir / "redis", port), workdir / "logs" / "redis.log")
-    url = f"redis://127.0.0.1:{port}/0"
-    server.wait_redis(url, 30)
-    yield url
-    server.stop()
+    with Stack(workdir / "logs") as stack:
+        yield stack.redis(workdir / "redis")
 
 
 @pytest.fixture(scope="session")
@@ -67,13 +62,12 @@ def adapter_dir(workdir, tiny_model) -> Path:
 
 
 def start_engine(settings: Settings, model_dir: Path, log_path: Path) -> tuple[Managed, str]:
-    port = free_port()
-    engine = Managed("vllm", engine_command(settings, model_dir, port), log_path, env=engine_env(settings))
-    url = f"http://127.0.0.1:{port}"
+    """A vLLM server of `model_dir` (stopped with the returned process's `stop`) and its URL."""
+    stack = Stack(log_path.parent)
     try:
-        engine.wait_http(f"{url}/health", ENGINE_START_TIMEOUT_S)
+        url, engine = stack.engine(settings, model_dir, name=log_path.stem)
     except BaseException:
-        engine.stop()
+        stack.close()
         raise
     return engine, url
 
@@ -132,7 +126,6 @@ def gateway(tiny_settings):
         yield client
 
 
-LOREC = str(Path(sys.executable).with_name("lorec"))
 
 
 def serve_env(settings: Settings, data_dir: Path, port: int) -> dict[str, str]:
