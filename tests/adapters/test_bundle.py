@@ -11,7 +11,7 @@ import pytest
 from adapters import bundle
 from adapters.samples import build_samples, draw, split_by_time
 from service.ingest import read_movielens
-from tests.conftest import ML100K
+from tests.utils.stack import ML100K
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 from adapters.crm import LONG_HISTORY, Vocab, encode, predict, train_din
 from adapters.samples import build_samples, split_by_time
 from service.ingest import read_movielens
-from tests.conftest import ML100K
+from tests.utils.stack import ML100K
 
 
 @pytest.mark.slow  # trains a DIN on 20,000 samples
@@ -40,7 +40,7 @@ def test_lorec_eval_crm_scores_the_llm_rows_samples(tmp_path):
     from adapters.samples import draw
     from adapters.train import metrics
     from service.din import save_crm
-    from tests.conftest import LOREC
+    from tests.utils.stack import LOREC
 
     data = read_movielens(ML100K)
     parts = split_by_time(build_samples(data))

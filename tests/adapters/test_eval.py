@@ -8,7 +8,7 @@ import subprocess
 import httpx
 import pytest
 
-from tests.conftest import LOREC, ML100K
+from tests.utils.stack import LOREC, ML100K
 
 REAL_CLIENT = httpx.AsyncClient  # the fake gateway below patches httpx's, a second time too
 

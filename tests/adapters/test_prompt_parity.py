@@ -9,7 +9,7 @@ import pytest
 from adapters.samples import build_samples, prompt_ids, user_timelines
 from service.ingest import read_movielens
 from service.prompt import load_codec
-from tests.conftest import ML100K
+from tests.utils.stack import ML100K
 
 
 @pytest.mark.parametrize("mode", ["subr", "recent"])

@@ -16,7 +16,7 @@ from adapters.samples import build_samples, draw, reit_prompts, split_by_time
 from adapters.train import LoraSettings, TrainSettings, load_model, score, train_lora
 from service.ingest import read_movielens
 from service.prompt import load_codec
-from tests.conftest import ML100K
+from tests.utils.stack import ML100K
 
 
 def test_train_resume_export_and_serve(gateway, tiny_settings, tmp_path):

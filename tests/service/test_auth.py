@@ -1,6 +1,6 @@
 """API keys with scopes, the generated key of the embedded default, quiet logs.
 
-(Adapter path confinement: tests/service/test_units.py.)
+(Adapter path confinement: tests/service/test_routing.py.)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.auth import KeyRing, load_keyring, parse_keys
 from service.config import Settings
-from tests.conftest import ADMIN_KEY, READ_KEY, WRITE_KEY
+from tests.utils.stack import ADMIN_KEY, READ_KEY, WRITE_KEY
 
 RANK = ("post", "/v1/rank", {"user_id": "1", "item_ids": ["1", "2"], "options": {"retrieval": "recent", "k": 2}})
 EVENTS = ("post", "/v1/events", {"events": [{"user_id": "auth-user", "item_id": "1", "ts": 5, "rating": 4}]})

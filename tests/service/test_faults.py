@@ -22,9 +22,9 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.history import Keys
 from service.processes import Managed, free_port, redis_command
-from tests.conftest import AUTH, LOREC, ML100K, make_settings, serve_env, start_engine
 from tests.utils.crm import build_crm
 from tests.utils.metrics import metric_total
+from tests.utils.stack import AUTH, LOREC, ML100K, make_settings, serve_env, start_engine
 
 ITEMS = ["1", "50", "100", "181"]
 CRM = "fault-gbdt"

@@ -14,7 +14,7 @@ from service.features import FeatureReader, FeatureSpec, ItemStats, genre_member
 from service.history import HistoryStore, Keys, connect
 from service.ingest import read_movielens
 from service.records import Behaviour, Item, Profile, UserContext
-from tests.conftest import ML100K
+from tests.utils.stack import ML100K
 
 
 def run(coroutine):

@@ -15,7 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from service.processes import Managed, free_port
-from tests.conftest import AUTH, LOREC, serve_env
+from tests.utils.stack import AUTH, LOREC, serve_env
 
 EXAMPLES = int(os.environ.get("LOREC_FUZZ_EXAMPLES", "25"))
 SEEN: dict[str, int] = {"cases": 0, "5xx": 0}

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from service.prompt import load_codec
-from tests.conftest import AUTH
+from tests.utils.stack import AUTH
 
 pytestmark = pytest.mark.gemma
 

@@ -16,8 +16,8 @@ from service.combine import CombinerManifest, combiner_dir
 from service.features import ItemTimes
 from service.ingest import read_movielens
 from service.processes import Managed, free_port
-from tests.conftest import AUTH, LOREC, ML100K, serve_env
 from tests.utils.crm import build_crm
+from tests.utils.stack import AUTH, LOREC, ML100K, serve_env
 
 CRM, ADAPTER, COMBINER = "hybrid-gbdt", "tiny-random-v1", "test-combiner"
 

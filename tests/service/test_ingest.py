@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from service.cli import app
 from service.history import Keys
 from service.ingest import MalformedFile, StoreMismatch, read_movielens, require_store_holds
-from tests.conftest import LOREC, ML100K
+from tests.utils.stack import LOREC, ML100K
 
 
 def _source_lines(name: str) -> int:

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.prompt import load_codec
-from tests.conftest import AUTH
-from tests.service.test_gateway import post
+from tests.utils.http import post
+from tests.utils.stack import AUTH
 
 
 def test_a_retried_event_id_is_stored_once(gateway):

@@ -16,7 +16,7 @@ from service.din import DIN, Vocab, encode_rows, save_crm
 from service.ingest import read_movielens
 from service.prompt import load_codec
 from service.records import Behaviour, Profile
-from tests.conftest import AUTH, ML100K
+from tests.utils.stack import AUTH, ML100K
 
 N_COHORTS = 4
 

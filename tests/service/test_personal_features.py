@@ -16,8 +16,8 @@ from service.app import create_app
 from service.crm import Crm, crm_dir
 from service.ingest import read_movielens
 from service.prompt import load_codec
-from tests.conftest import AUTH, ML100K
 from tests.utils.crm import build_crm
+from tests.utils.stack import AUTH, ML100K
 
 CRM = "gate-gbdt"
 

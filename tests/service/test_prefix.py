@@ -10,7 +10,7 @@ import time
 import httpx
 
 from service.processes import engine_command
-from tests.service.test_gateway import post
+from tests.utils.http import post
 from tests.utils.metrics import metric_total
 
 

@@ -15,7 +15,7 @@ import redis
 from service.history import Keys
 from service.ingest import ingest_folder
 from service.processes import Managed, redis_command
-from tests.conftest import AUTH, ML100K, make_settings
+from tests.utils.stack import AUTH, ML100K, make_settings
 
 AS_OF = 890_000_000  # before any event other tests append
 REQUEST = {"user_id": "42", "item_ids": ["1", "50", "100", "181", "258"], "as_of": AS_OF}

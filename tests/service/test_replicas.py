@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.prompt import AnswerTokens
 from service.scoring import EngineClient, EnginePool
-from tests.conftest import AUTH, make_settings, start_engine
+from tests.utils.stack import AUTH, make_settings, start_engine
 
 ADAPTERS = [f"tiny-replica-{i}" for i in range(6)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from service.processes import Managed, free_port
-from tests.conftest import AUTH, LOREC, serve_env
+from tests.utils.stack import AUTH, LOREC, serve_env
 
 
 def test_lorec_serve_process_answers_rank(http_gateway, gateway):

@@ -10,7 +10,7 @@ import httpx
 import redis
 
 from service.processes import Managed, free_port
-from tests.conftest import LOREC, ML100K
+from tests.utils.stack import LOREC, ML100K
 
 
 def test_lorec_up_serves_rank_and_stops_its_children(tiny_model, adapter_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""Dependencies that are not there: a defined answer (503 naming the dependency), never a 500."""
+"""Dependency failures mapped to one error shape (service/errors.py): 503 naming the dependency, nothing written."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.processes import free_port
-from tests.conftest import AUTH
 from tests.utils.metrics import metric_total
+from tests.utils.stack import AUTH
 
 
 def test_engine_down_answers_503_naming_vllm(tiny_settings, tmp_path):

@@ -1,0 +1,55 @@
+"""What the tests share about the stack they run: the data, the test API keys, settings, engines, gateways."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from service.config import Settings
+from service.processes import Managed
+from service.stack import LOREC, Stack
+
+REPO = Path(__file__).resolve().parents[2]
+ML100K = Path(os.environ.get("LOREC_TEST_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))
+# Test API keys: one per scope and one with all of them (what most tests use).
+KEYS = {"test-admin-key-0123456789": ["read", "write", "admin"], "test-read-key-0123456789": ["read"],
+        "test-write-key-0123456789": ["write"]}
+ADMIN_KEY, READ_KEY, WRITE_KEY = KEYS
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def start_engine(settings: Settings, model_dir: Path, log_path: Path) -> tuple[Managed, str]:
+    """A vLLM server of `model_dir` (stopped with the returned process's `stop`) and its URL."""
+    stack = Stack(log_path.parent)
+    try:
+        url, engine = stack.engine(settings, model_dir, name=log_path.stem)
+    except BaseException:
+        stack.close()
+        raise
+    return engine, url
+
+
+def make_settings(workdir: Path, model: Path, redis_url: str, **overrides) -> Settings:
+    values = dict(data_dir=workdir / "data", model=model, redis_url=redis_url, engine_kv_cache_gib=1,
+                  engine_max_model_len=4096, adapter_dir=workdir / "adapters", qdrant_url=None, api_keys=KEYS)
+    values.update(overrides)
+    return Settings(**values)
+
+
+def serve_env(settings: Settings, data_dir: Path, port: int) -> dict[str, str]:
+    """Environment for a `lorec serve` process on a copy of the data folder (one process at a time
+    may open a Qdrant Edge shard)."""
+    shutil.copytree(settings.data_dir, data_dir)
+    env = {**os.environ, "LOREC_DATA_DIR": str(data_dir), "LOREC_MODEL": str(settings.model),
+           "LOREC_REDIS_URL": settings.redis_url, "LOREC_ENGINE_URL": settings.engine_url,
+           "LOREC_ADAPTER_DIR": str(settings.registry_dir), "LOREC_PORT": str(port),
+           "LOREC_API_KEYS": json.dumps(KEYS)}
+    env.pop("QDRANT_URL", None)
+    return env
+
+
+
+__all__ = ["ADMIN_KEY", "AUTH", "KEYS", "LOREC", "ML100K", "READ_KEY", "REPO", "WRITE_KEY", "make_settings",
+           "serve_env", "start_engine"]
