@@ -34,19 +34,19 @@ def train_bank(settings: Settings, job: BankJob) -> dict:
                                          job.training.seed))
     dataset, data = shots.dataset, shots.dataset.data
     crm_ref = settings.crm or f"{dataset.name}-din.pt"
-    if not settings.crm and not (settings.data_dir / "crm" / crm_ref).exists():
+    if not settings.crm and not settings.paths.crm(crm_ref).exists():
         raise ValueError(f"no CRM: set LOREC_CRM (lorec train gbdt) or run `lorec train crm` for "
-                         f"{settings.data_dir / 'crm' / crm_ref}")
+                         f"{settings.paths.crm(crm_ref)}")
     users = gate_vectors(settings.data_dir, crm_ref, [p.sample for p in [*shots.train, *shots.valid]], data)
     gate_tag = "" if crm_ref.endswith(".pt") else "-gbdt"
     b = job.bank
     name = job.name or (f"reclora-{dataset.name}-n{job.n_train}-m{b.n_meta}-r{b.rank}-s{job.training.seed}"
                         + targets_tag(",".join(b.target_modules)) + gate_tag)
-    run_dir = settings.data_dir / "runs" / name
+    run_dir = settings.paths.run(name)
     state = train_reclora(settings.model_dir, shots.train, shots.valid, users, shots.codec.answer,
                           shots.codec.pad_id, run_dir, job.training, b)
     model = load_reclora(settings.model_dir, bank_dir=run_dir / "best")
-    out = settings.data_dir / "reclora" / name
+    out = settings.paths.bank(name)
     model.save(out, {"base_model": str(settings.model_dir), "crm": crm_ref, "dataset": dataset.name,
                      "n_train_samples": job.n_train, "validation": state.best, "train_seconds": state.seconds,
                      "epochs": state.epochs()})

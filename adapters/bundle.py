@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
@@ -43,18 +43,60 @@ class BundledPrompt:
     input_ids: list[int]
 
 
+class UnknownBundleFormat(ValueError):
+    """A bundle written by another format (version) of `lorec train prompts`."""
+
+
+@dataclass(frozen=True)
+class BundleMeta:
+    """What a bundle says of its prompts (the facts an adapter's manifest records), round-tripped as JSON."""
+
+    FORMAT: ClassVar[str] = "lorec.bundle"
+    VERSION: ClassVar[int] = 1
+
+    dataset: str
+    data_fingerprint: str
+    split_sizes: dict[str, int]
+    n_train: int
+    k: int
+    seed: int
+    retrieval: str
+    test_seed: int
+    model: str  # the served model's folder name the token ids are for
+    answer: dict[str, int]  # {"yes": id, "no": id}
+    pad_id: int
+
+    def to_json(self) -> str:
+        return json.dumps({"format": self.FORMAT, "format_version": self.VERSION, **asdict(self)})
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> BundleMeta:
+        raw = json.loads(text)
+        found = (raw.pop("format", cls.FORMAT), raw.pop("format_version", cls.VERSION))  # unversioned: version 1
+        if found != (cls.FORMAT, cls.VERSION) or set(raw) != {f.name for f in fields(cls)}:
+            raise UnknownBundleFormat(f"{where}: a {found[0]!r} version {found[1]!r} bundle with fields "
+                                      f"{sorted(raw)}; this lorec reads {cls.FORMAT!r} version {cls.VERSION}: "
+                                      "write it again with `lorec train prompts`")
+        return cls(**raw)
+
+    def facts(self) -> dict:
+        """The facts an adapter's manifest takes from its training data (offline.Dataset.facts's keys)."""
+        return {"dataset": self.dataset, "data_fingerprint": self.data_fingerprint, "split_sizes": self.split_sizes,
+                "n_train": self.n_train, "k": self.k}
+
+
 @dataclass
 class Bundle:
-    meta: dict  # dataset, data_fingerprint, split_sizes, n_train, k, seed, answer / pad ids, ...
+    meta: BundleMeta
     parts: dict[str, list[BundledPrompt]]
 
     @property
     def answer(self) -> AnswerTokens:
-        return AnswerTokens(yes=self.meta["answer"]["yes"], no=self.meta["answer"]["no"])
+        return AnswerTokens(yes=self.meta.answer["yes"], no=self.meta.answer["no"])
 
     @property
     def pad_id(self) -> int:
-        return self.meta["pad_id"]
+        return self.meta.pad_id
 
 
 def from_prompted(prompted: Sequence) -> list[BundledPrompt]:
@@ -64,7 +106,7 @@ def from_prompted(prompted: Sequence) -> list[BundledPrompt]:
 
 
 def save(path: Path, bundle: Bundle) -> None:
-    arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(bundle.meta))}
+    arrays: dict[str, np.ndarray] = {"meta": np.array(bundle.meta.to_json())}
     for name, rows in bundle.parts.items():
         lengths = np.array([len(r.input_ids) for r in rows], dtype=np.int64)
         arrays[f"{name}_tokens"] = np.array([t for r in rows for t in r.input_ids], dtype=np.int32)
@@ -81,7 +123,7 @@ def save(path: Path, bundle: Bundle) -> None:
 
 def load(path: Path) -> Bundle:
     with np.load(path) as z:
-        meta = json.loads(str(z["meta"]))
+        meta = BundleMeta.from_json(str(z["meta"]), path)
         parts = {}
         for name in PARTS:
             if f"{name}_tokens" not in z:

@@ -111,7 +111,7 @@ def train_din_from_folder(settings: Settings, directory: Path, epochs: int, seed
     test_full = metrics([s.label for s in parts["test"]], predict(model, batches["test"]))
     test_slice = metrics([s.label for s in sliced], predict(model, batches["slice"]))
     if not side_info:
-        save_crm(model, vocab, settings.data_dir / "crm" / f"{dataset.name}-din.pt")
+        save_crm(model, vocab, settings.paths.crm(f"{dataset.name}-din.pt"))
     result = {**test_slice, "n_test": len(sliced), "n_train": len(parts["train"]), "kind": "crm",
               "test_full": test_full, "valid": report["valid"], "train_seconds": round(report["train_seconds"], 1),
               "seed": eval_seed, "command": recorded_command()}

@@ -11,7 +11,6 @@ served score's gain over the CRM. `--crm` scores the CRM alone offline on the sa
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from service.config import Settings
 from service.crm import Crm, crm_dir
 from service.din import load_crm
 from service.ingest import require_store_holds
-from service.personalize import MetaBank
+from service.personalize import BankManifest, MetaBank
 from service.prompt import load_codec
 from service.routing import BASE, AdapterRegistry
 
@@ -64,9 +63,10 @@ class EvalJob:
 def training_facts(settings: Settings, adapter: str, mode: str | None) -> dict:
     """n_train, train_seconds and epochs of what is evaluated, from the adapter's manifest or the bank's."""
     if mode in ("personal", "cohort"):
-        meta = json.loads((settings.reclora_dir / "reclora.json").read_text())
+        meta = BankManifest.load(settings.reclora_dir).model_dump()
     elif mode is None and adapter != BASE:
-        meta = read_manifest(settings.registry_dir, adapter)
+        manifest = read_manifest(settings.registry_dir, adapter)
+        meta = manifest.model_dump() if manifest else {}
     else:
         return {}
     facts = {"n_train": meta.get("n_train_samples"), "train_seconds": meta.get("train_seconds"),
@@ -97,7 +97,7 @@ def crm_figures(settings: Settings, dataset: Dataset, samples: list[Sample]) -> 
                 "crm": f"{crm.name}@{crm.version}", "validation": crm.manifest.validation}
     from adapters.crm import encode, predict
 
-    path = settings.data_dir / "crm" / f"{dataset.name}-din.pt"
+    path = settings.paths.crm(f"{dataset.name}-din.pt")
     if not path.exists():
         raise FileNotFoundError(f"no CRM: set LOREC_CRM, or run `lorec train crm` for {path}")
     model, vocab = load_crm(path)

@@ -11,22 +11,43 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
+from service.artifacts import MANIFEST, Manifest, git_commit
 from service.routing import AdapterRegistry
 
-MANIFEST = "manifest.json"
+__all__ = ["MANIFEST", "AdapterManifest", "export_adapter", "git_commit", "read_manifest"]
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+class AdapterManifest(Manifest):
+    """What an adapter in the registry was trained on and how (written by `lorec train reit`)."""
+
+    FORMAT = "lorec.adapter"
+    VERSION = 1
+    LEGACY = True  # adapters exported before the format was named carry the same fields
+
+    name: str
+    base_model: str
+    method: str = "reit"
+    dataset: str | None = None
+    data_fingerprint: str | None = None
+    split_sizes: dict[str, int] | None = None
+    n_train_samples: int | None = None
+    n_train_prompts: int | None = None
+    n_valid: int | None = None
+    k: int | None = None
+    lora: dict | None = None
+    loss: str | None = None
+    lr: dict | None = None
+    validation: dict | None = None  # the best validation evaluation, which chose the checkpoint
+    train_seconds: float | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    device: str | None = None
+    stopped: str | None = None
+    dtype: str | None = None
+    offset_crm: str | None = None  # residual training: the CRM (name@version) it learned on top of
+    command: str | None = None
 
 
 def export_adapter(trained: Path, registry: Path, name: str, base_model: Path, manifest: dict) -> Path:
@@ -43,14 +64,13 @@ def export_adapter(trained: Path, registry: Path, name: str, base_model: Path, m
     config = json.loads((staging / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(base_model.resolve())
     (staging / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    full = {"name": name, "base_model": str(base_model.resolve()), "git_commit": git_commit(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest}
-    (staging / MANIFEST).write_text(json.dumps(full, indent=2))
+    AdapterManifest.new(name=name, base_model=str(base_model.resolve()), **manifest).save(staging)
     staging.rename(target)  # the registry never shows a half-written adapter
     AdapterRegistry(registry).path(name)  # it must be servable
     return target
 
 
-def read_manifest(registry: Path, name: str) -> dict:
-    path = AdapterRegistry(registry).path(name) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else {}
+def read_manifest(registry: Path, name: str) -> AdapterManifest | None:
+    """The adapter's manifest; None for an adapter without one (e.g. copied in by hand)."""
+    folder = AdapterRegistry(registry).path(name)
+    return AdapterManifest.load(folder) if (folder / MANIFEST).exists() else None

@@ -113,9 +113,9 @@ def write_bundle(settings: Settings, directory: Path, n_train: int, n_valid: int
         rows["test"] = bundle.from_prompted(asyncio.run(prompted(settings, shots.dataset.data, test, k,
                                                                  settings.retrieval_mode)))
     codec = shots.codec
-    meta = {**shots.dataset.facts(n_train, k), "seed": seed, "retrieval": settings.retrieval_mode,
-            "test_seed": test_seed, "model": Path(settings.model_dir).name,
-            "answer": {"yes": codec.answer.yes, "no": codec.answer.no}, "pad_id": codec.pad_id}
+    meta = bundle.BundleMeta(**shots.dataset.facts(n_train, k), seed=seed, retrieval=settings.retrieval_mode,
+                             test_seed=test_seed, model=Path(settings.model_dir).name,
+                             answer={"yes": codec.answer.yes, "no": codec.answer.no}, pad_id=codec.pad_id)
     bundle.save(out, bundle.Bundle(meta, rows))
     return {"bundle": str(out), **{p: len(r) for p, r in rows.items()},
             "tokens": sum(len(r.input_ids) for part in rows.values() for r in part)}

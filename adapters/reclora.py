@@ -14,7 +14,6 @@ is frozen and only supplies u (long-short modality, Few2Many).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -24,7 +23,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from service.personalize import Gate, mix, write_peft_adapter
+from service.artifacts import DataPaths
+from service.personalize import BankManifest, Gate, mix, write_peft_adapter
 
 
 @dataclass
@@ -107,8 +107,7 @@ class RecLoRA(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in self.trainable_state().items()},
                   str(path / "reclora.safetensors"))
-        (path / "reclora.json").write_text(json.dumps({"settings": asdict(self.settings), "user_dim": self.user_dim,
-                                                       **(extra or {})}, indent=1))
+        BankManifest.new(settings=asdict(self.settings), user_dim=self.user_dim, **(extra or {})).save(path)
 
 
 def load_reclora(model_dir: Path, bank_dir: Path | None = None, settings: BankSettings | None = None,
@@ -119,9 +118,9 @@ def load_reclora(model_dir: Path, bank_dir: Path | None = None, settings: BankSe
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     if bank_dir is not None:
-        meta = json.loads((bank_dir / "reclora.json").read_text())
-        settings = BankSettings(**{**meta["settings"], "target_modules": tuple(meta["settings"]["target_modules"])})
-        user_dim = meta["user_dim"]
+        meta = BankManifest.load(bank_dir)
+        settings = BankSettings(**{**meta.settings, "target_modules": tuple(meta.settings["target_modules"])})
+        user_dim = meta.user_dim
     model = RecLoRA(base, user_dim, settings)
     if bank_dir is not None:
         state = load_file(str(bank_dir / "reclora.safetensors"))
@@ -172,7 +171,7 @@ def gate_vectors(data_dir: Path, crm_ref: str, samples: Sequence, data) -> torch
     if crm_ref.endswith(".pt"):
         from service.din import load_crm
 
-        crm, vocab = load_crm(data_dir / "crm" / crm_ref)
+        crm, vocab = load_crm(DataPaths(data_dir).crm(crm_ref))
         return user_vectors(crm, samples, data, vocab)
     from adapters.features import OfflineFeatures
     from service.crm import Crm, crm_dir

@@ -83,7 +83,7 @@ def _prompts(settings: Settings, job: ReitJob) -> tuple[dict, list, list, object
         if job.training.loss == Loss.residual:
             raise ValueError("a bundle carries no CRM offsets: train residual adapters with --dir")
         loaded = bundle.load(job.bundle_path)
-        return loaded.meta, loaded.parts["train"], loaded.parts["valid"], loaded.answer, loaded.pad_id
+        return loaded.meta.facts(), loaded.parts["train"], loaded.parts["valid"], loaded.answer, loaded.pad_id
     if job.directory is None:
         raise ValueError("give --dir or --bundle")
     shots = asyncio.run(few_shot_prompts(settings, job.directory, job.n_train, job.n_valid, job.k,
@@ -103,7 +103,7 @@ def train_reit(settings: Settings, job: ReitJob) -> dict:
                              ",".join(lora.target_modules), t.lr_schedule, t.warmup_steps)
     if facts.get("offset_crm"):  # another CRM is another run
         run_name += "-" + facts["offset_crm"].rsplit("@", 1)[1][:6]
-    run_dir = job.run_dir or settings.data_dir / "runs" / (job.name or run_name)
+    run_dir = job.run_dir or settings.paths.run(job.name or run_name)
     state = train_lora(settings.model_dir, train, valid, answer, pad_id, run_dir, t)
     # A run cut short by its budget is exported under a name that says where it stopped, so the run can
     # go on later (under a larger --max-seconds) and export its final adapter as a new version.
@@ -118,8 +118,8 @@ def train_reit(settings: Settings, job: ReitJob) -> dict:
                 "stopped": state.stopped,
                 "dtype": str(training_dtype(t.device, t.dtype)).removeprefix("torch."),
                 "offset_crm": facts.get("offset_crm"), "command": recorded_command()}
-    if (settings.registry_dir / name).exists() and read_manifest(settings.registry_dir, name).get("validation") \
-            == state.best:  # this run was exported already (a re-run of a finished run)
+    exported = read_manifest(settings.registry_dir, name) if (settings.registry_dir / name).exists() else None
+    if exported is not None and exported.validation == state.best:  # exported already (a finished run re-run)
         path = settings.registry_dir / name
     else:
         path = export_adapter(run_dir / "best", settings.registry_dir, name, settings.model_dir, manifest)

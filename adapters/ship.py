@@ -12,9 +12,11 @@ import json
 import shutil
 from pathlib import Path
 
-from service.combine import COMBINER_DIR, Combiner, ComponentRef, combiner_dir, llm_serving, refusal
+from adapters.export import read_manifest
+from service.artifacts import DataPaths
+from service.combine import Combiner, ComponentRef, combiner_dir, llm_serving, refusal
 from service.config import Settings
-from service.crm import CRM_DIR, Crm, crm_dir
+from service.crm import Crm, crm_dir
 from service.routing import AdapterRegistry
 from service.shipped import SHIPPED_ROOT, ShippedManifest, model_identity
 
@@ -50,17 +52,18 @@ def ship(settings: Settings, dataset: str, data_fingerprint: str, quality: Path,
             raise ValueError(f"{manifest.name} was trained on other files than {dataset}'s")
     out = root / dataset
     shutil.rmtree(out, ignore_errors=True)
-    adapter_out = out / "adapters" / settings.default_adapter
+    shipped = DataPaths(out)  # laid out as a data folder
+    adapter_out = shipped.adapters / settings.default_adapter
     adapter_out.mkdir(parents=True)
     source = registry.path(settings.default_adapter)
     for file in ADAPTER_FILES:
         if (source / file).exists():
             shutil.copy2(source / file, adapter_out / file)
-    shutil.copytree(crm.folder, out / CRM_DIR / crm.name)
-    shutil.copytree(combiner_dir(settings.data_dir, combiner.name), out / COMBINER_DIR / combiner.name)
-    adapter_manifest = json.loads((source / "manifest.json").read_text()) if (source / "manifest.json").exists() \
-        else {}
-    commands = [c for c in (adapter_manifest.get("command"), crm.manifest.command, combiner.manifest.command) if c]
+    shutil.copytree(crm.folder, shipped.crm(crm.name))
+    shutil.copytree(settings.paths.combiner(combiner.name), shipped.combiner(combiner.name))
+    adapter_manifest = read_manifest(settings.registry_dir, settings.default_adapter)
+    commands = [c for c in (adapter_manifest.command if adapter_manifest else None, crm.manifest.command,
+                            combiner.manifest.command) if c]
     ShippedManifest.new(dataset=dataset, data_fingerprint=data_fingerprint,
                         base_model=model_identity(settings.model_dir), adapter=settings.default_adapter,
                         crm=crm.name, combiner=combiner.name, commands=commands,

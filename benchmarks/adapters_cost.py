@@ -49,7 +49,7 @@ def random_bank(settings: Settings, name: str, crm_file: str) -> None:
     torch.manual_seed(0)
     for layer in model.layers.values():
         torch.nn.init.normal_(layer.lora_B, std=0.01)
-    model.save(settings.data_dir / "reclora" / name, {"base_model": str(settings.model_dir), "crm": crm_file})
+    model.save(settings.paths.bank(name), {"base_model": str(settings.model_dir), "crm": crm_file})
 
 
 def rss_kib(pid: int) -> int:
@@ -87,7 +87,7 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
     from service.records import Behaviour, Profile, UserContext
 
     base = Settings()
-    crm_files = sorted((base.data_dir / "crm").glob("*-din.pt"))
+    crm_files = sorted(base.paths.crm("").glob("*-din.pt"))
     if not crm_files:
         raise typer.BadParameter("no CRM under LOREC_DATA_DIR/crm: run `lorec train crm` first")
     if bank is None:
@@ -95,7 +95,7 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
         random_bank(base, bank, crm_files[0].name)
     settings = base.model_copy(update={"reclora_bank": bank, "adapter_mode": "personal", "engine_max_loras": 8,
                                        "engine_max_cpu_loras": users + 8, "personal_cache_size": 4 * users})
-    cache = settings.data_dir / "personal"
+    cache = settings.paths.personal
     shutil.rmtree(cache, ignore_errors=True)
 
     # Materialisation, in process (what the gateway does in a worker thread).

@@ -46,11 +46,16 @@ def utc_now() -> str:
 
 
 class Manifest(BaseModel):
-    """Base of every manifest: `format` and `format_version` first, then the artifact's own fields."""
+    """Base of every manifest: `format` and `format_version` first, then the artifact's own fields.
+
+    A kind whose files predate the versioning (`LEGACY`) reads a file without `format` as version 1,
+    keeping the fields it knows; a versioned file must match exactly."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     FORMAT: ClassVar[str]
     VERSION: ClassVar[int]
+    FILE: ClassVar[str] = MANIFEST
+    LEGACY: ClassVar[bool] = False
 
     format: str
     format_version: int
@@ -63,21 +68,24 @@ class Manifest(BaseModel):
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / MANIFEST
-        tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+        path = folder / self.FILE
+        tmp = path.with_name(f".{self.FILE}.{os.getpid()}.tmp")
         tmp.write_text(self.model_dump_json(indent=1) + "\n")
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, folder: Path) -> Self:
-        path = folder / MANIFEST
+        path = folder / cls.FILE
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ArtifactError(f"{folder}: no {MANIFEST} (not a {cls.FORMAT} artifact)") from None
+            raise ArtifactError(f"{folder}: no {cls.FILE} (not a {cls.FORMAT} artifact)") from None
         except json.JSONDecodeError as error:
             raise ArtifactError(f"{path}: not JSON ({error})") from None
+        if cls.LEGACY and "format" not in raw:  # written before the format was named
+            raw = {k: v for k, v in raw.items() if k in cls.model_fields}
+            raw.update(format=cls.FORMAT, format_version=cls.VERSION)
         if raw.get("format") != cls.FORMAT:
             raise ArtifactError(f"{path}: a {raw.get('format')!r} artifact, not {cls.FORMAT!r}")
         if raw.get("format_version") != cls.VERSION:
@@ -87,3 +95,35 @@ class Manifest(BaseModel):
             return cls.model_validate(raw)
         except ValidationError as error:
             raise ArtifactError(f"{path}: {error}") from None
+
+
+class DataPaths:
+    """Where each artifact lives under a data folder (LOREC_DATA_DIR): the one place that spells the layout."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def adapters(self) -> Path:
+        """The adapter registry (LOREC_ADAPTER_DIR may move it elsewhere)."""
+        return self.root / "adapters"
+
+    def crm(self, name: str) -> Path:
+        """A CRM: a feature CRM artifact folder, or a DIN file (`<dataset>-din.pt`)."""
+        return self.root / "crm" / name
+
+    def combiner(self, name: str) -> Path:
+        return self.root / "combiners" / name
+
+    def bank(self, name: str) -> Path:
+        """A RecLoRA bank (`lorec train reclora`)."""
+        return self.root / "reclora" / name
+
+    def run(self, name: str) -> Path:
+        """A training run's checkpoints (resumable)."""
+        return self.root / "runs" / name
+
+    @property
+    def personal(self) -> Path:
+        """The LRU cache of users' and cohorts' adapters."""
+        return self.root / "personal"

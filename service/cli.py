@@ -76,8 +76,9 @@ def adapters_list() -> None:
     settings = Settings()
     for name in AdapterRegistry(settings.registry_dir).names():
         manifest = read_manifest(settings.registry_dir, name)
-        auc = (manifest.get("validation") or {}).get("auc")
-        typer.echo(f"{name}\t{manifest.get('dataset', '-')}\tvalid_auc={auc if auc is None else round(auc, 4)}")
+        auc = ((manifest.validation if manifest else None) or {}).get("auc")
+        dataset = (manifest.dataset if manifest else None) or "-"
+        typer.echo(f"{name}\t{dataset}\tvalid_auc={auc if auc is None else round(auc, 4)}")
 
 
 @app.command()

@@ -26,14 +26,13 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel
 
-from service.artifacts import ArtifactError, Manifest
+from service.artifacts import ArtifactError, DataPaths, Manifest
 from service.config import Settings
 from service.records import AdapterMode, Scorer
 from service.routing import AdapterNotFound, AdapterRegistry
 
 SCORER_CHAIN: dict[str, tuple[Scorer, ...]] = {"hybrid": ("hybrid", "crm", "llm"), "crm": ("crm", "llm"),
                                                "llm": ("llm",)}
-COMBINER_DIR = "combiners"
 # What a term may be built from: the two logits and log(1 + interactions before t).
 BASES = ("llm", "crm", "log_u_n", "log_i_n")
 COUNT_FEATURES = {"log_u_n": "u_n", "log_i_n": "i_n"}
@@ -71,7 +70,7 @@ class CombinerManifest(Manifest):
 
 
 def combiner_dir(data_dir: Path, name: str) -> Path:
-    return data_dir / COMBINER_DIR / name
+    return DataPaths(data_dir).combiner(name)
 
 
 def llm_logit(p_yes: float) -> float:

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.artifacts import DataPaths
 from service.model import resolve_model
 from service.records import AdapterMode, RetrievalMode, Scorer
 
@@ -118,7 +119,7 @@ class Settings(BaseSettings):
 
     @property
     def registry_dir(self) -> Path:
-        return self.adapter_dir or self.data_dir / "adapters"
+        return self.adapter_dir or self.paths.adapters
 
     @property
     def edge_path(self) -> Path:
@@ -126,7 +127,11 @@ class Settings(BaseSettings):
 
     @property
     def reclora_dir(self) -> Path | None:
-        return self.data_dir / "reclora" / self.reclora_bank if self.reclora_bank else None
+        return self.paths.bank(self.reclora_bank) if self.reclora_bank else None
+
+    @property
+    def paths(self) -> DataPaths:
+        return DataPaths(self.data_dir)
 
     @property
     def model_dir(self) -> Path:

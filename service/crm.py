@@ -19,10 +19,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel
 
-from service.artifacts import ArtifactError, Manifest, sha256_of
+from service.artifacts import ArtifactError, DataPaths, Manifest, sha256_of
 from service.features import FeatureSpec
-
-CRM_DIR = "crm"
 
 
 class SpecModel(BaseModel):
@@ -73,7 +71,7 @@ class CrmManifest(Manifest):
 
 
 def crm_dir(data_dir: Path, name: str) -> Path:
-    return data_dir / CRM_DIR / name
+    return DataPaths(data_dir).crm(name)
 
 
 class Crm:

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from service.artifacts import DataPaths, Manifest
 from service.crm import Crm, crm_dir
 from service.din import DIN, Vocab, encode_rows
 from service.records import UserContext
@@ -103,16 +104,35 @@ class BankModule:
     gate: Gate
 
 
+class BankManifest(Manifest):
+    """A bank's `reclora.json`: its settings, the CRM its gates read, what it was trained on."""
+
+    FORMAT = "lorec.reclora-bank"
+    VERSION = 1
+    FILE = "reclora.json"
+    LEGACY = True  # banks saved before the format was named carry the same fields
+
+    settings: dict  # adapters.reclora.BankSettings as a dict
+    user_dim: int
+    base_model: str = ""
+    crm: str = ""  # a DIN file (*.pt) or a feature CRM artifact under data_dir/crm
+    dataset: str | None = None
+    n_train_samples: int | None = None
+    validation: dict | None = None
+    train_seconds: float | None = None
+    epochs: float | None = None
+
+
 class MetaBank:
     """A trained RecLoRA bank, read-only: gates and meta-LoRAs per module."""
 
     def __init__(self, path: Path, n_cohorts: int = 32) -> None:
-        meta = json.loads((path / "reclora.json").read_text())
-        s = meta["settings"]
+        self.manifest = BankManifest.load(path)
+        s = self.manifest.settings
         self.name = path.name
-        self.rank, self.alpha, self.user_dim = s["rank"], s["alpha"], meta["user_dim"]
-        self.base_model = meta.get("base_model", "")
-        self.crm = meta.get("crm", "")  # file name under data_dir/crm
+        self.rank, self.alpha, self.user_dim = s["rank"], s["alpha"], self.manifest.user_dim
+        self.base_model = self.manifest.base_model
+        self.crm = self.manifest.crm
         weights = path / "reclora.safetensors"
         # Adapter names carry the bank's content hash: a retrained bank never reuses a cached adapter.
         self.version = hashlib.sha1(weights.read_bytes()).hexdigest()[:8]
@@ -241,7 +261,7 @@ def bank_gate(data_dir: Path, bank: MetaBank) -> GateInput:
     if bank.crm.endswith(".pt"):
         from service.din import load_crm
 
-        return din_gate(*load_crm(data_dir / "crm" / bank.crm))
+        return din_gate(*load_crm(DataPaths(data_dir).crm(bank.crm)))
     return feature_gate(Crm(crm_dir(data_dir, bank.crm)))
 
 
@@ -250,6 +270,6 @@ def open_personalizer(settings) -> Personalizer | None:
     if settings.reclora_dir is None:
         return None
     bank = MetaBank(settings.reclora_dir, settings.cohorts)
-    return Personalizer(bank, bank_gate(settings.data_dir, bank), settings.data_dir / "personal",
+    return Personalizer(bank, bank_gate(settings.data_dir, bank), settings.paths.personal,
                         settings.personal_refresh_events, settings.personal_cache_size,
                         needs_features=not bank.crm.endswith(".pt"))

@@ -15,10 +15,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from service.artifacts import ArtifactError, Manifest, sha256_of
-from service.combine import COMBINER_DIR, combiner_dir
+from service.artifacts import ArtifactError, DataPaths, Manifest, sha256_of
 from service.config import Settings
-from service.crm import CRM_DIR, crm_dir
 
 log = logging.getLogger(__name__)
 SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "adapters" / "shipped"
@@ -79,13 +77,14 @@ def install_shipped(settings: Settings, data_fingerprint: str | None, root: Path
                     settings.model_dir)
         return settings
     adapter = settings.registry_dir / manifest.adapter
-    _copy(folder / "adapters" / manifest.adapter, adapter)
+    shipped = DataPaths(folder)  # a shipped folder is laid out as a data folder
+    _copy(shipped.adapters / manifest.adapter, adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     if config.get("base_model_name_or_path") != str(settings.model_dir.resolve()):
         config["base_model_name_or_path"] = str(settings.model_dir.resolve())  # this machine's served model
         (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    _copy(folder / CRM_DIR / manifest.crm, crm_dir(settings.data_dir, manifest.crm))
-    _copy(folder / COMBINER_DIR / manifest.combiner, combiner_dir(settings.data_dir, manifest.combiner))
+    _copy(shipped.crm(manifest.crm), settings.paths.crm(manifest.crm))
+    _copy(shipped.combiner(manifest.combiner), settings.paths.combiner(manifest.combiner))
     log.info("serving the shipped %s hybrid: adapter %s, CRM %s, combiner %s", dataset, manifest.adapter,
              manifest.crm, manifest.combiner)
     return settings.model_copy(update={"default_adapter": manifest.adapter, "adapter_mode": "shared",

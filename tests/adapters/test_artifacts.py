@@ -46,3 +46,34 @@ def test_manifests_round_trip_and_refuse_unknown_versions_and_kinds(tmp_path):
         CombinerManifest.load(tmp_path / "c")
     with pytest.raises(ArtifactError, match="no manifest.json"):
         CombinerManifest.load(tmp_path / "missing")
+
+
+def test_adapter_and_bank_manifests_read_their_unversioned_files_and_refuse_other_versions(tmp_path):
+    from adapters.export import AdapterManifest
+    from service.personalize import BankManifest
+
+    legacy = {"name": "a", "base_model": "/m", "method": "reit", "validation": {"auc": 0.7}, "git_commit": "x",
+              "created": "2026-01-01T00:00:00Z", "some_old_key": 1}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(legacy))
+    assert AdapterManifest.load(tmp_path / "a").validation == {"auc": 0.7}
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "reclora.json").write_text(json.dumps({"settings": {"rank": 8}, "user_dim": 64, "crm": "x.pt"}))
+    assert BankManifest.load(tmp_path / "b").crm == "x.pt"
+    versioned = BankManifest.new(settings={"rank": 8}, user_dim=4)
+    versioned.save(tmp_path / "c")
+    assert BankManifest.load(tmp_path / "c") == versioned
+    raw = json.loads((tmp_path / "c" / "reclora.json").read_text())
+    (tmp_path / "c" / "reclora.json").write_text(json.dumps({**raw, "format_version": 2}))
+    with pytest.raises(ArtifactError, match="format version 2"):
+        BankManifest.load(tmp_path / "c")
+
+
+def test_bundle_meta_round_trips_and_refuses_other_formats(tmp_path):
+    from adapters.bundle import BundleMeta, UnknownBundleFormat
+
+    meta = BundleMeta(dataset="ml-100k", data_fingerprint="f", split_sizes={"train": 1}, n_train=8, k=4, seed=0,
+                      retrieval="subr", test_seed=0, model="m", answer={"yes": 1, "no": 2}, pad_id=0)
+    assert BundleMeta.from_json(meta.to_json(), tmp_path) == meta
+    with pytest.raises(UnknownBundleFormat):
+        BundleMeta.from_json(json.dumps({**json.loads(meta.to_json()), "format_version": 3}), tmp_path)

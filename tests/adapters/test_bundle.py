@@ -41,8 +41,8 @@ def test_bundle_holds_the_trainers_and_evals_prompts(gateway, tiny_settings, lor
                         "--test-n", 12, "--out", path])
     assert (out["train"], out["valid"], out["test"]) == (16, 16, 12)
     loaded = bundle.load(path)
-    assert loaded.meta["dataset"] == "ml-100k" and loaded.meta["split_sizes"]["train"] == 75599
-    assert loaded.meta["n_train"] == 8 and loaded.meta["k"] == 4
+    assert loaded.meta.dataset == "ml-100k" and loaded.meta.split_sizes["train"] == 75599
+    assert loaded.meta.n_train == 8 and loaded.meta.k == 4
 
     settings = Settings()
     shots = asyncio.run(few_shot_prompts(settings, ML100K, 8, 16, 4, 0))
@@ -80,9 +80,9 @@ def test_fit_on_a_time_budget_export_and_score(gateway, tiny_settings, lorec_env
     out = _invoke(app, ["train", "reit", "--bundle", path, "--run-dir", run_dir, "--batch-size", 4])
     assert out["adapter"] == "reit-ml-100k-n8-k4-r8-s0-step1" and out["validation"] == fitted["best"]
     manifest = read_manifest(lorec_env / "registry", out["adapter"])
-    assert (manifest["steps"], manifest["stopped"], manifest["device"]) == (1, "time", "cpu")
-    assert manifest["n_train_prompts"] == 16 and manifest["split_sizes"]["train"] == 75599
-    assert manifest["epochs"] == 0.25  # 1 step of 4 prompts out of 16
+    assert (manifest.steps, manifest.stopped, manifest.device) == (1, "time", "cpu")
+    assert manifest.n_train_prompts == 16 and manifest.split_sizes["train"] == 75599
+    assert manifest.epochs == 0.25  # 1 step of 4 prompts out of 16
 
     # Handed a larger budget, the same run goes on from its checkpoint to the end of its epochs and
     # exports its final adapter as a new version; the budget-stopped one stays as it was.
@@ -92,8 +92,8 @@ def test_fit_on_a_time_budget_export_and_score(gateway, tiny_settings, lorec_env
     assert final["adapter"] == "reit-ml-100k-n8-k4-r8-s0"
     assert [e["step"] for e in state["evals"]] == [1, 3, 6, 8] and state["stopped"] is None
     # epochs behind the exported checkpoint: the best step's batches of 4 out of 16 prompts
-    assert read_manifest(lorec_env / "registry", final["adapter"])["epochs"] == state["best"]["step"] * 4 / 16
-    assert read_manifest(lorec_env / "registry", out["adapter"])["validation"] == fitted["best"]
+    assert read_manifest(lorec_env / "registry", final["adapter"]).epochs == state["best"]["step"] * 4 / 16
+    assert read_manifest(lorec_env / "registry", out["adapter"]).validation == fitted["best"]
 
     scored = lorec_env / "scores.json"
     _invoke(bundle.app, ["score", path, "--model", tiny_settings.model_dir, "--adapter",

@@ -42,7 +42,7 @@ def test_train_resume_export_and_serve(gateway, tiny_settings, tmp_path):
     name = "reit-test-v1"
     export_adapter(run_dir / "best", tiny_settings.registry_dir, name, tiny_settings.model_dir,
                    {"method": "reit", "validation": state.best})
-    assert read_manifest(tiny_settings.registry_dir, name)["validation"] == state.best
+    assert read_manifest(tiny_settings.registry_dir, name).validation == state.best
 
     # Served through the gateway and vLLM ...
     sample = valid[0].sample
@@ -77,9 +77,9 @@ def test_train_reit_command_exports_a_listed_adapter(gateway, tiny_settings, tmp
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["adapter"] == "reit-ml-100k-n8-k4-r8-s0"
     manifest = read_manifest(tmp_path / "registry", out["adapter"])
-    assert manifest["n_train_prompts"] == 16 and manifest["split_sizes"]["train"] == 75599
-    assert manifest["lora"]["target_modules"] == ["q_proj", "v_proj"]
-    assert manifest["lr"] == {"peak": 1e-3, "schedule": "constant", "warmup_steps": 0}
+    assert manifest.n_train_prompts == 16 and manifest.split_sizes["train"] == 75599
+    assert manifest.lora["target_modules"] == ["q_proj", "v_proj"]
+    assert manifest.lr == {"peak": 1e-3, "schedule": "constant", "warmup_steps": 0}
     listed = runner.invoke(app, ["adapters", "list"])
     assert listed.exit_code == 0 and out["adapter"] in listed.output
 
