@@ -33,8 +33,8 @@ def train_bank(settings: Settings, job: BankJob) -> dict:
     shots = asyncio.run(few_shot_prompts(settings, job.directory, job.n_train, job.n_valid, job.k,
                                          job.training.seed))
     dataset, data = shots.dataset, shots.dataset.data
-    crm_ref = settings.crm or f"{dataset.name}-din.pt"
-    if not settings.crm and not settings.paths.crm(crm_ref).exists():
+    crm_ref = settings.scoring.crm or f"{dataset.name}-din.pt"
+    if not settings.scoring.crm and not settings.paths.crm(crm_ref).exists():
         raise ValueError(f"no CRM: set LOREC_CRM (lorec train gbdt) or run `lorec train crm` for "
                          f"{settings.paths.crm(crm_ref)}")
     users = gate_vectors(settings.data_dir, crm_ref, [p.sample for p in [*shots.train, *shots.valid]], data)

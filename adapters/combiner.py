@@ -119,19 +119,19 @@ def fit_from_gateway(settings: Settings, directory: Path, gateway: str, n: int, 
                      name: str | None, journal_dir: Path | None, concurrency: int = 8) -> tuple[Path, CombinerManifest]:
     """`lorec train combiner`: score a seeded validation slice through the gateway (the LLM the deployment
     serves by default, the configured CRM), fit, and save the combiner artifact naming both."""
-    if not settings.crm:
+    if not settings.scoring.crm:
         raise ValueError("set LOREC_CRM to the CRM the gateway serves")
-    crm = Crm(crm_dir(settings.data_dir, settings.crm))
-    llm = llm_serving(settings.adapter_mode, settings.default_adapter or "base", settings,
+    crm = Crm(crm_dir(settings.data_dir, settings.scoring.crm))
+    llm = llm_serving(settings.adapters.mode, settings.adapters.default or "base", settings,
                       AdapterRegistry(settings.registry_dir), open_personalizer(settings))
     if llm is None:
-        raise ValueError(f"no {settings.adapter_mode} LLM configured to fit a combiner for")
+        raise ValueError(f"no {settings.adapters.mode} LLM configured to fit a combiner for")
     dataset = Dataset.read(directory)
     asyncio.run(require_store_holds(settings, dataset.data.name))
     samples = draw(dataset.parts["valid"], n, seed)
     require_validation(samples, dataset.parts["valid"])
     journal = open_journal(journal_dir, samples, None, dataset=dataset.name, split="valid", n=n, seed=seed,
-                           adapter=None, mode=settings.adapter_mode, k=k, retrieval=retrieval,
+                           adapter=None, mode=settings.adapters.mode, k=k, retrieval=retrieval,
                            method=f"combiner-fit-{llm.name}-{crm.name}") if journal_dir else None
     served = asyncio.run(score_via_gateway(gateway, samples, None, k, retrieval, concurrency,
                                            api_key=client_key(settings), journal=journal, scorer="llm"))

@@ -83,15 +83,15 @@ def offline_model(settings: Settings, data, samples: list[Sample], adapter: str,
         model = load_reclora(settings.model_dir, bank_dir=settings.reclora_dir, dtype=dtype)
         return model, lambda m, rows: m.set_users(users[list(rows)])
     if mode == "shared":
-        adapter = settings.default_adapter or BASE
+        adapter = settings.adapters.default or BASE
     adapter_dir = None if adapter == BASE else AdapterRegistry(settings.registry_dir).path(adapter)
     return load_model(settings.model_dir, adapter_dir=adapter_dir, dtype=dtype), None
 
 
 def crm_figures(settings: Settings, dataset: Dataset, samples: list[Sample]) -> dict:
     """The configured feature CRM (LOREC_CRM) on `samples`, offline; without one, the DIN file."""
-    if settings.crm:
-        crm = Crm(crm_dir(settings.data_dir, settings.crm))
+    if settings.scoring.crm:
+        crm = Crm(crm_dir(settings.data_dir, settings.scoring.crm))
         logits = crm.logits(OfflineFeatures(dataset.data, crm.spec).matrix(samples, progress="features"))
         return {**summarize(samples, 1 / (1 + np.exp(-logits))), "n_test": len(samples), "kind": "crm",
                 "crm": f"{crm.name}@{crm.version}", "validation": crm.manifest.validation}
@@ -118,7 +118,7 @@ def offline_check(settings: Settings, job: EvalJob, dataset: Dataset, samples: l
     subset = [samples[i] for i in checked]
     prompts = [p.input_ids for p in asyncio.run(prompted(settings, dataset.data, subset, job.k, job.retrieval))]
     codec = load_codec(settings.model_dir)
-    dtype = job.offline_dtype or settings.engine_dtype
+    dtype = job.offline_dtype or settings.engine.dtype
     model, prepare = offline_model(settings, dataset.data, subset, job.adapter, job.mode, getattr(torch, dtype))
     offline_scores = score(model, prompts, codec.answer, codec.pad_id, progress="offline", prepare=prepare)
     return {**summarize(subset, offline_scores), "n": len(subset), "dtype": dtype,

@@ -53,8 +53,8 @@ async def offline_index(settings: Settings, dataset: str) -> AsyncIterator[ItemI
     Qdrant Edge shard admits one process at a time, so the trainer reads a copy of it; a Qdrant
     server is shared as is."""
     await require_store_holds(settings, dataset)
-    if settings.qdrant_url:
-        index = open_configured_index(settings)
+    if settings.index.qdrant_url:
+        index = open_configured_index(settings.index, settings.edge_path)
         try:
             yield index
         finally:
@@ -63,7 +63,7 @@ async def offline_index(settings: Settings, dataset: str) -> AsyncIterator[ItemI
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "shard"
         shutil.copytree(settings.edge_path, copy)
-        index = open_index(None, None, settings.qdrant_collection, copy)
+        index = open_index(None, None, settings.index.qdrant_collection, copy)
         try:
             yield index
         finally:
@@ -89,7 +89,7 @@ async def few_shot_prompts(settings: Settings, directory: Path, n_train: int, n_
     async with offline_index(settings, dataset.data.name) as index:
         train = await reit_prompts(draw(dataset.parts["train"], n_train, seed), dataset.data, index, codec, k)
         valid = await reit_prompts(draw(dataset.parts["valid"], n_valid, seed + 1), dataset.data, index, codec, k,
-                                   modes=(settings.retrieval_mode,))
+                                   modes=(settings.requests.retrieval_mode,))
     return FewShot(dataset, codec, train, valid)
 
 
@@ -111,9 +111,9 @@ def write_bundle(settings: Settings, directory: Path, n_train: int, n_valid: int
     if test_n:  # the slice and prompts `lorec eval --n test_n --seed test_seed` scores offline
         test = draw(shots.dataset.parts["test"], test_n, test_seed)
         rows["test"] = bundle.from_prompted(asyncio.run(prompted(settings, shots.dataset.data, test, k,
-                                                                 settings.retrieval_mode)))
+                                                                 settings.requests.retrieval_mode)))
     codec = shots.codec
-    meta = bundle.BundleMeta(**shots.dataset.facts(n_train, k), seed=seed, retrieval=settings.retrieval_mode,
+    meta = bundle.BundleMeta(**shots.dataset.facts(n_train, k), seed=seed, retrieval=settings.requests.retrieval_mode,
                              test_seed=test_seed, model=Path(settings.model_dir).name,
                              answer={"yes": codec.answer.yes, "no": codec.answer.no}, pad_id=codec.pad_id)
     bundle.save(out, bundle.Bundle(meta, rows))

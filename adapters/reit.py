@@ -45,9 +45,9 @@ def targets_tag(target_modules: str) -> str:
 def with_crm_offsets(settings: Settings, dataset: Dataset, train: list[PromptedSample], valid: list[PromptedSample]
                      ) -> tuple[list[PromptedSample], list[PromptedSample], str]:
     """Each prompt with its sample's CRM logit as `offset`, and the CRM's name@version."""
-    if not settings.crm:
+    if not settings.scoring.crm:
         raise ValueError("residual training needs the CRM: set LOREC_CRM")
-    crm = Crm(crm_dir(settings.data_dir, settings.crm))
+    crm = Crm(crm_dir(settings.data_dir, settings.scoring.crm))
     features = OfflineFeatures(dataset.data, crm.spec)
     pool = dataset.parts["train"]
     position = {(s.user_id, s.item_id, s.ts): i for i, s in enumerate(pool)}

@@ -38,13 +38,13 @@ def figures_of(quality: Path, dataset: str) -> dict:
 
 
 def ship(settings: Settings, dataset: str, data_fingerprint: str, quality: Path, root: Path = SHIPPED_ROOT) -> Path:
-    if not (settings.default_adapter and settings.crm and settings.combiner):
+    if not (settings.adapters.default and settings.scoring.crm and settings.scoring.combiner):
         raise ValueError("set LOREC_DEFAULT_ADAPTER, LOREC_CRM and LOREC_COMBINER to the served default")
     registry = AdapterRegistry(settings.registry_dir)
-    crm = Crm(crm_dir(settings.data_dir, settings.crm))
-    combiner = Combiner(combiner_dir(settings.data_dir, settings.combiner))
+    crm = Crm(crm_dir(settings.data_dir, settings.scoring.crm))
+    combiner = Combiner(combiner_dir(settings.data_dir, settings.scoring.combiner))
     why = refusal(combiner, ComponentRef(name=crm.name, version=crm.version),
-                  llm_serving("shared", settings.default_adapter, settings, registry, None))
+                  llm_serving("shared", settings.adapters.default, settings, registry, None))
     if why is not None:
         raise ValueError(f"not shipped: {why}")
     for manifest in (crm.manifest, combiner.manifest):
@@ -53,19 +53,19 @@ def ship(settings: Settings, dataset: str, data_fingerprint: str, quality: Path,
     out = root / dataset
     shutil.rmtree(out, ignore_errors=True)
     shipped = DataPaths(out)  # laid out as a data folder
-    adapter_out = shipped.adapters / settings.default_adapter
+    adapter_out = shipped.adapters / settings.adapters.default
     adapter_out.mkdir(parents=True)
-    source = registry.path(settings.default_adapter)
+    source = registry.path(settings.adapters.default)
     for file in ADAPTER_FILES:
         if (source / file).exists():
             shutil.copy2(source / file, adapter_out / file)
     shutil.copytree(crm.folder, shipped.crm(crm.name))
     shutil.copytree(settings.paths.combiner(combiner.name), shipped.combiner(combiner.name))
-    adapter_manifest = read_manifest(settings.registry_dir, settings.default_adapter)
+    adapter_manifest = read_manifest(settings.registry_dir, settings.adapters.default)
     commands = [c for c in (adapter_manifest.command if adapter_manifest else None, crm.manifest.command,
                             combiner.manifest.command) if c]
     ShippedManifest.new(dataset=dataset, data_fingerprint=data_fingerprint,
-                        base_model=model_identity(settings.model_dir), adapter=settings.default_adapter,
+                        base_model=model_identity(settings.model_dir), adapter=settings.adapters.default,
                         crm=crm.name, combiner=combiner.name, commands=commands,
                         figures=figures_of(quality, dataset)).save(out)
     return out

@@ -93,7 +93,7 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
     if bank is None:
         bank = "bench-random-bank"
         random_bank(base, bank, crm_files[0].name)
-    settings = base.model_copy(update={"reclora_bank": bank, "adapter_mode": "personal", "engine_max_loras": 8,
+    settings = base.replace(**{"reclora_bank": bank, "adapter_mode": "personal", "engine_max_loras": 8,
                                        "engine_max_cpu_loras": users + 8, "personal_cache_size": 4 * users})
     cache = settings.paths.personal
     shutil.rmtree(cache, ignore_errors=True)

@@ -45,13 +45,13 @@ def main(prompts: int = typer.Option(20, help="prompts per batch"), tokens: int 
         adapters = make_adapters(settings.model_dir, Path(tmp), 8)
         for name, update in chosen.items():
             log = settings.data_dir / "logs" / f"engine-settings-{len(results)}.log"
-            results[name] = run_engine(settings.model_copy(update=update), True, adapters, log, **sizes)
+            results[name] = run_engine(settings.replace(**update), True, adapters, log, **sizes)
             typer.echo(f"{name}: {results[name]['tokens_per_s']}")
     default = next(iter(results.values()))["tokens_per_s"]
     for r in results.values():
         r["ratio_to_default"] = {k: round(v / default[k], 3) for k, v in r["tokens_per_s"].items()}
     report = {"configs": results, "prompts_per_batch": prompts, "tokens_per_prompt": tokens + 1,
-              "kv_cache_gib": settings.engine_kv_cache_gib,
+              "kv_cache_gib": settings.engine.kv_cache_gib,
               "machine": machine(),
               "command": command()}
     save(out, report)

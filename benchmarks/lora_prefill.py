@@ -95,7 +95,7 @@ async def measure(url: str, adapters: list[Path], prompts: int, tokens: int, rou
 
 
 def run_engine(settings: Settings, fast_lora: bool, adapters: list[Path], log: Path, **sizes) -> dict:
-    settings = settings.model_copy(update={"engine_fast_lora": fast_lora, "engine_max_loras": len(adapters),
+    settings = settings.replace(**{"engine_fast_lora": fast_lora, "engine_max_loras": len(adapters),
                                            "engine_max_cpu_loras": len(adapters)})
     with Stack(log.parent) as stack:
         url, _ = stack.engine(settings, name=log.stem)
@@ -112,7 +112,7 @@ def main(prompts: int = typer.Option(20, help="prompts per batch"), tokens: int 
         report = {variant: run_engine(settings, fast, adapters, settings.data_dir / f"bench-{variant}.log", **sizes)
                   for variant, fast in (("plugin", True), ("vllm_ops", False))}
     report.update({"prompts_per_batch": prompts, "tokens_per_prompt": tokens + 1, "rounds": rounds,
-                   "model": settings.model_dir.name, "dtype": settings.engine_dtype,
+                   "model": settings.model_dir.name, "dtype": settings.engine.dtype,
                    "machine": machine(), "cpus": os.cpu_count(),
                    "command": command()})
     save(out, report)

@@ -116,7 +116,7 @@ def baseline(settings: Settings, records: list[dict], adapter: str | None) -> di
 
     codec = load_codec(settings.model_dir)
     adapter_dir = AdapterRegistry(settings.registry_dir).path(adapter) if adapter else None
-    model = load_model(settings.model_dir, adapter_dir=adapter_dir, dtype=getattr(torch, settings.engine_dtype))
+    model = load_model(settings.model_dir, adapter_dir=adapter_dir, dtype=getattr(torch, settings.engine.dtype))
     prompts = [s["prompt_token_ids"] for r in records for s in r["items"]]
     served = [s["score"] for r in records for s in r["items"]]
     score(model, prompts[:8], codec.answer, codec.pad_id)  # warm-up
@@ -231,7 +231,7 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
     best = max(report["modes"]["subr"].values(), key=lambda r: r["candidates_per_s"])
     engine_tokens = sum(len(s["prompt_token_ids"]) for r in best["records"] for s in r["items"])
     engine_tps = engine_tokens / (best["requests"] * CANDIDATES / best["candidates_per_s"])
-    ceiling = matmul_ceiling(settings.model_dir, getattr(torch, settings.engine_dtype))
+    ceiling = matmul_ceiling(settings.model_dir, getattr(torch, settings.engine.dtype))
     lora = HERE / "results" / "lora_prefill.json"
     report.update({
         "rank_candidates_per_s": headline["candidates_per_s"],
@@ -243,7 +243,7 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
         "latency_ms": {f"c{c}": report["modes"]["subr"][f"c{c}"]["latency_ms"] for c in level_list},
         "engine_prefill_tokens_per_s": round(engine_tps, 1), "matmul_ceiling": ceiling,
         "engine_vs_ceiling": round(engine_tps / ceiling["tokens_per_s"], 3),
-        "stages": list(best["stages_ms"]), "adapter": adapter, "dtype": settings.engine_dtype,
+        "stages": list(best["stages_ms"]), "adapter": adapter, "dtype": settings.engine.dtype,
         "machine": machine(),
         "command": command()})
     long.pop("records")

@@ -67,7 +67,7 @@ async def measure(url: str, prefix: int, suffix: int, rounds: int) -> dict[str, 
 
 
 def run(settings: Settings, block_size: int | None, log: Path, **sizes) -> dict[str, float]:
-    settings = settings.model_copy(update={"engine_block_size": block_size})
+    settings = settings.replace(**{"engine_block_size": block_size})
     with Stack(log.parent) as stack:
         url, _ = stack.engine(settings, name=log.stem)
         return asyncio.run(measure(url, **sizes))
@@ -82,7 +82,7 @@ def main(prefix: int = typer.Option(200), suffix: int = typer.Option(25), rounds
                                             prefix=prefix, suffix=suffix, rounds=rounds)
         typer.echo(f"block {size}: {results[f'block_size={size}']}")
     report = {"seconds_for_20_prompts": results, "prefix_tokens": prefix + 1, "suffix_tokens": suffix,
-              "model": settings.model_dir.name, "dtype": settings.engine_dtype,
+              "model": settings.model_dir.name, "dtype": settings.engine.dtype,
               "machine": machine(),
               "command": command()}
     save(out, report)

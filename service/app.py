@@ -49,11 +49,11 @@ def open_scoring(settings: Settings, registry: AdapterRegistry, personalizer: Pe
     crm: Crm | None = None
     combiner: Combiner | None = None
     try:
-        crm = open_crm(settings.data_dir, settings.crm)
+        crm = open_crm(settings.data_dir, settings.scoring.crm)
     except ArtifactError as error:
         unavailable["crm"] = unavailable["hybrid"] = f"CRM refused: {error}"
     try:
-        combiner = open_combiner(settings.data_dir, settings.combiner)
+        combiner = open_combiner(settings.data_dir, settings.scoring.combiner)
     except ArtifactError as error:
         unavailable.setdefault("hybrid", f"combiner refused: {error}")
     if combiner is not None:
@@ -65,7 +65,7 @@ def open_scoring(settings: Settings, registry: AdapterRegistry, personalizer: Pe
             combiner = None
     for scorer, why in unavailable.items():
         log.error("scorer %s unavailable: %s", scorer, why)
-    return crm, Scorers(settings.default_scorer, crm is not None, combiner, unavailable)
+    return crm, Scorers(settings.scoring.default, crm is not None, combiner, unavailable)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -76,32 +76,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         model_dir = settings.model_dir
         codec = load_codec(model_dir)
-        redis = connect(settings.redis_url, settings.redis_cluster, socket_timeout=5, socket_connect_timeout=2,
+        redis = connect(settings.redis.url, settings.redis.cluster, socket_timeout=5, socket_connect_timeout=2,
                         health_check_interval=30)
-        index = open_configured_index(settings)
-        timeout = httpx.Timeout(settings.engine_timeout_s, connect=settings.engine_connect_timeout_s)
+        index = open_configured_index(settings.index, settings.edge_path)
+        timeout = httpx.Timeout(settings.engine.timeout_s, connect=settings.engine.connect_timeout_s)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        https = [httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) for url in settings.engine_urls]
+        https = [httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) for url in settings.engine.urls]
         try:
-            history = HistoryStore(redis, Keys(settings.redis_prefix), settings.max_history_events)
-            engine = EnginePool([EngineClient(http, settings.engine_model_name, codec.answer,
+            history = HistoryStore(redis, Keys(settings.redis.prefix), settings.requests.max_history_events)
+            engine = EnginePool([EngineClient(http, settings.engine.model_name, codec.answer,
                                               on_load=lambda outcome: metrics.adapter_loads.labels(outcome).inc())
                                  for http in https])
             personalizer = open_personalizer(settings)
-            router = Router(AdapterRegistry(settings.registry_dir), engine, settings.default_adapter,
-                            settings.adapter_mode, personalizer)
+            router = Router(AdapterRegistry(settings.registry_dir), engine, settings.adapters.default,
+                            settings.adapters.mode, personalizer)
             if personalizer is not None:
                 await load_cohorts(router, personalizer)
-            limits = Limits(max_candidates=settings.max_candidates, max_prompt_tokens=settings.prompt_budget,
-                            deadline_s=settings.request_deadline_s, retrieval_timeout_s=settings.retrieval_timeout_s)
+            limits = Limits.of(settings.requests, settings.prompt_budget)
             crm, scorers = open_scoring(settings, router.registry, personalizer)
             app.state.recommender = RecommendService(
-                history, index, codec, engine, router, metrics, default_k=settings.history_k,
-                default_mode=settings.retrieval_mode, limits=limits, scorers=scorers, crm=crm,
+                history, index, codec, engine, router, metrics, default_k=settings.requests.history_k,
+                default_mode=settings.requests.retrieval_mode, limits=limits, scorers=scorers, crm=crm,
                 features=FeatureReader(history, crm.spec) if crm else None)
             app.state.writer = Writer(history, index,
-                                      build_encoder(settings.encoder, model_dir, settings.data_dir,
-                                                    settings.encoder_dim))
+                                      build_encoder(settings.index.encoder, model_dir, settings.data_dir,
+                                                    settings.index.encoder_dim))
             yield
         finally:
             for http in https:

@@ -69,12 +69,12 @@ def generate_key_file(path: Path) -> str:
 
 def configured_keys(settings) -> dict[str, frozenset[str]]:
     """Keys from the settings and the key file together."""
-    return {**parse_keys(settings.api_keys), **read_key_file(settings.key_file)}
+    return {**parse_keys(settings.auth.api_keys), **read_key_file(settings.key_file)}
 
 
 def load_keyring(settings) -> KeyRing | None:
     """The gateway's keys, generated when none is configured; None when auth is switched off."""
-    if not settings.auth_enabled:
+    if not settings.auth.enabled:
         log.warning("API keys are switched off (LOREC_AUTH_ENABLED=false): every caller has every scope")
         return None
     keys = configured_keys(settings)
@@ -92,8 +92,8 @@ def load_keyring(settings) -> KeyRing | None:
 
 def client_key(settings, scope: Scope = "read") -> str | None:
     """A key for lorec's own clients (eval, benchmarks): LOREC_API_KEY, else the first with `scope`."""
-    if os.environ.get("LOREC_API_KEY"):
-        return os.environ["LOREC_API_KEY"]
+    if settings.auth.client_key is not None:
+        return settings.auth.client_key.get_secret_value()
     return next((k for k, scopes in configured_keys(settings).items() if scope in scopes), None)
 
 

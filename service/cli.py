@@ -31,7 +31,7 @@ log = logging.getLogger("lorec")
 
 
 def _logging() -> None:
-    logging.basicConfig(level=os.environ.get("LOREC_LOG_LEVEL", "INFO"),
+    logging.basicConfig(level=Settings().server.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call is noise
 
@@ -103,8 +103,8 @@ def engine(port: int = typer.Option(8100), host: str = typer.Option("127.0.0.1")
     from service.processes import engine_command, engine_env
 
     settings = Settings()
-    command = engine_command(settings, settings.model_dir, port, host)
-    os.execvpe(command[0], command, engine_env(settings))
+    command = engine_command(settings.engine, settings.model_dir, port, host)
+    os.execvpe(command[0], command, engine_env(settings.engine))
 
 
 @app.command()
@@ -119,9 +119,9 @@ def serve() -> None:
 
     _logging()
     settings = Settings()
-    if not (settings.crm or settings.default_adapter or settings.combiner or settings.reclora_bank):
+    if not (settings.scoring.crm or settings.adapters.default or settings.scoring.combiner or settings.adapters.bank):
         settings = install_shipped(settings, asyncio.run(stored_data_fingerprint(settings)))
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(create_app(settings), host=settings.server.host, port=settings.server.port, log_level="info")
 
 
 @app.command()
@@ -146,10 +146,10 @@ def up(
     data = data or DEFAULT_MOVIELENS
     model_dir = resolve_model(settings.model, settings.data_dir, prepare=True)
     with Stack(settings.data_dir / "logs") as stack:
-        stack.redis(settings.data_dir / "redis", settings.redis_url)
+        stack.redis(settings.data_dir / "redis", settings.redis.url)
         engine = None if _engine_answers(settings) else stack.engine(settings, model_dir, engine_port, wait=False)
         if engine is not None:
-            settings = settings.model_copy(update={"engine_url": engine[0]})
+            settings = settings.replace(**{"engine_url": engine[0]})
         log.info("ingesting %s (skipped when already ingested)", data)
         report = _ingest_or_exit(settings, data)
         log.info("ingest: %s", report)
@@ -163,8 +163,8 @@ def up(
                  "-H 'content-type: application/json'"
                  " -d '{\"user_id\": \"1\", \"item_ids\": [\"1\", \"50\", \"100\", \"181\", \"258\"], \"top_k\": 3, "
                  "\"options\": {\"explain\": true}}'",
-                 time.monotonic() - started, settings.key_file, settings.host, settings.port)
-        uvicorn.run(gateway, host=settings.host, port=settings.port, log_level="info")
+                 time.monotonic() - started, settings.key_file, settings.server.host, settings.server.port)
+        uvicorn.run(gateway, host=settings.server.host, port=settings.server.port, log_level="info")
 
 
 @app.command()
@@ -182,7 +182,7 @@ def stack(
     settings = Settings()
     with Stack(settings.data_dir / "logs") as parts:
         if redis:
-            parts.redis(settings.data_dir / "redis", settings.redis_url)
+            parts.redis(settings.data_dir / "redis", settings.redis.url)
         if engine_port:
             parts.engine(settings, port=engine_port)
         if gateway_port:
@@ -199,11 +199,11 @@ def _engine_answers(settings: Settings) -> bool:
     if "engine_url" not in settings.model_fields_set:
         return False
     try:
-        httpx.get(f"{settings.engine_urls[0]}/health", timeout=2).raise_for_status()
+        httpx.get(f"{settings.engine.urls[0]}/health", timeout=2).raise_for_status()
     except httpx.HTTPError:
-        log.info("no engine answers at %s: starting one", settings.engine_url)
+        log.info("no engine answers at %s: starting one", settings.engine.url)
         return False
-    log.info("using the engine at %s", settings.engine_url)
+    log.info("using the engine at %s", settings.engine.url)
     return True
 
 

@@ -169,7 +169,7 @@ def llm_serving(mode: str, name: str, settings: Settings, registry: AdapterRegis
         if mode in ("personal", "cohort"):
             bank = personalizer.bank if personalizer else None
             return LlmRef(mode=mode, name=bank.name, version=bank.version) if bank else None
-        adapter = settings.default_adapter if mode == "shared" else name
+        adapter = settings.adapters.default if mode == "shared" else name
         return LlmRef(mode=mode, name=adapter, version=registry.version(adapter)) if adapter else None
     except AdapterNotFound:
         return None

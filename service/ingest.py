@@ -199,14 +199,14 @@ async def claim_store(redis: Redis | RedisCluster, keys: Keys, dataset: str) -> 
 async def require_store_holds(settings: Settings, dataset: str) -> None:
     """The trainer and the evaluator read the gateway's item vectors; they must be this dataset's,
     else every retrieved history would be another catalogue's items under the same ids."""
-    redis = connect(settings.redis_url, settings.redis_cluster)
+    redis = connect(settings.redis.url, settings.redis.cluster)
     try:
-        holder = await redis.get(Keys(settings.redis_prefix).dataset())
+        holder = await redis.get(Keys(settings.redis.prefix).dataset())
     finally:
         await redis.aclose()
     if holder != dataset:
         held = f"holds {holder!r}" if holder else "holds no dataset"
-        raise StoreMismatch(f"the store (Redis prefix {settings.redis_prefix!r}) {held}, not {dataset!r}: "
+        raise StoreMismatch(f"the store (Redis prefix {settings.redis.prefix!r}) {held}, not {dataset!r}: "
                             f"point LOREC_DATA_DIR / LOREC_REDIS_URL at {dataset!r}'s store, or run `lorec "
                             "ingest movielens` on the folder (into an empty store; a store an earlier lorec "
                             "ingested without recording its dataset only gets it recorded)")
@@ -214,8 +214,8 @@ async def require_store_holds(settings: Settings, dataset: str) -> None:
 
 async def stored_data_fingerprint(settings: Settings) -> str | None:
     """The fingerprint of the raw files the store was ingested from (None: not ingested)."""
-    redis = connect(settings.redis_url, settings.redis_cluster)
-    keys = Keys(settings.redis_prefix)
+    redis = connect(settings.redis.url, settings.redis.cluster)
+    keys = Keys(settings.redis.prefix)
     try:
         dataset = await redis.get(keys.dataset())
         marker = await redis.hget(keys.ingest(dataset), "fingerprint") if dataset else None
@@ -275,12 +275,12 @@ async def ingest_folder(settings: Settings, directory: Path, skip_bad_lines: boo
     for line in data.skipped:
         log.warning("skipped %s", line)
     model_dir = settings.model_dir
-    encoder = build_encoder(settings.encoder, model_dir, settings.data_dir, settings.encoder_dim)
-    redis = connect(settings.redis_url, settings.redis_cluster)
-    index = open_configured_index(settings)
+    encoder = build_encoder(settings.index.encoder, model_dir, settings.data_dir, settings.index.encoder_dim)
+    redis = connect(settings.redis.url, settings.redis.cluster)
+    index = open_configured_index(settings.index, settings.edge_path)
     try:
-        encoder_id = f"{settings.encoder}:{model_dir.resolve()}:{settings.encoder_dim}"
-        report = await ingest_movielens(data, redis, Keys(settings.redis_prefix), index, encoder, encoder_id)
+        encoder_id = f"{settings.index.encoder}:{model_dir.resolve()}:{settings.index.encoder_dim}"
+        report = await ingest_movielens(data, redis, Keys(settings.redis.prefix), index, encoder, encoder_id)
     finally:
         await index.close()
         await redis.aclose()

@@ -269,7 +269,7 @@ def open_personalizer(settings) -> Personalizer | None:
     """The deployment's personaliser: its bank, the CRM the bank was trained on, the adapter cache."""
     if settings.reclora_dir is None:
         return None
-    bank = MetaBank(settings.reclora_dir, settings.cohorts)
+    bank = MetaBank(settings.reclora_dir, settings.adapters.cohorts)
     return Personalizer(bank, bank_gate(settings.data_dir, bank), settings.paths.personal,
-                        settings.personal_refresh_events, settings.personal_cache_size,
+                        settings.adapters.personal_refresh_events, settings.adapters.personal_cache_size,
                         needs_features=not bank.crm.endswith(".pt"))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from service.config import Settings
+from service.config import EngineSettings
 
 ENGINE_PLUGIN = "lorec_cpu_lora"  # service/cpu_lora.py, registered as an entry point in pyproject.toml
 
@@ -32,30 +32,30 @@ def redis_command(data_dir: Path, port: int) -> list[str]:
             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"]
 
 
-def engine_command(settings: Settings, model_dir: Path, port: int, host: str = "127.0.0.1") -> list[str]:
+def engine_command(engine: EngineSettings, model_dir: Path, port: int, host: str = "127.0.0.1") -> list[str]:
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--served-model-name", settings.engine_model_name,
+        "--model", str(model_dir), "--served-model-name", engine.model_name,
         "--host", host, "--port", str(port),
-        "--dtype", settings.engine_dtype, "--max-model-len", str(settings.engine_max_model_len),
+        "--dtype", engine.dtype, "--max-model-len", str(engine.max_model_len),
         "--enable-prefix-caching", "--enable-lora",
-        "--max-loras", str(settings.engine_max_loras), "--max-cpu-loras", str(settings.engine_max_cpu_loras),
-        "--max-lora-rank", str(settings.engine_max_lora_rank),
+        "--max-loras", str(engine.max_loras), "--max-cpu-loras", str(engine.max_cpu_loras),
+        "--max-lora-rank", str(engine.max_lora_rank),
         "--disable-uvicorn-access-log",
     ]
-    if settings.engine_max_num_batched_tokens:
-        command += ["--max-num-batched-tokens", str(settings.engine_max_num_batched_tokens)]
-    if settings.engine_block_size:
-        command += ["--block-size", str(settings.engine_block_size)]
+    if engine.max_num_batched_tokens:
+        command += ["--max-num-batched-tokens", str(engine.max_num_batched_tokens)]
+    if engine.block_size:
+        command += ["--block-size", str(engine.block_size)]
     return command
 
 
-def engine_env(settings: Settings) -> dict[str, str]:
+def engine_env(engine: EngineSettings) -> dict[str, str]:
     env = dict(os.environ)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     # Only the plugins named here load (an empty name list loads none).
-    env["VLLM_PLUGINS"] = ENGINE_PLUGIN if settings.engine_fast_lora else ""
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.engine_kv_cache_gib))
+    env["VLLM_PLUGINS"] = ENGINE_PLUGIN if engine.fast_lora else ""
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
     # vllm-cpu reserves a core for the API process by default; on a 2-core machine that halves
     # prefill speed (measured: 15 s -> 8.5 s for 20 candidates), so the engine gets every core.
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

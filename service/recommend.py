@@ -32,6 +32,7 @@ from qdrant_client.http.exceptions import ApiException as QdrantApiError
 from qdrant_client.http.exceptions import ResponseHandlingException as QdrantTransportError
 
 from service.combine import ScorerChoice, Scorers, llm_logit
+from service.config import RequestSettings
 from service.crm import Crm
 from service.errors import ApiError
 from service.features import FeatureReader
@@ -96,6 +97,10 @@ class Limits:
     max_prompt_tokens: int
     deadline_s: float
     retrieval_timeout_s: float
+
+    @classmethod
+    def of(cls, requests: RequestSettings, prompt_budget: int) -> Limits:
+        return cls(requests.max_candidates, prompt_budget, requests.request_deadline_s, requests.retrieval_timeout_s)
 
 
 @dataclass

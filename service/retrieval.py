@@ -20,9 +20,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from service.config import IndexSettings
 
 from service.records import Behaviour, RetrievalMode
 
@@ -198,10 +201,10 @@ def open_index(qdrant_url: str | None, api_key: str | None, collection: str, edg
     return EdgeIndex(edge_path)
 
 
-def open_configured_index(settings) -> ItemIndex:
-    """The index a `Settings` names (gateway, ingestion and trainer open it alike)."""
-    return open_index(settings.qdrant_url, settings.qdrant_key, settings.qdrant_collection, settings.edge_path,
-                      settings.qdrant_shards, settings.qdrant_replicas)
+def open_configured_index(index: IndexSettings, edge_path: Path) -> ItemIndex:
+    """The index the settings name (gateway, ingestion and trainer open it alike)."""
+    return open_index(index.qdrant_url, index.qdrant_key, index.qdrant_collection, edge_path, index.qdrant_shards,
+                      index.qdrant_replicas)
 
 
 # --- selection -----------------------------------------------------------------------------

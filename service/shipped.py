@@ -64,7 +64,7 @@ def install_shipped(settings: Settings, data_fingerprint: str | None, root: Path
     """Settings serving the shipped hybrid trained on the store's data (by the raw files' fingerprint), its
     artifacts copied into the data folder; the settings unchanged when the deployment configures its own
     models, or nothing ships for this data."""
-    if settings.crm or settings.default_adapter or settings.combiner or settings.reclora_bank:
+    if settings.scoring.crm or settings.adapters.default or settings.scoring.combiner or settings.adapters.bank:
         return settings
     found = shipped_for(data_fingerprint, root) if data_fingerprint else None
     if found is None:
@@ -87,7 +87,7 @@ def install_shipped(settings: Settings, data_fingerprint: str | None, root: Path
     _copy(shipped.combiner(manifest.combiner), settings.paths.combiner(manifest.combiner))
     log.info("serving the shipped %s hybrid: adapter %s, CRM %s, combiner %s", dataset, manifest.adapter,
              manifest.crm, manifest.combiner)
-    return settings.model_copy(update={"default_adapter": manifest.adapter, "adapter_mode": "shared",
+    return settings.replace(**{"default_adapter": manifest.adapter, "adapter_mode": "shared",
                                        "crm": manifest.crm, "combiner": manifest.combiner})
 
 

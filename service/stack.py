@@ -67,8 +67,8 @@ class Stack:
         """The vLLM server of `settings` (its model unless `model_dir`) on `port` (free when None); with
         `wait=False` it is started but not yet waited for (`wait_engine`)."""
         port = port or free_port()
-        child = self._start(name, engine_command(settings, model_dir or settings.model_dir, port),
-                            engine_env(settings))
+        child = self._start(name, engine_command(settings.engine, model_dir or settings.model_dir, port),
+                            engine_env(settings.engine))
         url = f"http://127.0.0.1:{port}"
         if wait:
             self.wait_engine(url, child)

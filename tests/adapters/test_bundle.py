@@ -17,7 +17,7 @@ from tests.utils.stack import ML100K
 @pytest.fixture
 def lorec_env(tiny_settings, tmp_path, monkeypatch):
     for key, value in {"LOREC_DATA_DIR": tiny_settings.data_dir, "LOREC_MODEL": tiny_settings.model,
-                       "LOREC_REDIS_URL": tiny_settings.redis_url, "LOREC_ADAPTER_DIR": tmp_path / "registry"}.items():
+                       "LOREC_REDIS_URL": tiny_settings.redis.url, "LOREC_ADAPTER_DIR": tmp_path / "registry"}.items():
         monkeypatch.setenv(key, str(value))
     monkeypatch.delenv("QDRANT_URL", raising=False)
     return tmp_path

@@ -66,7 +66,7 @@ def test_train_reit_command_exports_a_listed_adapter(gateway, tiny_settings, tmp
     from service.cli import app
 
     for key, value in {"LOREC_DATA_DIR": tiny_settings.data_dir, "LOREC_MODEL": tiny_settings.model,
-                       "LOREC_REDIS_URL": tiny_settings.redis_url, "LOREC_ADAPTER_DIR": tmp_path / "registry"}.items():
+                       "LOREC_REDIS_URL": tiny_settings.redis.url, "LOREC_ADAPTER_DIR": tmp_path / "registry"}.items():
         monkeypatch.setenv(key, str(value))
     monkeypatch.delenv("QDRANT_URL", raising=False)
     runner = CliRunner()

@@ -51,4 +51,4 @@ def test_compose_passes_api_keys_from_the_host_environment(monkeypatch):
     monkeypatch.setenv("LOREC_API_KEYS", unset)  # what the container sees: empty counts as unset
     from service.config import Settings
 
-    assert Settings().api_keys == {}
+    assert Settings().auth.api_keys == {}

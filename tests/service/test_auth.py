@@ -36,7 +36,7 @@ def bare_client(tiny_settings, tmp_path_factory):
     """A gateway with no default headers, on a copy of the data folder (its own Qdrant Edge shard)."""
     data_dir = tmp_path_factory.mktemp("auth") / "data"
     shutil.copytree(tiny_settings.data_dir, data_dir)
-    settings = tiny_settings.model_copy(update={"data_dir": data_dir})
+    settings = tiny_settings.replace(**{"data_dir": data_dir})
     with TestClient(create_app(settings)) as client:
         yield client
 
@@ -65,7 +65,7 @@ def test_adapters_route_lists_registry_and_loaded(gateway):
 
 
 def test_without_configured_keys_a_key_is_generated_printed_and_required(tiny_settings, tmp_path, capfd):
-    settings = tiny_settings.model_copy(update={"api_keys": {}, "data_dir": tmp_path / "data"})
+    settings = tiny_settings.replace(**{"api_keys": {}, "data_dir": tmp_path / "data"})
     with TestClient(create_app(settings)) as client:
         printed = capfd.readouterr().err
         key_file = tmp_path / "data" / "api-keys.json"

@@ -11,7 +11,7 @@ from tests.utils.stack import AUTH
 
 
 def test_engine_down_answers_503_naming_vllm(tiny_settings, tmp_path):
-    settings = tiny_settings.model_copy(update={"engine_url": f"http://127.0.0.1:{free_port()}",
+    settings = tiny_settings.replace(**{"engine_url": f"http://127.0.0.1:{free_port()}",
                                                 "data_dir": tmp_path / "data"})
     with TestClient(create_app(settings), headers=AUTH) as client:
         ready = client.get("/readyz")
@@ -26,7 +26,7 @@ def test_engine_down_answers_503_naming_vllm(tiny_settings, tmp_path):
 
 
 def test_redis_down_answers_503_naming_redis_and_writes_nothing(tiny_settings, tmp_path):
-    settings = tiny_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0",
+    settings = tiny_settings.replace(**{"redis_url": f"redis://127.0.0.1:{free_port()}/0",
                                                 "data_dir": tmp_path / "data"})
     with TestClient(create_app(settings), headers=AUTH) as client:
         assert client.get("/healthz").status_code == 200

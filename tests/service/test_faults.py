@@ -45,7 +45,7 @@ def fault_dir(tmp_path_factory, tiny_settings):
 @pytest.fixture
 def settings(tiny_settings, fault_dir):
     """The LLM alone by default, so that a fallback to the CRM is a degradation."""
-    return tiny_settings.model_copy(update={"data_dir": fault_dir, "crm": CRM, "scorer": "llm"})
+    return tiny_settings.replace(**{"data_dir": fault_dir, "crm": CRM, "scorer": "llm"})
 
 
 def degraded_llm_count(client) -> float:
@@ -79,9 +79,9 @@ def test_engine_stopped_then_killed_falls_back_to_the_crm_within_the_deadline(se
     # Two gateways at once: qdrant-client's local mode, since one Qdrant Edge shard opens in one place only.
     # The deadline leaves room for two engines sharing two cores (a healthy call takes ~1-4 s here).
     deadline = 10.0
-    with_crm = settings.model_copy(update={"engine_url": url, "request_deadline_s": deadline,
+    with_crm = settings.replace(**{"engine_url": url, "request_deadline_s": deadline,
                                            "qdrant_url": ":memory:"})
-    no_crm = with_crm.model_copy(update={"crm": None})
+    no_crm = with_crm.replace(**{"crm": None})
     with TestClient(create_app(with_crm), headers=AUTH) as client, \
             TestClient(create_app(no_crm), headers=AUTH) as bare:
         # The first gateway-shaped prompt can still miss the deadline on a loaded machine: a few tries
@@ -126,11 +126,11 @@ def test_engine_stopped_then_killed_falls_back_to_the_crm_within_the_deadline(se
 
 def test_engine_errors_fall_back_to_the_crm(settings, tiny_engine):
     # The real engine answers 404 for a model it does not serve: an erroring engine.
-    erroring = settings.model_copy(update={"engine_model_name": "not-served-here"})
+    erroring = settings.replace(**{"engine_model_name": "not-served-here"})
     with TestClient(create_app(erroring), headers=AUTH) as client:
         response = ctr(client, retrieval="recent")
         assert response.status_code == 200 and response.json()["degraded"] == ["llm"]
-    with TestClient(create_app(erroring.model_copy(update={"crm": None})), headers=AUTH) as client:
+    with TestClient(create_app(erroring.replace(**{"crm": None})), headers=AUTH) as client:
         response = ctr(client, retrieval="recent")
         assert response.status_code == 503 and response.json()["error"]["dependency"] == "vllm"
 
@@ -166,7 +166,7 @@ def silent_peer():
 @pytest.mark.parametrize("peer", ["unreachable", "hung"])
 def test_qdrant_unreachable_or_hung_degrades_to_recent_history(settings, gateway, silent_peer, peer):
     url = f"http://127.0.0.1:{free_port()}" if peer == "unreachable" else silent_peer
-    broken = settings.model_copy(update={"qdrant_url": url, "retrieval_timeout_s": 0.5})
+    broken = settings.replace(**{"qdrant_url": url, "retrieval_timeout_s": 0.5})
     with TestClient(create_app(broken), headers=AUTH) as client:
         started = time.monotonic()
         response = ctr(client, retrieval="subr", return_prompt=True)
@@ -191,7 +191,7 @@ def test_redis_killed_answers_503_stores_nothing_and_recovers(tiny_settings, tmp
         return server
 
     server = start_redis()
-    settings = tiny_settings.model_copy(update={"redis_url": url, "data_dir": tmp_path / "data"})
+    settings = tiny_settings.replace(**{"redis_url": url, "data_dir": tmp_path / "data"})
     event = {"user_id": "r1", "item_id": "1", "ts": 10, "rating": 4}
     try:
         with TestClient(create_app(settings), headers=AUTH) as client:
@@ -254,8 +254,8 @@ def test_gateway_killed_under_write_load_loses_no_acknowledged_event(tiny_settin
     stop.set()
     for t in threads:
         t.join(30)
-    keys = Keys(tiny_settings.redis_prefix)
-    client = redis.Redis.from_url(tiny_settings.redis_url, decode_responses=True)
+    keys = Keys(tiny_settings.redis.prefix)
+    client = redis.Redis.from_url(tiny_settings.redis.url, decode_responses=True)
     written = sum(len(ids) for ids in acked.values())
     found = sum(sum(client.hexists(keys.event_ids(user), i) for i in ids) for user, ids in acked.items())
     stored = sum(client.zcard(keys.events(user)) for user in acked)

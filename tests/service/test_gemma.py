@@ -28,7 +28,7 @@ def test_rank_through_gemma(gemma_engine, gemma_model, tiny_settings, tmp_path):
     # process at a time may open a Qdrant Edge shard); the LLM that scores is Gemma.
     data_dir = tmp_path / "data"
     shutil.copytree(tiny_settings.data_dir, data_dir, ignore=shutil.ignore_patterns("*.lock"))
-    settings = tiny_settings.model_copy(update={"model": gemma_model, "engine_url": gemma_engine,
+    settings = tiny_settings.replace(**{"model": gemma_model, "engine_url": gemma_engine,
                                                 "data_dir": data_dir})
     items = [str(i) for i in range(1, 21)]
     with TestClient(create_app(settings), headers=AUTH) as client:

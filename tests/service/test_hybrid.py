@@ -34,7 +34,7 @@ def hybrid_settings(tiny_settings, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("hybrid") / "data"
     shutil.copytree(tiny_settings.data_dir, data_dir)
     build_crm(data_dir, ML100K, CRM)
-    settings = tiny_settings.model_copy(update={"data_dir": data_dir, "crm": CRM, "default_adapter": ADAPTER,
+    settings = tiny_settings.replace(**{"data_dir": data_dir, "crm": CRM, "default_adapter": ADAPTER,
                                                 "adapter_mode": "shared"})
     port = free_port()
     env = {**serve_env(settings, tmp_path_factory.mktemp("hybrid-serve") / "data", port), "LOREC_CRM": CRM,
@@ -46,7 +46,7 @@ def hybrid_settings(tiny_settings, tmp_path_factory):
                          name=COMBINER, journal_dir=None)
     finally:
         server.stop()
-    return settings.model_copy(update={"combiner": COMBINER})
+    return settings.replace(**{"combiner": COMBINER})
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_a_request_routed_to_another_llm_is_answered_by_the_crm_and_says_why(cli
 
 def test_engine_failure_in_hybrid_falls_back_to_the_crm_flagged(hybrid_settings):
     # A second app beside the module's: qdrant-client's local mode (one process opens an Edge shard at a time).
-    unreachable = hybrid_settings.model_copy(update={"engine_url": f"http://127.0.0.1:{free_port()}",
+    unreachable = hybrid_settings.replace(**{"engine_url": f"http://127.0.0.1:{free_port()}",
                                                      "qdrant_url": ":memory:"})
     with TestClient(create_app(unreachable), headers=AUTH) as c:
         body = ctr(c, ["1", "50"]).json()
@@ -136,7 +136,7 @@ def test_a_combiner_fitted_for_another_crm_is_refused_at_start(hybrid_settings):
     raw = json.loads((stale / "manifest.json").read_text())
     raw["name"], raw["crm"]["version"] = "stale-combiner", "000000000000"
     (stale / "manifest.json").write_text(json.dumps(raw))
-    with TestClient(create_app(hybrid_settings.model_copy(update={"combiner": "stale-combiner",
+    with TestClient(create_app(hybrid_settings.replace(**{"combiner": "stale-combiner",
                                                                   "qdrant_url": ":memory:"})), headers=AUTH) as c:
         scorers = c.get("/v1/adapters").json()["scorers"]
         body = ctr(c, ["1", "50"]).json()
@@ -151,7 +151,7 @@ def test_a_combiner_of_an_unknown_format_version_is_refused(hybrid_settings):
     raw = json.loads((folder / "manifest.json").read_text())
     raw["format_version"] = 99
     (folder / "manifest.json").write_text(json.dumps(raw))
-    with TestClient(create_app(hybrid_settings.model_copy(update={"combiner": "future-combiner",
+    with TestClient(create_app(hybrid_settings.replace(**{"combiner": "future-combiner",
                                                                   "qdrant_url": ":memory:"})), headers=AUTH) as c:
         reason = c.get("/v1/adapters").json()["scorers"]["unavailable"]["hybrid"]
     assert "format version 99" in reason
@@ -178,12 +178,12 @@ def test_ship_then_install_into_a_fresh_data_folder_serves_the_hybrid(hybrid_set
     assert (out / "adapters" / ADAPTER / "adapter_model.safetensors").is_file()
     assert not list(out.rglob("optimizer.pt")), "no training state ships"
 
-    fresh = hybrid_settings.model_copy(update={"data_dir": tmp_path / "fresh", "adapter_dir": None, "crm": None,
+    fresh = hybrid_settings.replace(**{"data_dir": tmp_path / "fresh", "adapter_dir": None, "crm": None,
                                                "combiner": None, "default_adapter": None, "qdrant_url": ":memory:"})
     assert install_shipped(fresh, "another-fingerprint", root) == fresh
-    assert install_shipped(fresh.model_copy(update={"crm": "mine"}), data.fingerprint, root).crm == "mine"
+    assert install_shipped(fresh.replace(crm="mine"), data.fingerprint, root).scoring.crm == "mine"
     installed = install_shipped(fresh, data.fingerprint, root)
-    assert (installed.default_adapter, installed.crm, installed.combiner) == (ADAPTER, CRM, COMBINER)
+    assert (installed.adapters.default, installed.scoring.crm, installed.scoring.combiner) == (ADAPTER, CRM, COMBINER)
     config = json.loads((installed.registry_dir / ADAPTER / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(installed.model_dir.resolve())
     assert install_shipped(fresh, data.fingerprint, root) == installed, "installing again changes nothing"
@@ -202,6 +202,6 @@ def test_models_of_another_base_model_are_not_installed(hybrid_settings, parts, 
     other_model = tmp_path / "other-model"
     other_model.mkdir()
     (other_model / "config.json").write_text('{"model_type": "other"}')
-    fresh = hybrid_settings.model_copy(update={"data_dir": tmp_path / "fresh", "model": other_model, "crm": None,
+    fresh = hybrid_settings.replace(**{"data_dir": tmp_path / "fresh", "model": other_model, "crm": None,
                                                "combiner": None, "default_adapter": None, "adapter_dir": None})
     assert install_shipped(fresh, data.fingerprint, root) == fresh

@@ -115,7 +115,7 @@ def test_readers_refuse_a_store_that_holds_another_dataset(ingested, tiny_settin
     folder.mkdir()
     _write_ml1m(folder)
     env = {k: v for k, v in os.environ.items() if k not in ("QDRANT_URL", "LOREC_REDIS_PREFIX")}
-    env.update(LOREC_REDIS_URL=tiny_settings.redis_url, LOREC_MODEL=str(tiny_settings.model),
+    env.update(LOREC_REDIS_URL=tiny_settings.redis.url, LOREC_MODEL=str(tiny_settings.model),
                LOREC_DATA_DIR=str(tiny_settings.data_dir))
     done = subprocess.run([LOREC, "eval", "--dir", str(folder), "--gateway", "http://127.0.0.1:9", "--n", "1"],
                           env=env, capture_output=True, text=True, timeout=300)

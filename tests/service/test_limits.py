@@ -41,8 +41,8 @@ def test_concurrent_writers_for_one_user_keep_time_order(gateway):
 
 def test_prompts_fit_the_token_budget_by_dropping_the_oldest_behaviours(tiny_settings, tmp_path):
     budget = 160
-    settings = tiny_settings.model_copy(update={"data_dir": tmp_path / "data", "qdrant_url": ":memory:"})
-    with TestClient(create_app(settings.model_copy(update={"max_prompt_tokens": budget})),
+    settings = tiny_settings.replace(**{"data_dir": tmp_path / "data", "qdrant_url": ":memory:"})
+    with TestClient(create_app(settings.replace(**{"max_prompt_tokens": budget})),
                     headers=AUTH) as small, TestClient(create_app(settings), headers=AUTH) as full:
         request = {"user_id": "1", "item_ids": ["1", "50"],
                    "options": {"retrieval": "recent", "k": 40, "explain": True, "return_prompt": True}}
@@ -82,7 +82,7 @@ def test_over_long_ids_and_too_many_candidates_are_422(gateway, tiny_settings):
                         ({"user_id": "1", "item_ids": [long_id]}, "item_ids.0")):
         response = gateway.post("/v1/ctr", json=body)
         assert response.status_code == 422 and response.json()["error"]["field"] == field
-    too_many = [str(i) for i in range(1, tiny_settings.max_candidates + 2)]
+    too_many = [str(i) for i in range(1, tiny_settings.requests.max_candidates + 2)]
     response = gateway.post("/v1/ctr", json={"user_id": "1", "item_ids": too_many})
     assert response.status_code == 422 and response.json()["error"]["field"] == "item_ids"
     event = {"event_id": "e" * 129, "user_id": "1", "item_id": "1", "ts": 1, "rating": 3}
@@ -91,7 +91,7 @@ def test_over_long_ids_and_too_many_candidates_are_422(gateway, tiny_settings):
 
 
 def test_items_before_any_ingestion_answer_409(tiny_settings, tmp_path):
-    fresh = tiny_settings.model_copy(update={"data_dir": tmp_path / "data"})
+    fresh = tiny_settings.replace(**{"data_dir": tmp_path / "data"})
     with TestClient(create_app(fresh), headers=AUTH) as client:
         response = client.put("/v1/items/first", json={"title": "First Film"})
     assert response.status_code == 409 and response.json()["error"]["type"] == "catalog_not_ingested"

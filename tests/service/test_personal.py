@@ -43,7 +43,7 @@ def bank(tiny_settings, tmp_path_factory):
     bank_dir = data_dir / "reclora" / "test-bank"
     model.save(bank_dir, {"base_model": str(tiny_settings.model_dir), "crm": "test-din.pt"})
     save_cohorts(bank_dir, {N_COHORTS: cohort_centroids(model, users, N_COHORTS), 2: cohort_centroids(model, users, 2)})
-    settings = tiny_settings.model_copy(update={"data_dir": data_dir, "reclora_bank": "test-bank",
+    settings = tiny_settings.replace(**{"data_dir": data_dir, "reclora_bank": "test-bank",
                                                 "adapter_mode": "personal", "personal_refresh_events": 3,
                                                 "personal_cache_size": 3, "cohorts": N_COHORTS})
     return {"settings": settings, "model": model, "crm": crm, "vocab": vocab}

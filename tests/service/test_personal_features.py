@@ -35,7 +35,7 @@ def bank(tiny_settings, tmp_path_factory):
         torch.nn.init.normal_(layer.lora_B, std=0.2)
         torch.nn.init.normal_(layer.gate.net[3].weight, std=2.0)
     model.save(data_dir / "reclora" / "feature-bank", {"base_model": str(tiny_settings.model_dir), "crm": CRM})
-    settings = tiny_settings.model_copy(update={"data_dir": data_dir, "reclora_bank": "feature-bank",
+    settings = tiny_settings.replace(**{"data_dir": data_dir, "reclora_bank": "feature-bank",
                                                 "adapter_mode": "personal", "crm": CRM, "scorer": "llm"})
     return settings, model
 
@@ -59,7 +59,7 @@ def test_the_personal_adapter_is_mixed_from_the_same_user_features_online_and_of
 def test_without_features_the_personal_mode_falls_back_and_says_why(bank):
     settings, _ = bank
     # No CRM configured: the features stage does not run, the gate has nothing to read.
-    with TestClient(create_app(settings.model_copy(update={"crm": None})), headers=AUTH) as client:
+    with TestClient(create_app(settings.replace(**{"crm": None})), headers=AUTH) as client:
         body = client.post("/v1/ctr", json={"user_id": "13", "item_ids": ["1"],
                                             "options": {"retrieval": "recent"}}).json()
     assert body["adapter_mode"] != "personal"

@@ -19,7 +19,7 @@ def prefix_cache_hits(engine_url: str) -> float:
 
 
 def test_engine_runs_with_small_cache_blocks(tiny_settings):
-    command = engine_command(tiny_settings, tiny_settings.model_dir, 8100)
+    command = engine_command(tiny_settings.engine, tiny_settings.model_dir, 8100)
     assert command[command.index("--block-size") + 1] == "32" and "--enable-prefix-caching" in command
 
 

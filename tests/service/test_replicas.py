@@ -58,7 +58,7 @@ def test_each_adapter_stays_on_its_replica_and_moves_when_that_replica_dies(tiny
     for name in ADAPTERS:
         shutil.copytree(tiny_settings.registry_dir / "tiny-random-v1", tiny_settings.registry_dir / name,
                         dirs_exist_ok=True)
-    settings = tiny_settings.model_copy(update={"engine_url": f"{tiny_engine},{spare_url}",
+    settings = tiny_settings.replace(**{"engine_url": f"{tiny_engine},{spare_url}",
                                                 "data_dir": tmp_path / "data", "qdrant_url": ":memory:"})
     with TestClient(create_app(settings), headers=AUTH) as client:
         pool = client.app.state.recommender.engine

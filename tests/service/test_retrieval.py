@@ -153,7 +153,7 @@ def test_collection_is_created_with_the_configured_shards_and_replicas(tmp_path)
             return await super().create_collection(name, **kwargs)
 
     settings = Settings(qdrant_url="http://qdrant:6333", qdrant_shards=6, qdrant_replicas=2, data_dir=tmp_path)
-    index = open_configured_index(settings)
+    index = open_configured_index(settings.index, settings.edge_path)
     index.client = Recording(location=":memory:")
     asyncio.run(index.ensure(8))
     assert (created["shard_number"], created["replication_factor"]) == (6, 2)

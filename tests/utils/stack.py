@@ -43,7 +43,7 @@ def serve_env(settings: Settings, data_dir: Path, port: int) -> dict[str, str]:
     may open a Qdrant Edge shard)."""
     shutil.copytree(settings.data_dir, data_dir)
     env = {**os.environ, "LOREC_DATA_DIR": str(data_dir), "LOREC_MODEL": str(settings.model),
-           "LOREC_REDIS_URL": settings.redis_url, "LOREC_ENGINE_URL": settings.engine_url,
+           "LOREC_REDIS_URL": settings.redis.url, "LOREC_ENGINE_URL": settings.engine.url,
            "LOREC_ADAPTER_DIR": str(settings.registry_dir), "LOREC_PORT": str(port),
            "LOREC_API_KEYS": json.dumps(KEYS)}
     env.pop("QDRANT_URL", None)
