@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -21,6 +21,7 @@ from adapters.reclora import BankSettings
 from adapters.records import record_result
 from adapters.reit import ReitJob, train_reit
 from service.config import Settings
+from service.records import AdapterMode, RetrievalMode, Scorer
 
 train_app = typer.Typer(help="Offline trainer: samples, CRMs, LoRA adapters, RecLoRA banks, combiners.",
                         no_args_is_help=True)
@@ -129,7 +130,7 @@ def combiner(
     n: Annotated[int, typer.Option(help="seeded validation samples to fit on")] = 2000,
     seed: Annotated[int, typer.Option(help="seed of the slice (not 1: `lorec train reit` draws its "
                                            "checkpoint-choice samples with seed 1)")] = 2,
-    k: o.K = 10, retrieval: Annotated[str, typer.Option(help="subr, recent or slate")] = "subr",
+    k: o.K = 10, retrieval: Annotated[RetrievalMode, typer.Option(help="history selection")] = "subr",
     name: Annotated[str | None, typer.Option(help="combiner name under LOREC_DATA_DIR/combiners")] = None,
     journal_dir: Annotated[Path | None, typer.Option(help="keep each gateway score in a journal here")] = None,
 ) -> None:
@@ -166,16 +167,16 @@ def eval_command(
     directory: o.Directory,
     gateway: Annotated[str, typer.Option(help="the running gateway")] = "http://127.0.0.1:8000",
     adapter: Annotated[str, typer.Option(help='adapter name in the registry, or "base" (zero-shot)')] = "base",
-    mode: Annotated[str | None, typer.Option(help="adapter mode instead of a name: personal (the gateway's "
-                                                  "RecLoRA bank), cohort, shared")] = None,
-    scorer: Annotated[str | None, typer.Option(help="hybrid, llm or crm (default: the gateway's); with a CRM "
+    mode: Annotated[AdapterMode | None, typer.Option(help="adapter mode instead of a name: personal (the "
+                                                          "gateway's RecLoRA bank), cohort, shared")] = None,
+    scorer: Annotated[Scorer | None, typer.Option(help="hybrid, llm or crm (default: the gateway's); with a CRM "
                                                     "configured every component's figures are recorded too "
                                                     "(METHOD-llm, METHOD-crm), with the cold slices and the "
                                                     "served score's gain over the CRM")] = None,
-    split: Annotated[str, typer.Option(help="train, valid or test")] = "test",
+    split: Annotated[Literal["train", "valid", "test"], typer.Option(help="the split")] = "test",
     n: Annotated[int, typer.Option(help="seeded subsample of the split (0: all of it)")] = 10_000,
     seed: Annotated[int, typer.Option(help="seed of the subsample")] = 0, k: o.K = 10,
-    retrieval: Annotated[str, typer.Option(help="subr, recent or slate")] = "subr",
+    retrieval: Annotated[RetrievalMode, typer.Option(help="history selection")] = "subr",
     concurrency: Annotated[int, typer.Option(help="requests in flight")] = 8,
     slate_size: Annotated[int, typer.Option(help="score slates: one user's consecutive test samples, up to this "
                                                  "many per request at the earliest one's as_of (n // slate_size "

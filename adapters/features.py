@@ -9,15 +9,92 @@ online vectors are equal (tests/service/test_features.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from adapters.samples import HISTORY_CAP, Sample
-from service.features import FeatureSpec, ItemTimes, TimelineSums, catalog_genres, feature_vector, user_vector
+from service.feature_vector import (
+    ALL,
+    BUCKETS,
+    RECENT_S,
+    FeatureSpec,
+    ItemStats,
+    UserSummary,
+    bucket,
+    catalog_genres,
+    feature_vector,
+    genre_membership,
+    last_ratings,
+    user_vector,
+)
 from service.ingest import MovieLens
-from service.records import Profile
+from service.records import Behaviour, Profile
+
+
+class TimelineSums:
+    """The offline path: prefix sums over one user's timeline, so the summary of any window
+    timeline[start:end] costs O(genres) instead of O(window)."""
+
+    def __init__(self, timeline: Sequence[Behaviour], genres_of: Callable[[str], Sequence[str]],
+                 spec: FeatureSpec) -> None:
+        rated = np.array([b.rating is not None for b in timeline], dtype=np.int64)
+        ratings = np.array([b.rating or 0.0 for b in timeline], dtype=np.float64)
+        likes = (ratings > 3).astype(np.int64) * rated
+        membership = genre_membership([b.item_id for b in timeline], genres_of, spec) * rated[:, None]
+
+        def cumulative(values: np.ndarray) -> np.ndarray:
+            return np.concatenate([np.zeros((1, *values.shape[1:]), values.dtype), np.cumsum(values, axis=0)])
+
+        self.timeline = timeline
+        self.ts = [b.ts for b in timeline]
+        self.rated, self.total = cumulative(rated), cumulative(ratings)
+        self.squares, self.liked = cumulative(ratings * ratings), cumulative(likes)
+        self.genre_n = cumulative(membership)
+        self.genre_sum = cumulative(membership * ratings[:, None])
+        self.genre_liked = cumulative(membership * likes[:, None])
+
+    def summary(self, start: int, end: int, now: int) -> UserSummary:
+        n = int(self.rated[end] - self.rated[start])
+        last, last_from = last_ratings(self.timeline, start, end)
+        recent_from = max(start, bisect.bisect_left(self.ts, now - RECENT_S))
+        return UserSummary(
+            n=n, clicks=(end - start) - n, rating_sum=float(self.total[end] - self.total[start]),
+            rating_sq=float(self.squares[end] - self.squares[start]),
+            liked=int(self.liked[end] - self.liked[start]),
+            first_ts=self.ts[start] if end > start else None, last_ts=self.ts[end - 1] if end > start else None,
+            recent=max(0, end - recent_from), last_ratings=last, last_ratings_from=last_from,
+            genre_n=tuple(int(v) for v in self.genre_n[end] - self.genre_n[start]),
+            genre_sum=tuple(float(v) for v in self.genre_sum[end] - self.genre_sum[start]),
+            genre_liked=tuple(int(v) for v in self.genre_liked[end] - self.genre_liked[start]))
+
+
+class ItemTimes:
+    """The offline path of ItemStats: per item and bucket, the sorted times of its ratings."""
+
+    def __init__(self, ratings: Iterable[tuple[str, Behaviour]]) -> None:
+        seen: set[tuple[str, str, float | None, int]] = set()  # Redis stores an identical event once
+        times: dict[str, list[list[int]]] = {}
+        for user_id, b in ratings:
+            key = (user_id, b.item_id, b.rating, b.ts)
+            if key in seen:
+                continue
+            seen.add(key)
+            lists = times.setdefault(b.item_id, [[] for _ in (*BUCKETS, ALL)])
+            lists[BUCKETS.index(bucket(b.rating))].append(b.ts)
+            lists[-1].append(b.ts)
+        self.times = {item: [sorted(ts) for ts in lists] for item, lists in times.items()}
+
+    def stats(self, item_id: str, before: int) -> ItemStats:
+        lists = self.times.get(item_id)
+        if lists is None:
+            return ItemStats.empty()
+        *buckets, every = lists
+        total = bisect.bisect_left(every, before)
+        return ItemStats(tuple(bisect.bisect_left(ts, before) for ts in buckets),
+                         total - bisect.bisect_left(every, before - RECENT_S), every[0] if total else None)
 
 
 class OfflineFeatures:

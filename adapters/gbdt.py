@@ -21,7 +21,7 @@ from adapters.records import recorded_command
 from adapters.train import metrics
 from service.artifacts import sha256_of
 from service.crm import CrmManifest, SpecModel, Standardizer, crm_dir
-from service.features import CATEGORICAL, FeatureSpec
+from service.feature_vector import CATEGORICAL, FeatureSpec
 
 MODEL_FILE = "model.txt"
 # What the grid varies; everything else is fixed below. Small on purpose: validation picks among them.

@@ -22,7 +22,8 @@ import numpy as np
 import typer
 from bench_io import command, machine, save
 
-from service.features import FeatureReader, FeatureSpec
+from service.feature_vector import FeatureSpec
+from service.features import FeatureReader
 from service.history import HistoryStore, Keys, connect, encode_item
 from service.ingest import read_movielens
 from service.processes import Managed, free_port, redis_command

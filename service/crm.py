@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from service.artifacts import ArtifactError, DataPaths, Manifest, sha256_of
-from service.features import FeatureSpec
+from service.feature_vector import FeatureSpec
 
 
 class SpecModel(BaseModel):

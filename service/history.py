@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 
 from redis.asyncio import Redis, RedisCluster
 
-from service.features import ALL, BUCKETS, RECENT_S, ItemStats, bucket
+from service.feature_vector import ALL, BUCKETS, RECENT_S, ItemStats, bucket
 from service.records import Behaviour, Item, Profile, UserContext
 
 SEP = "\x1f"

@@ -24,7 +24,7 @@ from redis.asyncio import Redis, RedisCluster
 from tqdm import tqdm
 
 from service.config import Settings
-from service.features import ALL, bucket
+from service.feature_vector import ALL, bucket
 from service.history import Keys, connect, encode_event, encode_item, encode_item_rating, encode_profile
 from service.records import Behaviour, Item, Profile
 from service.retrieval import ItemIndex, open_configured_index

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from adapters.train import RunState, UnknownRunFormat
+from adapters.runs import RunState, UnknownRunFormat
 from service.artifacts import ArtifactError
 from service.combine import CombinerManifest, ComponentRef, LlmRef
 

@@ -164,7 +164,8 @@ def test_a_decaying_learning_rate_resumes_where_it_stopped(tiny_model, tmp_path)
 def test_patience_counts_scheduled_evaluations_only():
     """The evaluation a time budget forces (step 129 here) is on record, may be the best, but is not one of
     the evaluations patience counts, so resuming does not stop the run earlier than an unbroken one."""
-    from adapters.train import RunState, _stale_evaluations
+    from adapters.runs import RunState
+    from adapters.train import _stale_evaluations
 
     def record(best_step: int, *steps: int) -> RunState:
         return RunState(settings={}, n_train=8, n_valid=8, best={"step": best_step}, evals=[{"step": s} for s in steps])

@@ -10,7 +10,8 @@ import pytest
 
 from adapters.features import OfflineFeatures
 from adapters.samples import build_samples, draw, split_by_time
-from service.features import FeatureReader, FeatureSpec, ItemStats, genre_membership, star, summarize_history
+from service.feature_vector import FeatureSpec, ItemStats, genre_membership, star, summarize_history
+from service.features import FeatureReader
 from service.history import HistoryStore, Keys, connect
 from service.ingest import read_movielens
 from service.records import Behaviour, Item, Profile, UserContext
@@ -101,7 +102,7 @@ def test_an_event_refused_by_its_id_does_not_count_for_the_item(redis_url):
 def test_cold_user_and_unrated_item_get_defined_features():
     spec = FeatureSpec(genres=("Comedy", "Drama"), occupations=("writer",))
     user = summarize_history([], genre_membership([], lambda i: (), spec), 1_000)
-    from service.features import feature_vector
+    from service.feature_vector import feature_vector
 
     row = feature_vector(spec, user, ItemStats.empty(), Item("x", "X"), Profile(), 1_000)
     assert len(row) == len(spec.names) and all(math.isfinite(v) for v in row)

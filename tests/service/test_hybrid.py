@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from adapters.combiner import NotValidation, fit_from_gateway, require_validation
+from adapters.features import ItemTimes
 from adapters.samples import build_samples, draw, split_by_time
 from service.app import create_app
 from service.combine import CombinerManifest, combiner_dir
-from service.features import ItemTimes
 from service.ingest import read_movielens
 from service.processes import Managed, free_port
 from tests.utils.crm import build_crm

@@ -12,7 +12,8 @@ import pytest
 
 from service.combine import CombinerManifest, ComponentRef, LlmRef, Scorers, combiner_dir, llm_logit, open_combiner
 from service.errors import ApiError
-from service.features import FeatureReader, FeatureSpec
+from service.feature_vector import FeatureSpec
+from service.features import FeatureReader
 from service.metrics import Metrics
 from service.prompt import PromptCodec
 from service.recommend import Limits, RecommendService, ScoreQuery

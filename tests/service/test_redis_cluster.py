@@ -86,7 +86,8 @@ def test_ingestion_and_scores_match_a_single_server(cluster_gateway, gateway, in
 
 def test_point_in_time_features_match_a_single_server(cluster, cluster_gateway, redis_url):
     """The item statistics script reads one item's sets on one slot; vectors equal the single server's."""
-    from service.features import FeatureReader, FeatureSpec
+    from service.feature_vector import FeatureSpec
+    from service.features import FeatureReader
     from service.history import HistoryStore, connect
     from service.ingest import read_movielens
 

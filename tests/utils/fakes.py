@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.features import BUCKETS, FeatureSpec, ItemStats, bucket
+from service.feature_vector import BUCKETS, FeatureSpec, ItemStats, bucket
 from service.records import Behaviour, Item, Profile, UserContext
 from service.scoring import AdapterLoadFailed, AnswerLogprobs, EngineError
 
