@@ -149,6 +149,14 @@ def fit_from_gateway(settings: Settings, directory: Path, gateway: str, n: int, 
         validation=report, command=recorded_command())
     folder = combiner_dir(settings.data_dir, manifest.name)
     if folder.exists():
-        raise FileExistsError(f"combiner {manifest.name!r} exists: a new version needs a new name")
+        existing = CombinerManifest.load(folder)
+        if _same_fit(existing, manifest):  # a re-run on the same journal: the artifact stands
+            return folder, existing
+        raise FileExistsError(f"combiner {manifest.name!r} exists with another fit: a new version needs a new name")
     manifest.save(folder)
     return folder, manifest
+
+
+def _same_fit(a: CombinerManifest, b: CombinerManifest) -> bool:
+    fields = ("crm", "llm", "data_fingerprint", "terms", "weights", "intercept", "fitted_on")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)

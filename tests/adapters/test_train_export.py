@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from adapters.export import export_adapter, read_manifest
+from adapters.runs import RunState
 from adapters.samples import build_samples, draw, reit_prompts, split_by_time
 from adapters.train import LoraSettings, TrainSettings, load_model, score, train_lora
 from service.ingest import read_movielens
@@ -146,7 +147,7 @@ def test_a_decaying_learning_rate_resumes_where_it_stopped(tiny_model, tmp_path)
     settings = TrainSettings(lora=LoraSettings(rank=4, alpha=8), lr=1e-2, lr_schedule="linear", batch_size=4,
                              max_epochs=2, eval_every=2, patience=99)
 
-    def fit(run: str, s: TrainSettings) -> dict:
+    def fit(run: str, s: TrainSettings) -> RunState:
         return train_lora(tiny_model, prompts, prompts[:8], codec.answer, codec.tokenizer.pad_token_id,
                           tmp_path / run, s)
 
@@ -154,17 +155,16 @@ def test_a_decaying_learning_rate_resumes_where_it_stopped(tiny_model, tmp_path)
         return pytest.approx([1e-2 * (1 - s / 8) for s in steps])
 
     whole = fit("whole", settings)
-    assert [e["lr"] for e in whole["evals"]] == linear([2, 4, 6, 8])
+    assert [e["lr"] for e in whole.evals] == linear([2, 4, 6, 8])
     cut = fit("cut", replace(settings, max_seconds=0))
-    assert cut["stopped"] == "time" and cut["step"] == 1
+    assert cut.stopped == "time" and cut.step == 1
     resumed = fit("cut", replace(settings, max_seconds=3600))
-    assert resumed["step"] == 8 and [e["lr"] for e in resumed["evals"]] == linear([1, 2, 4, 6, 8])
+    assert resumed.step == 8 and [e["lr"] for e in resumed.evals] == linear([1, 2, 4, 6, 8])
 
 
 def test_patience_counts_scheduled_evaluations_only():
     """The evaluation a time budget forces (step 129 here) is on record, may be the best, but is not one of
     the evaluations patience counts, so resuming does not stop the run earlier than an unbroken one."""
-    from adapters.runs import RunState
     from adapters.train import _stale_evaluations
 
     def record(best_step: int, *steps: int) -> RunState:

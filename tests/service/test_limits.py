@@ -12,23 +12,23 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.prompt import load_codec
 from tests.utils.http import post
-from tests.utils.stack import AUTH
+from tests.utils.stack import AFTER_DATA, AUTH
 
 
 def test_a_retried_event_id_is_stored_once(gateway):
     user = f"idem-{time.time_ns()}"
-    event = {"event_id": "evt-1", "user_id": user, "item_id": "1", "ts": 100, "rating": 4}
+    event = {"event_id": "evt-1", "user_id": user, "item_id": "1", "ts": AFTER_DATA + 100, "rating": 4}
     assert post(gateway, "/v1/events", {"events": [event]}) == {"accepted": 1, "stored": 1}
-    retry = {**event, "rating": 2, "ts": 101}  # same id, changed payload: still the first one counts
-    assert post(gateway, "/v1/events", {"events": [retry, {**event, "event_id": "evt-2", "ts": 102}]}) == \
+    retry = {**event, "rating": 2, "ts": AFTER_DATA + 101}  # same id, changed payload: still the first one counts
+    assert post(gateway, "/v1/events", {"events": [retry, {**event, "event_id": "evt-2", "ts": AFTER_DATA + 102}]}) == \
         {"accepted": 2, "stored": 1}
     history = gateway.get(f"/v1/users/{user}/history").json()["events"]
-    assert [(e["ts"], e["rating"]) for e in history] == [(100, 4.0), (102, 4.0)]
+    assert [(e["ts"], e["rating"]) for e in history] == [(AFTER_DATA + 100, 4.0), (AFTER_DATA + 102, 4.0)]
 
 
 def test_concurrent_writers_for_one_user_keep_time_order(gateway):
     user = f"order-{time.time_ns()}"
-    batches = [[{"user_id": user, "item_id": str(1 + (w * 25 + j) % 1682), "ts": 1000 + w + 4 * j, "rating": 3}
+    batches = [[{"user_id": user, "item_id": str(1 + (w * 25 + j) % 1682), "ts": AFTER_DATA + 1000 + w + 4 * j, "rating": 3}
                 for j in range(25)] for w in range(4)]
     for batch in batches:
         random.Random(0).shuffle(batch)

@@ -12,6 +12,7 @@ import httpx
 from service.processes import engine_command
 from tests.utils.http import post
 from tests.utils.metrics import metric_total
+from tests.utils.stack import AFTER_DATA
 
 
 def prefix_cache_hits(engine_url: str) -> float:
@@ -25,7 +26,7 @@ def test_engine_runs_with_small_cache_blocks(tiny_settings):
 
 def test_candidates_sharing_a_history_prefix_reuse_it(gateway, tiny_engine):
     user = f"prefix-{time.time_ns()}"
-    events = [{"user_id": user, "item_id": str(100 + i), "ts": 1000 + i, "rating": 1 + i % 5} for i in range(30)]
+    events = [{"user_id": user, "item_id": str(100 + i), "ts": AFTER_DATA + i, "rating": 1 + i % 5} for i in range(30)]
     post(gateway, "/v1/events", {"events": events})
     request = {"user_id": user, "item_ids": [str(i) for i in range(1, 21)],
                "options": {"retrieval": "recent", "k": 30, "return_prompt": True}}

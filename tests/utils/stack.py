@@ -18,6 +18,9 @@ KEYS = {"test-admin-key-0123456789": ["read", "write", "admin"], "test-read-key-
         "test-write-key-0123456789": ["write"]}
 ADMIN_KEY, READ_KEY, WRITE_KEY = KEYS
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+# Events the tests post to the shared store come after the data set: the data's point-in-time statistics
+# (item counts and means at a sample's as_of) must stay what the trainer computes from the files.
+AFTER_DATA = 2_000_000_000
 
 
 def start_engine(settings: Settings, model_dir: Path, log_path: Path) -> tuple[Managed, str]:
