@@ -59,6 +59,7 @@ def ship(settings: Settings, dataset: str, data_fingerprint: str, quality: Path,
     for file in ADAPTER_FILES:
         if (source / file).exists():
             shutil.copy2(source / file, adapter_out / file)
+    _name_the_base_model(adapter_out, settings.model_dir.name)
     shutil.copytree(crm.folder, shipped.crm(crm.name))
     shutil.copytree(settings.paths.combiner(combiner.name), shipped.combiner(combiner.name))
     adapter_manifest = read_manifest(settings.registry_dir, settings.adapters.default)
@@ -69,3 +70,13 @@ def ship(settings: Settings, dataset: str, data_fingerprint: str, quality: Path,
                         crm=crm.name, combiner=combiner.name, commands=commands,
                         figures=figures_of(quality, dataset)).save(out)
     return out
+
+
+def _name_the_base_model(adapter: Path, model_name: str) -> None:
+    """This machine's model path means nothing elsewhere: the adapter names its base model by folder name
+    (the install rewrites it to the served model's path, after checking `model_identity`)."""
+    for file, key in (("adapter_config.json", "base_model_name_or_path"), ("manifest.json", "base_model")):
+        if (adapter / file).exists():
+            values = json.loads((adapter / file).read_text())
+            values[key] = model_name
+            (adapter / file).write_text(json.dumps(values, indent=2) + "\n")

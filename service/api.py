@@ -151,12 +151,14 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz")
-async def readyz(service: Recommender) -> JSONResponse:
+async def readyz(request: Request, service: Recommender) -> JSONResponse:
+    """Ready: the dependencies answer and the engine has scored the warm-up batches (service/warmup.py)."""
     checks = {"redis": service.history.redis.ping(), "qdrant": service.index.ping(), "vllm": service.engine.ping()}
     outcomes = await asyncio.gather(*checks.values(), return_exceptions=True)
     status = {name: "ok" if not isinstance(o, Exception) else _why(o) for name, o in zip(checks, outcomes)}
-    ready = all(v == "ok" for v in status.values())
-    return JSONResponse({"ready": ready, "dependencies": status}, status_code=200 if ready else 503)
+    warmup = request.app.state.warmup.describe()
+    ready = all(v == "ok" for v in status.values()) and warmup == "ok"
+    return JSONResponse({"ready": ready, "dependencies": status, "warmup": warmup}, status_code=200 if ready else 503)
 
 
 def _why(exc: Exception) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
@@ -21,24 +23,42 @@ from service.features import FeatureReader
 from service.history import HistoryStore, Keys, connect
 from service.metrics import Metrics
 from service.personalize import Personalizer, open_personalizer
-from service.prompt import load_codec
+from service.prompt import PromptCodec, load_codec
 from service.recommend import Limits, RecommendService
 from service.retrieval import open_configured_index
-from service.routing import AdapterRegistry, Router
+from service.routing import BASE, AdapterRegistry, Router
 from service.scoring import EngineClient, EnginePool
+from service.warmup import WarmupState, warm_up, warmup_prompts
 from service.writes import Writer
 
 log = logging.getLogger(__name__)
 
 
-async def load_cohorts(router: Router, personalizer: Personalizer) -> None:
-    """Cohort adapters are written and loaded at start; an engine not up yet loads them on first use."""
-    for name, path in personalizer.cohorts():
-        try:
-            await router.engine.ensure_adapter(name, path)
-        except Exception as exc:  # noqa: BLE001 - start anyway; routing retries or falls back
-            log.warning("cohort adapter %s not loaded at start: %s", name, exc)
-            return
+def start_adapters(router: Router, personalizer: Personalizer | None) -> list[tuple[str, Path]]:
+    """The adapters served from the start (warmed up before ready): the default one, the cohorts
+    (written here); personal adapters are made per user on first use."""
+    adapters = []
+    if router.default_adapter not in (None, BASE) and router.default_adapter in router.registry.names():
+        adapters.append((router.default_adapter, router.registry.path(router.default_adapter)))
+    if personalizer is not None:
+        adapters += list(personalizer.cohorts())
+    return adapters
+
+
+def start_warmup(settings: Settings, codec: PromptCodec, router: Router, metrics: Metrics) -> WarmupState:
+    state = WarmupState(done=settings.engine.warmup_candidates == 0)
+    if state.done:
+        metrics.warm.set(1)
+        return state
+    prompts = warmup_prompts(codec, settings.engine.warmup_candidates, settings.requests.history_k,
+                             settings.prompt_budget)
+    adapters = start_adapters(router, router.personalizer)
+
+    async def run() -> None:
+        await warm_up(router.engine, adapters, prompts, state)
+        metrics.warm.set(1)
+    state.task = asyncio.create_task(run())
+    return state
 
 
 def open_scoring(settings: Settings, registry: AdapterRegistry, personalizer: Personalizer | None
@@ -90,8 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             personalizer = open_personalizer(settings)
             router = Router(AdapterRegistry(settings.registry_dir), engine, settings.adapters.default,
                             settings.adapters.mode, personalizer)
-            if personalizer is not None:
-                await load_cohorts(router, personalizer)
+            metrics.quarantined.set_function(lambda: len(router.quarantined))
+            app.state.warmup = start_warmup(settings, codec, router, metrics)
             limits = Limits.of(settings.requests, settings.prompt_budget)
             crm, scorers = open_scoring(settings, router.registry, personalizer)
             app.state.recommender = RecommendService(
@@ -103,6 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                     settings.index.encoder_dim))
             yield
         finally:
+            if app.state.warmup.task is not None:
+                app.state.warmup.task.cancel()
             for http in https:
                 await http.aclose()
             await index.close()

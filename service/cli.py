@@ -98,13 +98,41 @@ def ship(
 
 
 @app.command()
-def engine(port: int = typer.Option(8100), host: str = typer.Option("127.0.0.1")) -> None:
-    """Run the vLLM engine server in the foreground."""
-    from service.processes import engine_command, engine_env
+def engine(
+    port: int = typer.Option(8100),
+    host: str = typer.Option("127.0.0.1"),
+    ready_file: Path = typer.Option(None, help="created once the engine has scored its warm-up batch (what "
+                                    "readiness probes check), removed at start"),
+) -> None:
+    """Run the vLLM engine server in the foreground; it is ready once it has scored a warm-up batch shaped
+    like a request through the base model (the gateway warms each adapter it serves)."""
+    import subprocess
 
+    from service.processes import engine_command, engine_env
+    from service.prompt import load_codec
+    from service.warmup import warm_engine
+
+    _logging()
     settings = Settings()
+    if ready_file is not None:
+        ready_file.unlink(missing_ok=True)
     command = engine_command(settings.engine, settings.model_dir, port, host)
-    os.execvpe(command[0], command, engine_env(settings.engine))
+    server = subprocess.Popen(command, env=engine_env(settings.engine))
+    signal.signal(signal.SIGTERM, lambda *_: server.terminate())
+    try:
+        if settings.engine.warmup_candidates:
+            local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+            state = asyncio.run(warm_engine(f"http://{local}:{port}", settings.engine.model_name,
+                                            load_codec(settings.model_dir), settings.engine.warmup_candidates,
+                                            settings.requests.history_k, settings.prompt_budget,
+                                            alive=lambda: server.poll() is None))
+            if state.done and ready_file is not None:
+                ready_file.touch()
+        raise typer.Exit(server.wait())
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(60)
 
 
 @app.command()
@@ -158,7 +186,8 @@ def up(
             log.info("waiting for the vLLM engine (log: %s)", engine[1].log_path)
             stack.wait_engine(*engine)
         gateway = create_app(settings)  # generates and prints an API key when none is configured
-        log.info("ready after %.0fs; try (KEY: an API key, e.g. the one printed above, stored in %s):\n"
+        log.info("gateway starting after %.0fs; it is ready (GET /readyz) once the engine has scored the warm-up "
+                 "requests. Then try (KEY: an API key, e.g. the one printed above, stored in %s):\n"
                  "  curl -s -X POST http://%s:%d/v1/rank -H \"authorization: Bearer $KEY\" "
                  "-H 'content-type: application/json'"
                  " -d '{\"user_id\": \"1\", \"item_ids\": [\"1\", \"50\", \"100\", \"181\", \"258\"], \"top_k\": 3, "

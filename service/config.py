@@ -67,6 +67,8 @@ class EngineSettings(BaseSettings):
     model_name: str = "base"
     timeout_s: float = Field(60.0, gt=0)
     connect_timeout_s: float = Field(2.0, gt=0)
+    warmup_candidates: int = Field(20, ge=0, description="prompts per warm-up batch the gateway scores through "
+                                   "the base model and each start adapter before it is ready (0: no warm-up)")
     # float32, not bfloat16: on CPUs without AMX, vLLM's fp32 kernels prefill 1.2-1.6x faster than bf16
     # (benchmarks/results/engine_settings.json) and score as transformers does (agreement < 0.01).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

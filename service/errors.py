@@ -79,6 +79,8 @@ def register_error_handlers(app: FastAPI) -> None:
 
     async def _known(request: Request, exc: Exception) -> JSONResponse:
         error = as_api_error(exc) or ApiError(500, "internal_error", "internal error")
+        if error.body.dependency:
+            request.app.state.metrics.dependency_errors.labels(error.body.dependency).inc()
         if error.body.code >= 500:
             log.warning("%s on %s: %s", error.body.type, request.url.path, error.body.message)
         return respond(error)

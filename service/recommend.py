@@ -167,11 +167,15 @@ class RecommendService:
         route = llm.route if llm is not None else Route(adapter=None, mode="none")
         adapter, adapter_mode = (f"crm:{self.crm.name}", "crm") if choice.scorer == "crm" and targets \
             else (route.label, route.mode)
+        fallbacks = choice.fallbacks + route.fallbacks
+        self.metrics.answers.labels(choice.scorer, adapter_mode).inc(len(targets))
+        for step in fallbacks:
+            self.metrics.fallbacks.labels(step["mode"]).inc()
         return ScoreResult(user_id=query.user_id, adapter=adapter, adapter_mode=adapter_mode, retrieval=mode,
                            k=k, history_size=len(context.behaviours),
                            scored=self._scored(targets, scores, llm, crm),
                            catalog={**(llm.catalog if llm else {}), **{i: c for i, c in candidates.items() if c}},
-                           scorer=choice.scorer, combiner=combiner, fallbacks=choice.fallbacks + route.fallbacks,
+                           scorer=choice.scorer, combiner=combiner, fallbacks=fallbacks,
                            timings=timings, degraded=degraded, skipped=skipped)
 
     @staticmethod

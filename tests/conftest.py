@@ -13,6 +13,7 @@ from service.ingest import ingest_folder
 from service.model import resolve_model
 from service.processes import Managed, free_port
 from service.stack import LOREC, Stack
+from tests.utils.http import wait_ready
 from tests.utils.stack import AUTH, ML100K, REPO, make_settings, serve_env, start_engine
 from tests.utils.tiny_model import build_random_adapter, build_tiny_llama
 
@@ -95,6 +96,7 @@ def gateway(tiny_settings):
     from service.app import create_app
 
     with TestClient(create_app(tiny_settings), headers=AUTH) as client:
+        wait_ready(client)
         yield client
 
 

@@ -17,7 +17,8 @@ def test_compose_file_is_valid_and_wires_the_services():
     out = subprocess.run(["docker-compose", "-f", str(REPO / "compose.yaml"), "config"], capture_output=True,
                          text=True, check=True, cwd=REPO).stdout
     services = yaml.safe_load(out)["services"]
-    assert set(services) == {"redis", "qdrant", "model-init", "vllm", "ingest", "gateway", "trainer"}
+    assert set(services) == {"redis", "qdrant", "model-init", "vllm", "ingest", "gateway", "trainer", "prometheus",
+                             "grafana"}
     assert services["trainer"]["profiles"] == ["trainer"], "the trainer runs only when asked for"
     for name, dockerfile in (("gateway", "gateway"), ("vllm", "engine-cpu"), ("trainer", "trainer")):
         assert services[name]["build"]["dockerfile"] == f"docker/{dockerfile}.Dockerfile"

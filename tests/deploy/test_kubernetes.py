@@ -71,7 +71,10 @@ def test_probes_hpa_and_service_wiring(docs):
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
     engine = pod_spec(resources, "StatefulSet", "lorec-engine")["containers"][0]
     assert engine["command"][:2] == ["lorec", "engine"]
-    assert {engine[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe", "readinessProbe")} == {"/health"}
+    assert {engine[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe")} == {"/health"}
+    ready_file = engine["command"][engine["command"].index("--ready-file") + 1]
+    assert engine["readinessProbe"]["exec"]["command"] == ["test", "-f", ready_file], "ready means warm"
+    assert any(ready_file.startswith(m["mountPath"] + "/") for m in engine["volumeMounts"]), "writable"
     hpa = resources[("HorizontalPodAutoscaler", "lorec-gateway")]["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "lorec-gateway"}
     assert hpa["minReplicas"] >= 2

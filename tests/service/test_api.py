@@ -12,6 +12,7 @@ import pytest
 
 from service.retrieval import brute_force_nearest
 from tests.utils.http import post
+from tests.utils.metrics import metric_total
 
 USER = "1"
 ITEMS = ["1", "50", "100", "181", "258", "300", "7", "12"]
@@ -176,8 +177,11 @@ def test_health_ready_and_metrics(gateway):
     ready = gateway.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["dependencies"] == {"redis": "ok", "qdrant": "ok", "vllm": "ok"}
+    assert ready.json()["warmup"] == "ok"
     post(gateway, "/v1/rank", {"user_id": "2", "item_ids": ["1", "2"]})
     text = gateway.get("/metrics").text
+    assert metric_total(text, "lorec_warm") == 1 and metric_total(text, "lorec_adapters_quarantined") == 0
+    assert metric_total(text, "lorec_answers_total", scorer="llm") >= 2
     for stage in ("history", "retrieval", "prompt", "routing", "engine"):
         assert f'lorec_stage_seconds_count{{stage="{stage}"}}' in text
     assert 'lorec_request_seconds_count{method="POST",route="/v1/rank",status="200"}' in text

@@ -18,11 +18,14 @@ def test_engine_down_answers_503_naming_vllm(tiny_settings, tmp_path):
         assert ready.status_code == 503
         assert ready.json()["dependencies"]["vllm"].startswith("engine unreachable")
         assert ready.json()["dependencies"]["redis"] == "ok"
+        assert ready.json()["warmup"].startswith("pending: "), "not ready before the engine scored the warm-up"
         response = client.post("/v1/ctr", json={"user_id": "1", "item_ids": ["1"], "options": {"retrieval": "recent"}})
         assert response.status_code == 503
         assert response.json()["error"]["dependency"] == "vllm"
         metrics = client.get("/metrics").text
         assert metric_total(metrics, "lorec_engine_calls_total", adapter="base", outcome="error") == 1.0
+        assert metric_total(metrics, "lorec_dependency_errors_total", dependency="vllm") == 1.0
+        assert metric_total(metrics, "lorec_warm") == 0
 
 
 def test_redis_down_answers_503_naming_redis_and_writes_nothing(tiny_settings, tmp_path):

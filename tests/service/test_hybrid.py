@@ -177,6 +177,8 @@ def test_ship_then_install_into_a_fresh_data_folder_serves_the_hybrid(hybrid_set
     assert (manifest.adapter, manifest.crm, manifest.combiner) == (ADAPTER, CRM, COMBINER)
     assert (out / "adapters" / ADAPTER / "adapter_model.safetensors").is_file()
     assert not list(out.rglob("optimizer.pt")), "no training state ships"
+    model_dir = str(hybrid_settings.model_dir.resolve())
+    assert not [f for f in out.rglob("*.json") if model_dir in f.read_text()], "no path of this machine ships"
 
     fresh = hybrid_settings.replace(**{"data_dir": tmp_path / "fresh", "adapter_dir": None, "crm": None,
                                                "combiner": None, "default_adapter": None, "qdrant_url": ":memory:"})

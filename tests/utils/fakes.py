@@ -111,7 +111,13 @@ class FakeEngine:
     def logit(prompt: Sequence[int], adapter: str | None) -> float:
         return (len(prompt) % 7 - 3) / 3 + (0.5 if adapter else 0.0)
 
-    async def score(self, prompts: list[list[int]], adapter: str | None, affinity: str) -> list[AnswerLogprobs]:
+    url = "fake-engine"
+
+    @property
+    def replicas(self) -> list[FakeEngine]:  # one replica: itself
+        return [self]
+
+    async def score(self, prompts: list[list[int]], adapter: str | None, affinity: str = "") -> list[AnswerLogprobs]:
         self.calls.append((len(prompts), adapter))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)

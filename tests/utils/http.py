@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import time
+
 
 def post(client, path: str, body: dict, status: int = 200) -> dict:
     response = client.post(path, json=body)
     assert response.status_code == status, response.text
     return response.json()
+
+
+def wait_ready(client, timeout_s: float = 300) -> dict:
+    """Poll /readyz until the gateway is ready (its engine warm); the last body."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = client.get("/readyz")
+        if response.status_code == 200 or time.monotonic() > deadline:
+            assert response.status_code == 200, response.text
+            return response.json()
+        time.sleep(0.2)
