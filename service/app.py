@@ -123,8 +123,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                     settings.index.encoder_dim))
             yield
         finally:
-            if app.state.warmup.task is not None:
-                app.state.warmup.task.cancel()
+            warmup = getattr(app.state, "warmup", None)
+            if warmup is not None and warmup.task is not None:
+                warmup.task.cancel()
             for http in https:
                 await http.aclose()
             await index.close()

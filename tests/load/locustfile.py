@@ -7,8 +7,10 @@
 
 Mostly `/v1/rank` with 20 candidates, some `/v1/ctr` and `/v1/events` (each with a client event id,
 as a backend that retries would send). LOREC_API_KEY (scopes read and write) is sent as a bearer
-token. Not collected by pytest (no test_ prefix); run it by hand or from the
-benchmark scripts.
+token; LOREC_LOAD_MAX_REQUESTS bounds the run by count as `-t` bounds it by time, LOREC_LOAD_WAIT_S
+("min,max") sets the pause between a user's requests, LOREC_LOAD_EVENT_USERS (comma-separated) whose
+histories the events extend (default: the data's users) (benchmarks/soak.py). Not collected by pytest
+(no test_ prefix); run it by hand or from the benchmark scripts.
 """
 
 from __future__ import annotations
@@ -18,14 +20,30 @@ import random
 import time
 import uuid
 
-from locust import HttpUser, between, task
+from locust import HttpUser, between, events, task
 
 USERS = [str(u) for u in range(1, 944)]
 ITEMS = [str(i) for i in range(1, 1683)]
+EVENT_USERS = [u for u in os.environ.get("LOREC_LOAD_EVENT_USERS", "").split(",") if u] or USERS
+MAX_REQUESTS = int(os.environ.get("LOREC_LOAD_MAX_REQUESTS", "0"))  # 0: no bound by count
+WAIT_S = tuple(float(s) for s in os.environ.get("LOREC_LOAD_WAIT_S", "0.1,0.5").split(","))
+_run = {"environment": None, "requests": 0}
+
+
+@events.init.add_listener
+def _keep_environment(environment, **_) -> None:
+    _run["environment"] = environment
+
+
+@events.request.add_listener
+def _stop_at_the_bound(**_) -> None:
+    _run["requests"] += 1
+    if MAX_REQUESTS and _run["requests"] >= MAX_REQUESTS and _run["environment"].runner is not None:
+        _run["environment"].runner.quit()
 
 
 class Backend(HttpUser):
-    wait_time = between(0.1, 0.5)
+    wait_time = between(*WAIT_S)
 
     def on_start(self) -> None:
         key = os.environ.get("LOREC_API_KEY")
@@ -44,7 +62,7 @@ class Backend(HttpUser):
 
     @task(1)
     def events(self) -> None:
-        event = {"event_id": uuid.uuid4().hex, "user_id": random.choice(USERS), "item_id": random.choice(ITEMS),
+        event = {"event_id": uuid.uuid4().hex, "user_id": random.choice(EVENT_USERS), "item_id": random.choice(ITEMS),
                  "ts": int(time.time()),
                  "rating": random.randint(1, 5)}
         self.client.post("/v1/events", json={"events": [event]}, name="/v1/events")

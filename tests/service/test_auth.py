@@ -19,7 +19,8 @@ from service.config import Settings
 from tests.utils.stack import ADMIN_KEY, AFTER_DATA, READ_KEY, WRITE_KEY
 
 RANK = ("post", "/v1/rank", {"user_id": "1", "item_ids": ["1", "2"], "options": {"retrieval": "recent", "k": 2}})
-EVENTS = ("post", "/v1/events", {"events": [{"user_id": "auth-user", "item_id": "1", "ts": AFTER_DATA + 5, "rating": 4}]})
+EVENTS = ("post", "/v1/events",
+          {"events": [{"user_id": "auth-user", "item_id": "1", "ts": AFTER_DATA + 5, "rating": 4}]})
 HISTORY = ("get", "/v1/users/1/history", None)
 ITEM = ("put", "/v1/items/auth-item", {"title": "Auth Test (2001)", "genres": ["Drama"]})
 ADAPTERS = ("get", "/v1/adapters", None)

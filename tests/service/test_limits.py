@@ -28,8 +28,8 @@ def test_a_retried_event_id_is_stored_once(gateway):
 
 def test_concurrent_writers_for_one_user_keep_time_order(gateway):
     user = f"order-{time.time_ns()}"
-    batches = [[{"user_id": user, "item_id": str(1 + (w * 25 + j) % 1682), "ts": AFTER_DATA + 1000 + w + 4 * j, "rating": 3}
-                for j in range(25)] for w in range(4)]
+    batches = [[{"user_id": user, "item_id": str(1 + (w * 25 + j) % 1682), "ts": AFTER_DATA + 1000 + w + 4 * j,
+                 "rating": 3} for j in range(25)] for w in range(4)]
     for batch in batches:
         random.Random(0).shuffle(batch)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
