@@ -56,6 +56,19 @@ def tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
+def tree_parts_mb(pid: int) -> dict[str, float]:
+    """RSS of each process of a tree by name (vLLM: the API server, EngineCore, the worker)."""
+    parts: dict[str, float] = {}
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            name = proc.name() if proc.name().startswith("VLLM") else " ".join(proc.cmdline()[1:3])[-40:]
+            parts[name] = parts.get(name, 0.0) + proc.memory_info().rss / 2**20
+    except psutil.NoSuchProcess:
+        pass
+    return {k: round(v, 1) for k, v in parts.items()}
+
+
 def redis_pid(stack: Stack, url: str) -> int | None:
     started = [c for c in stack.children if c.name == "redis-server"]
     if started:
@@ -156,7 +169,8 @@ def run(args: argparse.Namespace) -> dict:
         memory = []
         while locust.poll() is None:
             memory.append({"t": time.time(), **{role: tree_rss_mb(pid) if pid else float("nan")
-                                                 for role, pid in pids.items()}})
+                                                 for role, pid in pids.items()},
+                           "engine_parts": tree_parts_mb(pids["engine"])})
             time.sleep(args.interval)
     totals = locust_totals(prefix)
     latency = locust_history(prefix)

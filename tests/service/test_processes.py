@@ -1,0 +1,24 @@
+"""How the engine process is started (service/processes.py): its environment."""
+
+from __future__ import annotations
+
+import ctypes.util
+
+from service.config import EngineSettings
+from service.processes import engine_env
+
+
+def test_the_engine_runs_on_tcmalloc_before_torch_s_libgomp(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/opt/torch/lib/libgomp.so.1")
+    library = ctypes.util.find_library("tcmalloc_minimal")
+    assert library, "scripts/install.sh installs libtcmalloc-minimal4"
+    assert engine_env(EngineSettings())["LD_PRELOAD"] == f"{library}:/opt/torch/lib/libgomp.so.1"
+    assert engine_env(EngineSettings(tcmalloc=False))["LD_PRELOAD"] == "/opt/torch/lib/libgomp.so.1"
+    monkeypatch.setenv("LD_PRELOAD", "/x/libtcmalloc.so.4")
+    assert engine_env(EngineSettings())["LD_PRELOAD"] == "/x/libtcmalloc.so.4", "an operator's choice stands"
+
+
+def test_the_engine_gets_every_core_and_its_kv_cache_size(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    env = engine_env(EngineSettings(kv_cache_gib=3))
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
