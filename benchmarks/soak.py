@@ -85,7 +85,8 @@ def locust_history(prefix: Path) -> list[dict]:
     rows = []
     with open(f"{prefix}_stats_history.csv") as f:
         for row in csv.DictReader(f):
-            if row["Name"] == "Aggregated" and row["99%"] not in ("N/A", ""):
+            # rows before the first answered request carry zeros
+            if row["Name"] == "Aggregated" and row["99%"] not in ("N/A", "") and float(row["50%"]) > 0:
                 rows.append({"t": float(row["Timestamp"]), "p50_ms": float(row["50%"]), "p99_ms": float(row["99%"]),
                              "rps": float(row["Requests/s"]), "requests": int(row["Total Request Count"]),
                              "failures": int(row["Total Failure Count"])})

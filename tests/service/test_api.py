@@ -13,6 +13,7 @@ import pytest
 from service.retrieval import brute_force_nearest
 from tests.utils.http import post
 from tests.utils.metrics import metric_total
+from tests.utils.stack import AFTER_DATA
 
 USER = "1"
 ITEMS = ["1", "50", "100", "181", "258", "300", "7", "12"]
@@ -61,7 +62,7 @@ def test_appended_event_changes_the_next_prompt(gateway):
     before = post(gateway, "/v1/ctr", request)
     history = gateway.get(f"/v1/users/{user}/history", params={"limit": 1}).json()
     newest = history["events"][-1]["ts"]
-    post(gateway, "/v1/events", {"events": [{"user_id": user, "item_id": "1682", "rating": 5, "ts": newest + 60}]})
+    post(gateway, "/v1/events", {"events": [{"user_id": user, "item_id": "1682", "rating": 5, "ts": max(newest, AFTER_DATA) + 60}]})
     after = post(gateway, "/v1/ctr", request)
     assert after["history_size"] == before["history_size"] + 1
     assert after["scores"][0]["why"][-1]["item_id"] == "1682"

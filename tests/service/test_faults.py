@@ -24,7 +24,7 @@ from service.history import Keys
 from service.processes import Managed, free_port, redis_command
 from tests.utils.crm import build_crm
 from tests.utils.metrics import metric_total
-from tests.utils.stack import AUTH, LOREC, ML100K, make_settings, serve_env, start_engine
+from tests.utils.stack import AFTER_DATA, AUTH, LOREC, ML100K, make_settings, serve_env, start_engine
 
 ITEMS = ["1", "50", "100", "181"]
 CRM = "fault-gbdt"
@@ -238,7 +238,7 @@ def test_gateway_killed_under_write_load_loses_no_acknowledged_event(tiny_settin
                 if stop.is_set():
                     return
                 events = [{"event_id": f"{user}-{batch}-{i}", "user_id": user, "item_id": str(1 + i),
-                           "ts": batch * 10 + i, "rating": 3} for i in range(10)]
+                           "ts": AFTER_DATA + batch * 10 + i, "rating": 3} for i in range(10)]
                 try:
                     response = client.post("/v1/events", json={"events": events})
                 except httpx.TransportError:
