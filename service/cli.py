@@ -119,14 +119,13 @@ def engine(
     server = subprocess.Popen(command, env=engine_env(settings.engine))
     signal.signal(signal.SIGTERM, lambda *_: server.terminate())
     try:
-        if settings.engine.warmup_candidates:
-            local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-            state = asyncio.run(warm_engine(f"http://{local}:{port}", settings.engine.model_name,
-                                            load_codec(settings.model_dir), settings.engine.warmup_candidates,
-                                            settings.requests.history_k, settings.prompt_budget,
-                                            alive=lambda: server.poll() is None))
-            if state.done and ready_file is not None:
-                ready_file.touch()
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        state = asyncio.run(warm_engine(f"http://{local}:{port}", settings.engine.model_name,
+                                        load_codec(settings.model_dir), settings.engine.warmup_candidates,
+                                        settings.requests.history_k, settings.prompt_budget,
+                                        alive=lambda: server.poll() is None))
+        if state.done and ready_file is not None:
+            ready_file.touch()
         raise typer.Exit(server.wait())
     finally:
         if server.poll() is None:

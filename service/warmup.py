@@ -82,7 +82,7 @@ async def warm_up(engine: EnginePool, adapters: list[tuple[str, Path]], prompts:
 async def warm_engine(url: str, model_name: str, codec: PromptCodec, candidates: int, k: int, max_tokens: int,
                       alive) -> WarmupState:
     """`lorec engine`'s own warm-up of the base model, once its server answers (`alive()` false: the server
-    exited, stop waiting)."""
+    exited, stop waiting); with no warm-up candidates, done once it answers."""
     state = WarmupState()
     prompts = warmup_prompts(codec, candidates, k, max_tokens)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600, connect=2)) as http:
@@ -95,6 +95,9 @@ async def warm_engine(url: str, model_name: str, codec: PromptCodec, candidates:
                 state.last_error = str(exc)
                 await asyncio.sleep(RETRY_S)
         else:
+            return state
+        if not prompts:
+            state.done = True
             return state
         await warm_up(EnginePool([replica]), [], prompts, state)
     return state
