@@ -40,24 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 LOCUSTFILE = REPO / "tests" / "load" / "locustfile.py"
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and its descendants (vLLM's engine core is a child process)."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return float("nan")
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
-
-
 def tree_parts_mb(pid: int) -> dict[str, float]:
-    """RSS of each process of a tree by name (vLLM: the API server, EngineCore, the worker)."""
+    """RSS of each process of a tree by name (vLLM: the API server, EngineCore, the worker); {} once gone."""
     parts: dict[str, float] = {}
     try:
         root = psutil.Process(pid)
@@ -67,6 +51,11 @@ def tree_parts_mb(pid: int) -> dict[str, float]:
     except psutil.NoSuchProcess:
         pass
     return {k: round(v, 1) for k, v in parts.items()}
+
+
+def tree_rss_mb(parts: dict[str, float]) -> float:
+    """Resident memory of a whole process tree (vLLM's engine core and worker are child processes)."""
+    return sum(parts.values()) if parts else float("nan")
 
 
 def redis_pid(stack: Stack, url: str) -> int | None:
@@ -169,9 +158,9 @@ def run(args: argparse.Namespace) -> dict:
             env=env, stdout=subprocess.DEVNULL, stderr=open(f"{prefix}.log", "w"))
         memory = []
         while locust.poll() is None:
-            memory.append({"t": time.time(), **{role: tree_rss_mb(pid) if pid else float("nan")
-                                                 for role, pid in pids.items()},
-                           "engine_parts": tree_parts_mb(pids["engine"])})
+            parts = {role: tree_parts_mb(pid) if pid else {} for role, pid in pids.items()}
+            memory.append({"t": time.time(), **{role: tree_rss_mb(p) for role, p in parts.items()},
+                           "engine_parts": parts["engine"]})
             time.sleep(args.interval)
     totals = locust_totals(prefix)
     latency = locust_history(prefix)
