@@ -13,6 +13,7 @@ from service.ingest import ingest_folder
 from service.model import resolve_model
 from service.processes import Managed, free_port
 from service.stack import LOREC, Stack
+from tests.utils.crm import build_crm
 from tests.utils.http import wait_ready
 from tests.utils.stack import AUTH, ML100K, REPO, make_settings, serve_env, start_engine
 from tests.utils.tiny_model import build_random_adapter, build_tiny_llama
@@ -100,8 +101,6 @@ def gateway(tiny_settings):
         yield client
 
 
-
-
 @pytest.fixture(scope="session")
 def http_gateway(tiny_settings, workdir):
     """`lorec serve` as a separate process, configured by environment only. Yields (url, env, process)."""
@@ -114,3 +113,11 @@ def http_gateway(tiny_settings, workdir):
         yield base, env, server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def crm_fallback_settings(tiny_settings, workdir) -> Settings:
+    """The LLM alone by default with a real feature CRM behind it, so that falling back to it is a degradation."""
+    data_dir = workdir / "crm-fallback" / "data"
+    build_crm(data_dir, ML100K, "fallback-gbdt")
+    return tiny_settings.replace(**{"data_dir": data_dir, "crm": "fallback-gbdt", "scorer": "llm"})

@@ -62,7 +62,8 @@ def test_appended_event_changes_the_next_prompt(gateway):
     before = post(gateway, "/v1/ctr", request)
     history = gateway.get(f"/v1/users/{user}/history", params={"limit": 1}).json()
     newest = history["events"][-1]["ts"]
-    post(gateway, "/v1/events", {"events": [{"user_id": user, "item_id": "1682", "rating": 5, "ts": max(newest, AFTER_DATA) + 60}]})
+    event = {"user_id": user, "item_id": "1682", "rating": 5, "ts": max(newest, AFTER_DATA) + 60}
+    post(gateway, "/v1/events", {"events": [event]})
     after = post(gateway, "/v1/ctr", request)
     assert after["history_size"] == before["history_size"] + 1
     assert after["scores"][0]["why"][-1]["item_id"] == "1682"
@@ -200,3 +201,12 @@ def test_server_timing_header_lists_every_stage(gateway):
     durations = [float(v) for v in stages.values()]
     assert all(d >= 0 for d in durations) and sum(durations) <= wall_ms
     assert float(stages["engine"]) > 0
+
+
+def test_unknown_items_can_be_skipped_and_listed(gateway):
+    body = post(gateway, "/v1/rank", {"user_id": "1", "item_ids": ["nope-1", "1", "nope-2", "2"],
+                                      "options": {"skip_unknown": True}})
+    assert [i["item_id"] for i in body["items"]] != [] and {i["item_id"] for i in body["items"]} == {"1", "2"}
+    assert body["skipped"] == ["nope-1", "nope-2"]
+    nothing = post(gateway, "/v1/ctr", {"user_id": "1", "item_ids": ["nope-3"], "options": {"skip_unknown": True}})
+    assert nothing["scores"] == [] and nothing["skipped"] == ["nope-3"] and nothing["adapter_mode"] == "none"

@@ -1,9 +1,17 @@
-"""The Redis key layout and codecs (service/history.py)."""
+"""The Redis key layout and codecs (service/history.py), and a real redis-server killed under the gateway."""
 
 from __future__ import annotations
 
+import signal
+import time
+
+from fastapi.testclient import TestClient
+
+from service.app import create_app
 from service.history import Keys, decode_event, decode_item, encode_event, encode_item, history_bounds
+from service.processes import Managed, free_port, redis_command
 from service.records import Behaviour, Item
+from tests.utils.stack import AUTH
 
 
 def test_event_codec_round_trips_and_keys_share_a_cluster_slot():
@@ -15,3 +23,39 @@ def test_event_codec_round_trips_and_keys_share_a_cluster_slot():
     item = Item("9", "Heat", 1995, ("Action", "Crime"))
     assert decode_item("9", encode_item(item)) == item
     assert decode_item("9", {}) is None
+
+
+def test_redis_killed_answers_503_stores_nothing_and_recovers(tiny_settings, tmp_path):
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def start_redis() -> Managed:
+        server = Managed("redis-server", redis_command(tmp_path / "redis", port), tmp_path / "redis.log")
+        server.wait_redis(url, 30)
+        return server
+
+    server = start_redis()
+    settings = tiny_settings.replace(**{"redis_url": url, "data_dir": tmp_path / "data"})
+    event = {"user_id": "r1", "item_id": "1", "ts": 10, "rating": 4}
+    try:
+        with TestClient(create_app(settings), headers=AUTH) as client:
+            assert client.post("/v1/events", json={"events": [event]}).status_code == 200
+            time.sleep(1.5)  # past AOF's one-second fsync window
+            server.process.send_signal(signal.SIGKILL)
+            server.process.wait(10)
+            for method, path, body in (("get", "/v1/users/r1/history", None),
+                                       ("post", "/v1/events", {"events": [{**event, "ts": 11}]}),
+                                       ("post", "/v1/ctr", {"user_id": "r1", "item_ids": ["1"]})):
+                down = client.request(method, path, json=body)
+                assert down.status_code in (503, 504) and down.json()["error"]["dependency"] == "redis", path
+            server.stop()
+            server = start_redis()
+            for _ in range(10):  # automatic: the same gateway, no restart
+                history = client.get("/v1/users/r1/history")
+                if history.status_code == 200:
+                    break
+                time.sleep(0.5)
+            assert history.status_code == 200, history.text
+            assert [e["ts"] for e in history.json()["events"]] == [10], "acknowledged kept, refused not stored"
+    finally:
+        server.stop()

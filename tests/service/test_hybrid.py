@@ -17,6 +17,7 @@ from service.combine import CombinerManifest, combiner_dir
 from service.ingest import read_movielens
 from service.processes import Managed, free_port
 from tests.utils.crm import build_crm
+from tests.utils.http import ctr
 from tests.utils.stack import AUTH, LOREC, ML100K, serve_env
 
 CRM, ADAPTER, COMBINER = "hybrid-gbdt", "tiny-random-v1", "test-combiner"
@@ -55,9 +56,8 @@ def client(hybrid_settings):
         yield c
 
 
-def ctr(client, item_ids, **options):
-    return client.post("/v1/ctr", json={"user_id": "13", "item_ids": item_ids, "as_of": 880_000_000,
-                                        "options": {"retrieval": "recent", "k": 5, **options}})
+def ctr13(client, item_ids, **options):
+    return ctr(client, "13", item_ids, as_of=880_000_000, retrieval="recent", k=5, **options)
 
 
 def test_the_combiner_names_its_components_and_was_fitted_on_validation(hybrid_settings, parts):
@@ -78,7 +78,7 @@ def test_test_samples_never_reach_the_fit(parts):
 def test_hybrid_is_the_default_and_explains_its_components(client, hybrid_settings, parts):
     data, _ = parts
     items = ["1", "50", "100", "1600"]
-    body = ctr(client, items, explain=True).json()
+    body = ctr13(client, items, explain=True).json()
     assert body["scorer"] == "hybrid" and body["combiner"] == COMBINER and body["adapter"] == ADAPTER
     manifest = CombinerManifest.load(combiner_dir(hybrid_settings.data_dir, COMBINER))
     weights = dict(zip(manifest.terms, manifest.weights))
@@ -98,24 +98,24 @@ def test_hybrid_is_the_default_and_explains_its_components(client, hybrid_settin
 
 def test_each_component_alone_on_request(client):
     items = ["1", "50", "100"]
-    both = {s["item_id"]: s["components"] for s in ctr(client, items, explain=True).json()["scores"]}
-    crm = ctr(client, items, scorer="crm").json()
+    both = {s["item_id"]: s["components"] for s in ctr13(client, items, explain=True).json()["scores"]}
+    crm = ctr13(client, items, scorer="crm").json()
     assert crm["scorer"] == "crm" and crm["adapter_mode"] == "crm" and crm["adapter"] == f"crm:{CRM}"
     assert all("logprob_yes" not in s for s in crm["scores"])
     assert [s["score"] for s in crm["scores"]] == pytest.approx([both[i]["crm"] for i in items], abs=1e-9)
-    llm = ctr(client, items, scorer="llm").json()
+    llm = ctr13(client, items, scorer="llm").json()
     assert llm["scorer"] == "llm" and llm["adapter_mode"] == "shared" and "combiner" not in llm
     assert [s["score"] for s in llm["scores"]] == pytest.approx([both[i]["llm"] for i in items], abs=1e-6)
 
 
 def test_an_unknown_scorer_is_refused_naming_the_field(client):
-    response = ctr(client, ["1"], scorer="magic")
+    response = ctr13(client, ["1"], scorer="magic")
     assert response.status_code == 422
     assert response.json()["error"]["field"] == "options.scorer"
 
 
 def test_a_request_routed_to_another_llm_is_answered_by_the_crm_and_says_why(client):
-    body = ctr(client, ["1", "50"], adapter="base").json()
+    body = ctr13(client, ["1", "50"], adapter="base").json()
     assert body["scorer"] == "crm" and "degraded" not in body
     assert body["fallbacks"][0]["mode"] == "hybrid" and "routed to" in body["fallbacks"][0]["reason"]
 
@@ -125,7 +125,7 @@ def test_engine_failure_in_hybrid_falls_back_to_the_crm_flagged(hybrid_settings)
     unreachable = hybrid_settings.replace(**{"engine_url": f"http://127.0.0.1:{free_port()}",
                                                      "qdrant_url": ":memory:"})
     with TestClient(create_app(unreachable), headers=AUTH) as c:
-        body = ctr(c, ["1", "50"]).json()
+        body = ctr13(c, ["1", "50"]).json()
     assert body["scorer"] == "crm" and body["degraded"] == ["llm"] and body["adapter_mode"] == "crm"
 
 
@@ -139,7 +139,7 @@ def test_a_combiner_fitted_for_another_crm_is_refused_at_start(hybrid_settings):
     with TestClient(create_app(hybrid_settings.replace(**{"combiner": "stale-combiner",
                                                                   "qdrant_url": ":memory:"})), headers=AUTH) as c:
         scorers = c.get("/v1/adapters").json()["scorers"]
-        body = ctr(c, ["1", "50"]).json()
+        body = ctr13(c, ["1", "50"]).json()
     assert scorers["serving"] == "crm" and "fitted for CRM" in scorers["unavailable"]["hybrid"]
     assert body["scorer"] == "crm" and body["fallbacks"][0]["mode"] == "hybrid"
     assert "fitted for CRM" in body["fallbacks"][0]["reason"]
@@ -191,7 +191,7 @@ def test_ship_then_install_into_a_fresh_data_folder_serves_the_hybrid(hybrid_set
     assert install_shipped(fresh, data.fingerprint, root) == installed, "installing again changes nothing"
     with TestClient(create_app(installed), headers=AUTH) as c:
         assert c.get("/v1/adapters").json()["scorers"]["serving"] == "hybrid"
-        assert ctr(c, ["1", "50"]).json()["scorer"] == "hybrid"
+        assert ctr13(c, ["1", "50"]).json()["scorer"] == "hybrid"
 
 
 def test_models_of_another_base_model_are_not_installed(hybrid_settings, parts, tmp_path):

@@ -16,6 +16,7 @@ from service.din import DIN, Vocab, encode_rows, save_crm
 from service.ingest import read_movielens
 from service.prompt import load_codec
 from service.records import Behaviour, Profile
+from tests.utils.http import ctr
 from tests.utils.stack import AUTH, ML100K
 
 N_COHORTS = 4
@@ -55,9 +56,8 @@ def client(bank):
         yield c
 
 
-def ctr(client, user: str, **options) -> dict:
-    response = client.post("/v1/ctr", json={"user_id": user, "item_ids": ["1", "2", "3"],
-                                            "options": {"return_prompt": True, **options}})
+def ctr_ok(client, user: str, **options) -> dict:
+    response = ctr(client, user, ["1", "2", "3"], return_prompt=True, **options)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -70,7 +70,7 @@ def user_vector(client, bank, user: str) -> torch.Tensor:
 
 
 def test_personal_adapter_served_by_vllm_equals_reclora_in_transformers(client, bank):
-    body = ctr(client, "5")
+    body = ctr_ok(client, "5")
     assert body["adapter_mode"] == "personal" and body["adapter"].startswith("p-test-bank-")
     assert "fallbacks" not in body
     model, codec = bank["model"], load_codec(bank["settings"].model_dir)
@@ -80,25 +80,25 @@ def test_personal_adapter_served_by_vllm_equals_reclora_in_transformers(client, 
     served = [s["score"] for s in body["scores"]]
     assert sum(abs(a - b) for a, b in zip(offline, served)) / len(served) < 0.01, (offline, served)
     model.set_users(None)
-    base = ctr(client, "5", mode="base")
+    base = ctr_ok(client, "5", mode="base")
     assert base["adapter"] == "base" and max(abs(a["score"] - b) for a, b in zip(base["scores"], served)) > 1e-3
 
 
 def test_grown_history_gets_a_new_adapter_version_and_the_cache_stays_bounded(client, bank):
-    first = ctr(client, "7")["adapter"]
+    first = ctr_ok(client, "7")["adapter"]
     events = [{"user_id": "7", "item_id": str(i), "ts": 2_000_000_000 + i, "rating": 5} for i in range(10, 13)]
     assert client.post("/v1/events", json={"events": events}).status_code == 200
-    second = ctr(client, "7")["adapter"]
+    second = ctr_ok(client, "7")["adapter"]
     assert second != first and second.rsplit("-v", 1)[0] == first.rsplit("-v", 1)[0]
     for user in ("8", "9", "10"):
-        ctr(client, user)
+        ctr_ok(client, user)
     cache = bank["settings"].data_dir / "personal"
     assert len(list(cache.glob("p-*"))) == 3  # LRU bound
     assert not (cache / first).exists()
 
 
 def test_cohort_mode_serves_the_nearest_cohort(client, bank):
-    body = ctr(client, "12", mode="cohort")
+    body = ctr_ok(client, "12", mode="cohort")
     personalizer = client.app.state.recommender.router.personalizer
     alphas = personalizer.bank.alphas(user_vector(client, bank, "12"))
     assert body["adapter_mode"] == "cohort"
@@ -114,14 +114,14 @@ def test_broken_personal_adapter_falls_back_to_cohort_and_is_quarantined(client,
     shutil.copytree(bank["settings"].data_dir / "personal" / router.personalizer.cohort_name(0), broken)
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     for _ in range(2):
-        body = ctr(client, "13")
+        body = ctr_ok(client, "13")
         assert body["adapter_mode"] == "cohort" and body["adapter"].startswith("c-test-bank-")
         assert body["fallbacks"][0]["mode"] == "personal"
     assert name in router.quarantined
 
 
 def test_shared_mode_without_a_shared_adapter_serves_base_and_says_so(client):
-    body = ctr(client, "5", mode="shared")
+    body = ctr_ok(client, "5", mode="shared")
     assert body["adapter"] == "base" and body["adapter_mode"] == "base"
     assert body["fallbacks"] == [{"mode": "shared", "reason": "no shared adapter configured"}]
-    assert ctr(client, "5", adapter="base")["adapter_mode"] == "base"
+    assert ctr_ok(client, "5", adapter="base")["adapter_mode"] == "base"

@@ -1,18 +1,28 @@
 """One test suite for both ItemIndex implementations: Qdrant Edge (embedded) and qdrant-client.
 
 The server implementation runs here against qdrant-client's local mode, which speaks the same
-client API as a Qdrant server (compose and Kubernetes point QDRANT_URL at a real one).
+client API as a Qdrant server (compose and Kubernetes point QDRANT_URL at a real one). No Qdrant server
+can run on these machines (no container engine, no download), so the remote faults are the two a network
+gives: a port nothing listens on, and a peer that accepts the connection and never answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
+from service.app import create_app
+from service.processes import free_port
 from service.records import Behaviour
 from service.retrieval import brute_force_nearest, open_index, pick_subr, select_behaviours
+from tests.utils.http import ctr
+from tests.utils.stack import AUTH
 
 N_ITEMS, DIM = 400, 32
 
@@ -158,3 +168,49 @@ def test_collection_is_created_with_the_configured_shards_and_replicas(tmp_path)
     asyncio.run(index.ensure(8))
     assert (created["shard_number"], created["replication_factor"]) == (6, 2)
     assert asyncio.run(index.count()) == 0
+
+
+# --- a remote Qdrant unreachable or hung under the gateway (README, "Faults") ----------------------
+
+
+ITEMS = ["1", "50", "100", "181"]
+
+
+@pytest.fixture
+def silent_peer():
+    """A TCP peer that accepts connections and never answers (a hung Qdrant)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+@pytest.mark.parametrize("peer", ["unreachable", "hung"])
+def test_qdrant_unreachable_or_hung_degrades_to_recent_history(crm_fallback_settings, gateway, silent_peer, peer):
+    url = f"http://127.0.0.1:{free_port()}" if peer == "unreachable" else silent_peer
+    broken = crm_fallback_settings.replace(**{"qdrant_url": url, "retrieval_timeout_s": 0.5})
+    with TestClient(create_app(broken), headers=AUTH) as client:
+        started = time.monotonic()
+        response = ctr(client, "1", ITEMS, retrieval="subr", return_prompt=True)
+        assert time.monotonic() - started < 5
+    assert response.status_code == 200, response.text
+    assert response.json()["degraded"] == ["retrieval"]
+    recent = ctr(gateway, "1", ITEMS, retrieval="recent", return_prompt=True).json()
+    assert [s["prompt_token_ids"] for s in response.json()["scores"]] == \
+        [s["prompt_token_ids"] for s in recent["scores"]], "the prompts are the recent-history prompts"

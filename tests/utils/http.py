@@ -20,3 +20,9 @@ def wait_ready(client, timeout_s: float = 300) -> dict:
             assert response.status_code == 200, response.text
             return response.json()
         time.sleep(0.2)
+
+
+def ctr(client, user_id: str, item_ids: list[str], as_of: int | None = None, **options):
+    """POST /v1/ctr with these options; the response, whatever its status."""
+    body = {"user_id": user_id, "item_ids": item_ids, "options": options}
+    return client.post("/v1/ctr", json=body if as_of is None else {**body, "as_of": as_of})
