@@ -6,14 +6,29 @@ import asyncio
 import json
 import logging
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import typer
+import uvicorn
 
 from adapters.cli import eval_command, train_app
+from adapters.export import read_manifest
+from adapters.offline import Dataset
+from adapters.ship import ship as ship_artifacts
+from service.app import create_app
 from service.config import Settings
+from service.ingest import MalformedFile, StoreMismatch, ingest_folder, stored_data_fingerprint
+from service.model import resolve_model
+from service.processes import engine_command, engine_env
+from service.prompt import load_codec
+from service.routing import AdapterRegistry
+from service.shipped import install_shipped
+from service.stack import Stack
+from service.warmup import warm_engine
 
 app = typer.Typer(help="lorec: LLM recommendations behind a REST API.", no_args_is_help=True)
 model_app = typer.Typer(help="The served model.", no_args_is_help=True)
@@ -38,8 +53,6 @@ def _logging() -> None:
 @model_app.command("prepare")
 def model_prepare() -> None:
     """Turn the packaged Gemma 3 270M GGUF into a bf16 HF folder (once), or check LOREC_MODEL."""
-    from service.model import resolve_model
-
     _logging()
     settings = Settings()
     typer.echo(resolve_model(settings.model, settings.data_dir, prepare=True))
@@ -57,8 +70,6 @@ def ingest_movielens_command(
 
 def _ingest_or_exit(settings: Settings, directory: Path, skip_bad_lines: bool = False) -> dict:
     """Ingests, or exits 2 with the reason when the files or the store refuse the data."""
-    from service.ingest import MalformedFile, StoreMismatch, ingest_folder
-
     try:
         return asyncio.run(ingest_folder(settings, directory, skip_bad_lines))
     except (MalformedFile, StoreMismatch) as refused:
@@ -69,9 +80,6 @@ def _ingest_or_exit(settings: Settings, directory: Path, skip_bad_lines: bool = 
 @adapters_app.command("list")
 def adapters_list() -> None:
     """Adapters in the registry directory, with their validation AUC where a manifest has one."""
-    from adapters.export import read_manifest
-    from service.routing import AdapterRegistry
-
     settings = Settings()
     for name in AdapterRegistry(settings.registry_dir).names():
         manifest = read_manifest(settings.registry_dir, name)
@@ -88,9 +96,6 @@ def ship(
 ) -> None:
     """Copy the configured served default (LOREC_DEFAULT_ADAPTER, LOREC_CRM, LOREC_COMBINER) into
     adapters/shipped/<dataset>/, which `lorec up` installs into a fresh data folder."""
-    from adapters.offline import Dataset
-    from adapters.ship import ship as ship_artifacts
-
     dataset = Dataset.read(directory)
     out = ship_artifacts(Settings(), dataset.name, dataset.data.fingerprint, quality)
     typer.echo(str(out))
@@ -105,12 +110,6 @@ def engine(
 ) -> None:
     """Run the vLLM engine server in the foreground; it is ready once it has scored a warm-up batch shaped
     like a request through the base model (the gateway warms each adapter it serves)."""
-    import subprocess
-
-    from service.processes import engine_command, engine_env
-    from service.prompt import load_codec
-    from service.warmup import warm_engine
-
     _logging()
     settings = Settings()
     if ready_file is not None:
@@ -137,12 +136,6 @@ def engine(
 def serve() -> None:
     """Run the gateway (Redis, Qdrant and the engine must be reachable). A store ingested from data that
     trained models ship for serves them when the deployment configures none (LOREC_CRM, ...)."""
-    import uvicorn
-
-    from service.app import create_app
-    from service.ingest import stored_data_fingerprint
-    from service.shipped import install_shipped
-
     _logging()
     settings = Settings()
     if not (settings.scoring.crm or settings.adapters.default or settings.scoring.combiner or settings.adapters.bank):
@@ -157,13 +150,6 @@ def up(
 ) -> None:
     """Everything on embedded defaults: redis-server, Qdrant Edge, vLLM, ingestion, the shipped trained
     models for that data (when the data folder configures none), the gateway."""
-    import uvicorn
-
-    from service.app import create_app
-    from service.model import resolve_model
-    from service.shipped import install_shipped
-    from service.stack import Stack
-
     _logging()
     # SIGTERM must unwind through `finally` so the children stop too (uvicorn re-raises it on exit).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -202,8 +188,6 @@ def stack(
 ) -> None:
     """Start parts of the stack in the foreground (what the benchmark scripts run in the background): each
     waited for until it answers, then `ready` is printed; SIGTERM or Ctrl-C stops them all."""
-    from service.stack import Stack
-
     _logging()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     settings = Settings()
@@ -221,8 +205,6 @@ def stack(
 
 def _engine_answers(settings: Settings) -> bool:
     """LOREC_ENGINE_URL names an engine that answers (another process's, e.g. a GPU box): use it."""
-    import httpx
-
     if "engine_url" not in settings.model_fields_set:
         return False
     try:
@@ -235,8 +217,6 @@ def _engine_answers(settings: Settings) -> bool:
 
 
 def main() -> None:
-    from service.ingest import StoreMismatch
-
     try:
         app()
     except StoreMismatch as refused:  # a trainer or evaluator pointed at another dataset's store
