@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -48,7 +49,7 @@ def engine_command(engine: EngineSettings, model_dir: Path, port: int, host: str
         command += ["--max-num-batched-tokens", str(engine.max_num_batched_tokens)]
     if engine.block_size:
         command += ["--block-size", str(engine.block_size)]
-    return command
+    return command + shlex.split(engine.extra_args)
 
 
 def engine_env(engine: EngineSettings) -> dict[str, str]:

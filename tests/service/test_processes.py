@@ -1,11 +1,11 @@
-"""How the engine process is started (service/processes.py): its environment."""
+"""How the engine process is started (service/processes.py): its environment and its flags."""
 
 from __future__ import annotations
 
 import ctypes.util
 
 from service.config import EngineSettings
-from service.processes import engine_env
+from service.processes import engine_command, engine_env
 
 
 def test_the_engine_runs_on_tcmalloc_before_torch_s_libgomp(monkeypatch):
@@ -22,3 +22,11 @@ def test_the_engine_gets_every_core_and_its_kv_cache_size(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     env = engine_env(EngineSettings(kv_cache_gib=3))
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+
+
+def test_further_engine_flags_are_appended_as_the_shell_would_split_them(tmp_path):
+    flags = """--profiler-config '{"profiler": "torch", "torch_profiler_dir": "/tmp/p q"}' --seed 3"""
+    command = engine_command(EngineSettings(extra_args=flags), tmp_path, 8100)
+    assert command[-4:] == ["--profiler-config", '{"profiler": "torch", "torch_profiler_dir": "/tmp/p q"}',
+                            "--seed", "3"]
+    assert engine_command(EngineSettings(), tmp_path, 8100)[-2:] == ["--block-size", "32"]
