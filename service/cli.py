@@ -25,6 +25,7 @@ from service.ingest import MalformedFile, StoreMismatch, ingest_folder, stored_d
 from service.model import resolve_model
 from service.processes import engine_command, engine_env
 from service.prompt import load_codec
+from service.quantize import engine_weights
 from service.routing import AdapterRegistry
 from service.shipped import install_shipped
 from service.stack import Stack
@@ -114,7 +115,7 @@ def engine(
     settings = Settings()
     if ready_file is not None:
         ready_file.unlink(missing_ok=True)
-    command = engine_command(settings.engine, settings.model_dir, port, host)
+    command = engine_command(settings.engine, engine_weights(settings.engine, settings.model_dir), port, host)
     server = subprocess.Popen(command, env=engine_env(settings.engine))
     signal.signal(signal.SIGTERM, lambda *_: server.terminate())
     try:

@@ -86,6 +86,8 @@ class EngineSettings(BaseSettings):
                            "vLLM intends on CPU; off = glibc malloc")
     fast_lora: bool = Field(True, description="load the lorec_cpu_lora plugin (segment-wise LoRA ops) into the "
                             "engine; off = vLLM's own CPU LoRA ops")
+    weights: Literal["source", "int8"] = Field("source", description="what the engine serves: the model's own "
+                                               "weights, or an int8 W8A8 copy made once beside it (quantize.py)")
     extra_args: str = Field("", description="further vLLM server flags, shell-quoted (e.g. a --profiler-config "
                             "for benchmarks/profile_prefill.py)")
 

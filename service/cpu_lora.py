@@ -114,8 +114,34 @@ OPS = {f.__name__: f for f in (bgmv_shrink, sgmv_shrink, bgmv_expand, sgmv_expan
                                 sgmv_expand_slice)}
 
 
+def keep_int8_weight_for_lora() -> None:
+    """vLLM's oneDNN int8 kernel drops a layer's weight once its handle holds the packed copy, and LoRA then
+    fails looking up the layer's device (vLLM issue 57503). Leave in its place a zero-stride int8 view of
+    the weight's shape on the CPU: LoRA reads only its device and shape, the kernel only its handle."""
+    try:
+        from vllm.model_executor.kernels.linear.scaled_mm.cpu import CPUInt8ScaledMMLinearKernel
+    except ImportError:
+        return
+    process = CPUInt8ScaledMMLinearKernel.process_weights_for_onednn
+    if getattr(process, "keeps_weight", False):
+        return
+
+    def process_keeping_weight(self, layer: torch.nn.Module) -> None:
+        name = self.layer_param_names[0]
+        shape = tuple(getattr(layer, name).shape)
+        process(self, layer)
+        if getattr(layer, name, None) is None:
+            placeholder = torch.zeros((), dtype=torch.int8).expand(shape)
+            setattr(layer, name, torch.nn.Parameter(placeholder, requires_grad=False))
+
+    process_keeping_weight.keeps_weight = True
+    CPUInt8ScaledMMLinearKernel.process_weights_for_onednn = process_keeping_weight
+
+
 def register() -> None:
-    """Entry point: rebind the ops the CPU punica wrapper calls (a no-op where vLLM lacks it)."""
+    """Entry point: rebind the ops the CPU punica wrapper calls (a no-op where vLLM lacks it), and keep
+    LoRA working on int8 layers."""
+    keep_int8_weight_for_lora()
     try:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:

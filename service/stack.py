@@ -18,6 +18,7 @@ import redis as redis_client
 
 from service.config import Settings
 from service.processes import Managed, engine_command, engine_env, free_port, redis_command
+from service.quantize import engine_weights
 
 LOREC = str(Path(sys.executable).with_name("lorec"))
 ENGINE_START_TIMEOUT_S = 900  # a fresh vLLM on 2 CPU cores takes 1-3 minutes, more beside other work
@@ -67,7 +68,8 @@ class Stack:
         """The vLLM server of `settings` (its model unless `model_dir`) on `port` (free when None); with
         `wait=False` it is started but not yet waited for (`wait_engine`)."""
         port = port or free_port()
-        child = self._start(name, engine_command(settings.engine, model_dir or settings.model_dir, port),
+        weights = engine_weights(settings.engine, model_dir or settings.model_dir)
+        child = self._start(name, engine_command(settings.engine, weights, port),
                             engine_env(settings.engine))
         url = f"http://127.0.0.1:{port}"
         if wait:

@@ -1,0 +1,72 @@
+"""The int8 W8A8 model (service/quantize.py) served by a real vLLM engine: its scores agree with the fp32
+engine's on the same prompts, and a LoRA adapter changes them as it does through fp32."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import httpx
+import pytest
+from safetensors import safe_open
+
+from service.prompt import load_codec
+from service.quantize import quantize_int8
+from service.scoring import EngineClient, p_yes
+from tests.utils.stack import make_settings, start_engine
+
+ADAPTER = "tiny-random-v1"
+
+
+@pytest.fixture(scope="module")
+def int8_model(tiny_model):
+    return quantize_int8(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def int8_engine(workdir, tiny_model, int8_model, redis_url):
+    """The engine of LOREC_ENGINE_WEIGHTS=int8: it serves the int8 copy beside the model."""
+    settings = make_settings(workdir, tiny_model, redis_url, engine_weights="int8")
+    engine, url = start_engine(settings, tiny_model, workdir / "logs" / "vllm-int8.log")
+    assert engine.process.args[engine.process.args.index("--model") + 1] == str(int8_model)
+    yield url
+    engine.stop()
+
+
+def test_linear_weights_are_int8_with_a_scale_per_channel(int8_model, tiny_model):
+    config = json.loads((int8_model / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
+    with safe_open(str(int8_model / "model.safetensors"), "pt") as weights:
+        q = weights.get_tensor("model.layers.0.self_attn.q_proj.weight")
+        scale = weights.get_tensor("model.layers.0.self_attn.q_proj.weight_scale")
+        assert str(q.dtype) == "torch.int8" and tuple(scale.shape) == (q.shape[0], 1)
+        assert str(weights.get_tensor("model.embed_tokens.weight").dtype) == "torch.float32"
+    assert quantize_int8(tiny_model) == int8_model and int8_model.name == "tiny-llama-w8a8", "made once, beside it"
+
+
+def scores(url: str, codec, prompts: list[list[int]], adapter_dir, adapter: str | None) -> list[float]:
+    async def run() -> list[float]:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+            client = EngineClient(http, "base", codec.answer)
+            if adapter:
+                await client.ensure_adapter(adapter, adapter_dir / adapter)
+            return [p_yes(a.yes, a.no) for a in await client.score(prompts, adapter)]
+    return asyncio.run(run())
+
+
+def test_int8_engine_agrees_with_fp32_and_lora_changes_it_alike(tiny_engine, int8_engine, tiny_model,
+                                                                 adapter_dir):
+    codec = load_codec(tiny_model)
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(10, 900) for _ in range(60)] for _ in range(12)]
+    fp32 = {a: scores(tiny_engine, codec, prompts, adapter_dir, a) for a in (None, ADAPTER)}
+    int8 = {a: scores(int8_engine, codec, prompts, adapter_dir, a) for a in (None, ADAPTER)}
+    for adapter in (None, ADAPTER):
+        deltas = [abs(x - y) for x, y in zip(fp32[adapter], int8[adapter])]
+        print(f"\n{adapter or 'base'}: mean |dp| {sum(deltas) / len(deltas):.5f}, max {max(deltas):.5f}")
+        assert sum(deltas) / len(deltas) < 0.01 and max(deltas) < 0.03
+    effect_fp32 = [a - b for a, b in zip(fp32[ADAPTER], fp32[None])]
+    effect_int8 = [a - b for a, b in zip(int8[ADAPTER], int8[None])]
+    assert max(abs(e) for e in effect_fp32) > 0.02, "the adapter moves the scores"
+    assert max(abs(a - b) for a, b in zip(effect_fp32, effect_int8)) < 0.02
