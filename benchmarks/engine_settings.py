@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/engine_settings.py [--prompts 20] [--tokens 210] [--rounds 2]
 
 Starts the engine (prepared model under LOREC_DATA_DIR, the lorec_cpu_lora plugin on) once per
-configuration — dtype bfloat16 / float32, max_num_batched_tokens default / 1024 / 8192 — and scores
-the same kind of batches as benchmarks/lora_prefill.py: distinct random prompts (no prefix-cache
-hits) through the base model, one rank-8 q/v adapter and 8 adapters mixed. Reports tokens/s and the
+configuration — float32 (the default) / bfloat16 / int8 W8A8 weights (LOREC_ENGINE_WEIGHTS=int8),
+max_num_batched_tokens default / 1024 / 8192 — and scores the same kind of batches as
+benchmarks/lora_prefill.py: distinct random prompts (no prefix-cache hits) through the base model, one
+rank-8 q/v adapter and 8 adapters mixed. Reports tokens/s and the
 ratio to the shipped default (first row). Results go to benchmarks/results/engine_settings.json.
 """
 
@@ -27,10 +28,11 @@ from service.config import Settings  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "engine_settings.json"
 CONFIGS = {
-    "bf16 (default)": {},
-    "fp32": {"engine_dtype": "float32"},
-    "bf16, max_num_batched_tokens=1024": {"engine_max_num_batched_tokens": 1024},
-    "bf16, max_num_batched_tokens=8192": {"engine_max_num_batched_tokens": 8192},
+    "fp32 (default)": {},
+    "bf16": {"engine_dtype": "bfloat16"},
+    "int8 W8A8": {"engine_weights": "int8"},
+    "fp32, max_num_batched_tokens=1024": {"engine_max_num_batched_tokens": 1024},
+    "fp32, max_num_batched_tokens=8192": {"engine_max_num_batched_tokens": 8192},
 }
 
 
