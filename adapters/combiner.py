@@ -150,7 +150,7 @@ def fit_from_gateway(settings: Settings, directory: Path, gateway: str, n: int, 
     folder = combiner_dir(settings.data_dir, manifest.name)
     if folder.exists():
         existing = CombinerManifest.load(folder)
-        if _same_fit(existing, manifest):  # a re-run on the same journal: the artifact stands
+        if _same_fit(existing, manifest):  # a re-run on the same samples: the artifact stands
             return folder, existing
         raise FileExistsError(f"combiner {manifest.name!r} exists with another fit: a new version needs a new name")
     manifest.save(folder)
@@ -158,5 +158,8 @@ def fit_from_gateway(settings: Settings, directory: Path, gateway: str, n: int, 
 
 
 def _same_fit(a: CombinerManifest, b: CombinerManifest) -> bool:
-    fields = ("crm", "llm", "data_fingerprint", "terms", "weights", "intercept", "fitted_on")
-    return all(getattr(a, f) == getattr(b, f) for f in fields)
+    """Same components, data and samples, and the same coefficients up to float noise: another CPU's kernels
+    score the same prompts ~1e-5 apart (measured on ML-1M across two machines), which moves the fit ~1e-6."""
+    fields = ("crm", "llm", "data_fingerprint", "terms", "fitted_on")
+    return all(getattr(a, f) == getattr(b, f) for f in fields) and np.allclose(
+        [*a.weights, a.intercept], [*b.weights, b.intercept], rtol=1e-3, atol=1e-4)
