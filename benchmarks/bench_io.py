@@ -12,7 +12,20 @@ import typer
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"
+    """The CPU as the figures depend on it: machines of the same kind here came with AVX2 only or with AVX-512."""
+    return f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu_isa()}), no GPU"
+
+
+def cpu_isa() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown ISA"
+    fields = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    flags = [f for f in wanted if f in fields.get("flags", "").split()]
+    return f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')}: {' '.join(flags)}"
 
 
 def command() -> str:

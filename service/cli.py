@@ -22,10 +22,9 @@ from adapters.ship import ship as ship_artifacts
 from service.app import create_app
 from service.config import Settings
 from service.ingest import MalformedFile, StoreMismatch, ingest_folder, stored_data_fingerprint
-from service.model import resolve_model
+from service.model import engine_weights, resolve_model
 from service.processes import engine_command, engine_env
 from service.prompt import load_codec
-from service.quantize import engine_weights
 from service.routing import AdapterRegistry
 from service.shipped import install_shipped
 from service.stack import Stack

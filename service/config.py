@@ -88,6 +88,12 @@ class EngineSettings(BaseSettings):
                             "engine; off = vLLM's own CPU LoRA ops")
     weights: Literal["source", "int8"] = Field("source", description="what the engine serves: the model's own "
                                                "weights, or an int8 W8A8 copy made once beside it (quantize.py)")
+    # oneDNN by default: on an AMD Zen 5 zentorch fp32 scored as oneDNN did (|dp| < 1e-5) and answered /v1/rank
+    # 1.05-1.19x faster, but prefilled batches of distinct prompts 0.77-0.83x as fast (one adapter, base) in the
+    # next run (benchmarks/results/engine_variants.json, engine_kernels.json): no clear gain in fp32.
+    kernels: Literal["onednn", "zentorch"] = Field(
+        "onednn", description="the engine's CPU linear kernels: vLLM's oneDNN, or AMD's ZenDNN (zentorch, which "
+        "scripts/install.sh puts beside the virtualenv; vLLM uses it on AMD CPUs with AVX-512 only)")
     extra_args: str = Field("", description="further vLLM server flags, shell-quoted (e.g. a --profiler-config "
                             "for benchmarks/profile_prefill.py)")
 

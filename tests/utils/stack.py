@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 from pathlib import Path
 
+import httpx
+
 from service.config import Settings
 from service.processes import Managed
+from service.scoring import EngineClient, p_yes
 from service.stack import LOREC, Stack
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,6 +38,17 @@ def start_engine(settings: Settings, model_dir: Path, log_path: Path) -> tuple[M
     return engine, url
 
 
+def engine_scores(url: str, codec, prompts: list[list[int]], adapter_dir: Path, adapter: str | None) -> list[float]:
+    """P(Yes) of each prompt from the engine at `url`, through `adapter` (loaded from adapter_dir) or the base."""
+    async def run() -> list[float]:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+            client = EngineClient(http, "base", codec.answer)
+            if adapter:
+                await client.ensure_adapter(adapter, adapter_dir / adapter)
+            return [p_yes(a.yes, a.no) for a in await client.score(prompts, adapter)]
+    return asyncio.run(run())
+
+
 def make_settings(workdir: Path, model: Path, redis_url: str, **overrides) -> Settings:
     values = dict(data_dir=workdir / "data", model=model, redis_url=redis_url, engine_kv_cache_gib=1,
                   engine_max_model_len=4096, adapter_dir=workdir / "adapters", qdrant_url=None, api_keys=KEYS)
@@ -54,5 +69,5 @@ def serve_env(settings: Settings, data_dir: Path, port: int) -> dict[str, str]:
 
 
 
-__all__ = ["ADMIN_KEY", "AUTH", "KEYS", "LOREC", "ML100K", "READ_KEY", "REPO", "WRITE_KEY", "make_settings",
-           "serve_env", "start_engine"]
+__all__ = ["ADMIN_KEY", "AUTH", "KEYS", "LOREC", "ML100K", "READ_KEY", "REPO", "WRITE_KEY", "engine_scores",
+           "make_settings", "serve_env", "start_engine"]
