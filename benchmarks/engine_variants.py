@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_io import command, machine, save  # noqa: E402
 from engine_settings import CONFIGS  # noqa: E402
-from perf import CANDIDATES, rank_requests, workload  # noqa: E402
+from perf import CANDIDATES, rank_requests  # noqa: E402
 
 from adapters.figures import paired_bootstrap, summarize  # noqa: E402
 from adapters.gateway_scores import score_via_gateway  # noqa: E402
@@ -53,7 +54,7 @@ def run_variant(settings: Settings, adapter: str, requests: list, clients: int, 
         engine_url, _ = stack.engine(settings)
         gateway = stack.gateway({"LOREC_ENGINE_URL": engine_url, "LOREC_DEFAULT_ADAPTER": adapter,
                                  "LOREC_ENGINE_TIMEOUT_S": "1800", "LOREC_REQUEST_DEADLINE_S": "1800"})
-        asyncio.run(rank_requests(gateway, workload(2, 99), 1, "subr", None))  # first batches, kernels
+        asyncio.run(rank_requests(gateway, requests[:2], 1, "subr", None))  # first batches, kernels
         runs = {mode: asyncio.run(rank_requests(gateway, requests, clients, mode, None)) for mode in MODES}
         served = asyncio.run(score_via_gateway(gateway, samples, None, 10, "subr", api_key=client_key(settings),
                                                scorer="llm")) if samples else None
@@ -66,6 +67,13 @@ def slice_figures(samples: list[Sample], scores: list[float], reference: list[fl
     return {**{k: round(v, 4) for k, v in summarize(samples, scores).items()}, "n": len(samples),
             "vs_reference": paired_bootstrap([s.label for s in samples], reference, scores),
             "mean_abs_dp": round(float(deltas.mean()), 5), "max_abs_dp": round(float(deltas.max()), 5)}
+
+
+def rank_workload(samples: list[Sample], n: int, seed: int) -> list[tuple[str, list[str]]]:
+    """`n` requests of a test user and 20 items of the data's catalogue (ML-1M's item ids have gaps)."""
+    rng = random.Random(seed)
+    users, items = sorted({s.user_id for s in samples}), sorted({s.item_id for s in samples})
+    return [(rng.choice(users), rng.sample(items, CANDIDATES)) for _ in range(n)]
 
 
 def scores(run: dict) -> dict[tuple, float]:
@@ -91,8 +99,9 @@ def main(adapter: str = typer.Option(..., help="the served adapter (registry of 
     settings = Settings()
     torch.set_num_threads(os.cpu_count() or 1)
     names = variants.split(",")
-    workload_ = workload(requests, seed)
-    samples = draw(Dataset.read(data).parts["test"], auc_n, seed) if auc_n else []
+    test = Dataset.read(data).parts["test"]
+    samples = draw(test, auc_n, seed) if auc_n else []
+    workload_ = rank_workload(test, requests, seed)
     runs, report = {}, {}
     for name in names:
         variant = settings.replace(**CONFIGS[name])
