@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import random
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -142,9 +144,23 @@ class Managed:
         self._log.close()
 
 
-def free_port() -> int:
-    import socket
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def free_port() -> int:
+    """A free port below the kernel's ephemeral range.
+
+    A port the kernel hands out for port 0 can be handed out again to any other
+    socket (vLLM's internal ZMQ sockets, clients) in the minutes between choosing it
+    and a server binding it; ports below that range are only ever taken on purpose.
+    """
+    low = int(EPHEMERAL_RANGE.read_text().split()[0]) if EPHEMERAL_RANGE.exists() else 32768
+    for _ in range(200):
+        port = random.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found in 10000-{low - 1}")

@@ -44,3 +44,16 @@ def test_zentorch_is_on_the_engine_s_path_only_when_chosen(monkeypatch, tmp_path
     monkeypatch.setattr(processes, "ZENTORCH_DIR", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="LOREC_ENGINE_KERNELS=zentorch"):
         engine_env(EngineSettings(kernels="zentorch"))
+
+
+def test_free_ports_lie_below_the_range_the_kernel_hands_out(monkeypatch):
+    import socket
+
+    ports = {processes.free_port() for _ in range(20)}
+    low = int(processes.EPHEMERAL_RANGE.read_text().split()[0])
+    assert all(10000 <= p < low for p in ports) and len(ports) > 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(processes.random, "randrange", lambda a, b: taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="no free port"):
+            processes.free_port()

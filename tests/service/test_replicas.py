@@ -18,7 +18,13 @@ from service.prompt import AnswerTokens
 from service.scoring import EngineClient, EnginePool
 from tests.utils.stack import AUTH, make_settings, start_engine
 
-ADAPTERS = [f"tiny-replica-{i}" for i in range(6)]
+
+def spread_over(urls: list[str], per_replica: int = 3) -> list[str]:
+    """Adapter names whose rendezvous homes split evenly over `urls` (the ports, hence the homes, vary per run)."""
+    pool, names = pool_of(urls), []
+    for url in urls:
+        names += [n for n in (f"tiny-replica-{i}" for i in range(200)) if pool.home(n) == url][:per_replica]
+    return names
 
 
 def pool_of(urls: list[str]) -> EnginePool:
@@ -55,38 +61,39 @@ def loaded_on(url: str) -> set[str]:
 def test_each_adapter_stays_on_its_replica_and_moves_when_that_replica_dies(tiny_settings, tiny_engine,
                                                                               second_engine, tmp_path):
     engine, spare_url = second_engine
-    for name in ADAPTERS:
+    adapters = spread_over([tiny_engine, spare_url])
+    for name in adapters:
         shutil.copytree(tiny_settings.registry_dir / "tiny-random-v1", tiny_settings.registry_dir / name,
                         dirs_exist_ok=True)
     settings = tiny_settings.replace(**{"engine_url": f"{tiny_engine},{spare_url}",
                                                 "data_dir": tmp_path / "data", "qdrant_url": ":memory:"})
     with TestClient(create_app(settings), headers=AUTH) as client:
         pool = client.app.state.recommender.engine
-        homes = {name: pool.home(name) for name in ADAPTERS}
+        homes = {name: pool.home(name) for name in adapters}
         assert set(homes.values()) == {tiny_engine, spare_url}, "the six adapters spread over both replicas"
 
         def rank(name: str) -> httpx.Response:
             return client.post("/v1/rank", json={"user_id": "1", "item_ids": ["1", "2"],
                                                  "options": {"adapter": name, "retrieval": "recent"}})
 
-        first = {name: rank(name).json()["items"] for name in ADAPTERS}
+        first = {name: rank(name).json()["items"] for name in adapters}
         for _ in range(2):
-            for name in ADAPTERS:
+            for name in adapters:
                 assert rank(name).status_code == 200
         for url in (tiny_engine, spare_url):
             mine = {n for n, home in homes.items() if home == url}
-            assert mine <= loaded_on(url) and not (set(ADAPTERS) - mine) & loaded_on(url), \
+            assert mine <= loaded_on(url) and not (set(adapters) - mine) & loaded_on(url), \
                 f"{url} holds exactly its own adapters"
 
         os.killpg(engine.process.pid, signal.SIGKILL)
         engine.process.wait(30)
-        for name in ADAPTERS:
+        for name in adapters:
             response = rank(name)
             assert response.status_code == 200, response.text
             assert "degraded" not in response.json()
             after = {i["item_id"]: i["score"] for i in response.json()["items"]}
             assert after == pytest.approx({i["item_id"]: i["score"] for i in first[name]}, abs=1e-3), \
                 "the same adapter on the other replica gives the same scores"
-        assert set(ADAPTERS) <= loaded_on(tiny_engine), "the dead replica's adapters moved to the live one"
+        assert set(adapters) <= loaded_on(tiny_engine), "the dead replica's adapters moved to the live one"
         base = client.post("/v1/ctr", json={"user_id": "2", "item_ids": ["3"], "options": {"retrieval": "recent"}})
         assert base.status_code == 200 and client.get("/readyz").json()["dependencies"]["vllm"] == "ok"
