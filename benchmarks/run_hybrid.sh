@@ -6,9 +6,10 @@
 #
 # On the store of $LOREC_DATA_DIR (ingested, the adapter ADAPTER in its registry, the CRM CRM under
 # $LOREC_DATA_DIR/crm): starts redis-server and the engine, a gateway serving ADAPTER (shared) and CRM,
+# (LOREC_ADAPTER_MODE=personal or cohort: ADAPTER names the RecLoRA bank under $LOREC_DATA_DIR/reclora),
 # fits the combiner on FIT_N (default 2000) seeded validation samples scored through it, restarts the
 # gateway with the combiner (the hybrid is then its default), and evaluates EVAL_N (default 10000; ML-100K:
-# the whole test split) seeded test samples once, each at its own as_of: the served hybrid and both
+# the whole test split; 0: fit only, the validation figures are in the combiner's manifest) seeded test samples once, each at its own as_of: the served hybrid and both
 # components on the same samples, the cold slices and the gain over the CRM (METHOD, default hybrid).
 # The CRM alone is also scored offline on the same samples (row crm-gbdt, with its validation figures).
 # Each gateway pass keeps a journal under $LOREC_DATA_DIR/eval: re-running after a cut goes on where it stopped.
@@ -18,7 +19,11 @@ DATA=${1:?MovieLens folder}; ADAPTER=${2:?adapter name}; CRM=${3:?CRM name}
 FIT_N=${4:-2000}; EVAL_N=${5:-10000}; METHOD=${6:-hybrid}
 export LOREC_DATA_DIR=${LOREC_DATA_DIR:-var} LOREC_REDIS_URL=${LOREC_REDIS_URL:-redis://127.0.0.1:6399/0}
 PORT=${LOREC_PORT:-8000}; export LOREC_PORT=$PORT LOREC_ENGINE_URL=http://127.0.0.1:8100
-export LOREC_CRM=$CRM LOREC_DEFAULT_ADAPTER=$ADAPTER LOREC_ADAPTER_MODE=shared
+MODE=${LOREC_ADAPTER_MODE:-shared}; export LOREC_CRM=$CRM LOREC_ADAPTER_MODE=$MODE
+case $MODE in
+  personal|cohort) export LOREC_RECLORA_BANK=$ADAPTER; SERVED="LOREC_ADAPTER_MODE=$MODE LOREC_RECLORA_BANK=$ADAPTER" ;;
+  *) export LOREC_DEFAULT_ADAPTER=$ADAPTER; SERVED="LOREC_DEFAULT_ADAPTER=$ADAPTER" ;;
+esac
 LOREC=.venv/bin/lorec; GATEWAY="http://127.0.0.1:$PORT"; mkdir -p "$LOREC_DATA_DIR/logs"
 # The stack's processes, started by `lorec stack` (service/stack.py), stopped when this script exits.
 pids=(); trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
@@ -29,9 +34,10 @@ up "$LOREC_DATA_DIR/logs/gateway-fit.log" env LOREC_COMBINER= $LOREC stack --gat
 COMBINER=$($LOREC train combiner --dir "$DATA" --gateway "$GATEWAY" --n "$FIT_N" \
   --journal-dir "$LOREC_DATA_DIR/eval" | tail -1 | .venv/bin/python -c "import json,sys; print(json.load(sys.stdin)['combiner'])")
 echo "combiner: $COMBINER" >&2
+[ "$EVAL_N" -gt 0 ] || exit 0
 kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
 up "$LOREC_DATA_DIR/logs/gateway-hybrid.log" env LOREC_COMBINER="$COMBINER" $LOREC stack --gateway-port "$PORT"
-$LOREC eval --dir "$DATA" --gateway "$GATEWAY" --mode shared --scorer hybrid --n "$EVAL_N" --offline-n 1000 \
+$LOREC eval --dir "$DATA" --gateway "$GATEWAY" --mode "$MODE" --scorer hybrid --n "$EVAL_N" --offline-n 1000 \
   --journal-dir "$LOREC_DATA_DIR/eval" --method "$METHOD"
 $LOREC eval --dir "$DATA" --crm --n "$EVAL_N" --method crm-gbdt
-echo "LOREC_DEFAULT_ADAPTER=$ADAPTER LOREC_CRM=$CRM LOREC_COMBINER=$COMBINER" >&2
+echo "$SERVED LOREC_CRM=$CRM LOREC_COMBINER=$COMBINER" >&2

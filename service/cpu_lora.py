@@ -12,6 +12,11 @@ Loaded by the engine process through the entry point group
 Nothing inside site-packages is edited. Semantics follow vLLM's ops with one
 deliberate difference: tokens without an adapter (slot -1) get no LoRA term,
 where the torch ops index slot -1 as the *last* slot and add its weights.
+
+Two more engine fixes ride in the same plugin: LoRA on int8 layers
+(`keep_int8_weight_for_lora`) and an fp32 output layer that reads a cached
+fp32 copy of the weight instead of casting it again at every step
+(`cache_fp32_head`).
 """
 
 from __future__ import annotations
@@ -138,10 +143,48 @@ def keep_int8_weight_for_lora() -> None:
     CPUInt8ScaledMMLinearKernel.process_weights_for_onednn = process_keeping_weight
 
 
+def fp32_logits(head: torch.nn.Module, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """hidden @ head.weight.T in fp32, from an fp32 copy of the weight made once and kept on the layer.
+    vLLM's CPU path (`head_dtype` float32 on a bf16 engine) casts the whole 262k x 640 weight at every
+    step; the weight is fixed once loaded (tied to the embedding), so one copy serves every step."""
+    weight = head.weight
+    cached = getattr(head, "_lorec_fp32_weight", None)
+    if cached is None or cached.shape != weight.shape:
+        cached = weight.detach().to(torch.float32).contiguous()
+        head._lorec_fp32_weight = cached
+    return torch.nn.functional.linear(hidden.to(torch.float32), cached,
+                                      bias.to(torch.float32) if bias is not None else None)
+
+
+def cache_fp32_head() -> None:
+    """Route vLLM's fp32 output layer (`--hf-overrides '{"head_dtype": "float32"}'`) on a CPU engine of
+    a lower dtype through `fp32_logits`; the answer is the same, GPU and same-dtype paths untouched."""
+    try:
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+        from vllm.model_executor.layers.logits_processor import LogitsProcessor
+        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+    except ImportError:
+        return
+    apply_head = LogitsProcessor._apply_head
+    if getattr(apply_head, "cached_fp32", False):
+        return
+
+    def apply_head_cached(self, lm_head, hidden_states, embedding_bias):
+        plain = isinstance(lm_head.quant_method, (UnquantizedEmbeddingMethod, UnquantizedLinearMethod))
+        if self.head_dtype != torch.float32 or hidden_states.dtype == torch.float32 or hidden_states.is_cuda \
+                or not plain:
+            return apply_head(self, lm_head, hidden_states, embedding_bias)
+        return fp32_logits(lm_head, hidden_states, embedding_bias)
+
+    apply_head_cached.cached_fp32 = True
+    LogitsProcessor._apply_head = apply_head_cached
+
+
 def register() -> None:
-    """Entry point: rebind the ops the CPU punica wrapper calls (a no-op where vLLM lacks it), and keep
-    LoRA working on int8 layers."""
+    """Entry point: rebind the ops the CPU punica wrapper calls (a no-op where vLLM lacks it), keep
+    LoRA working on int8 layers, and keep an fp32 output layer's weight cast once."""
     keep_int8_weight_for_lora()
+    cache_fp32_head()
     try:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:

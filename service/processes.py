@@ -9,6 +9,7 @@ starts as `python -m vllm.entrypoints.openai.api_server`.
 from __future__ import annotations
 
 import ctypes.util
+import json
 import os
 import random
 import shlex
@@ -55,6 +56,8 @@ def engine_command(engine: EngineSettings, model_dir: Path, port: int, host: str
         command += ["--max-num-batched-tokens", str(engine.max_num_batched_tokens)]
     if engine.block_size:
         command += ["--block-size", str(engine.block_size)]
+    if engine.dtype != "float32" and engine.head_dtype == "float32":
+        command += ["--hf-overrides", json.dumps({"head_dtype": "float32"})]
     return command + shlex.split(engine.extra_args)
 
 

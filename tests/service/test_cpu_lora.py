@@ -99,6 +99,36 @@ def test_register_rebinds_the_cpu_wrapper_ops():
             setattr(punica_cpu, name, op)
 
 
+def test_fp32_head_reads_one_cached_fp32_copy_of_the_weight():
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Module()
+    head.weight = torch.nn.Parameter((torch.randn(300, HIDDEN, generator=g) * 4).to(torch.bfloat16),
+                                     requires_grad=False)
+    head.quant_method = UnquantizedEmbeddingMethod()
+    head.quant_method.process_weights_after_loading(head)  # as the engine does after loading: its CPU GEMM
+    hidden = torch.randn(5, HIDDEN, generator=g).to(torch.bfloat16)
+    exact = hidden.double() @ head.weight.double().T
+    processor = LogitsProcessor.__new__(LogitsProcessor)  # only its head dtype matters here
+    processor.head_dtype = torch.float32
+    saved = LogitsProcessor._apply_head
+    try:
+        cpu_lora.cache_fp32_head()
+        logits = processor._apply_head(head, hidden, None)
+        copy = head._lorec_fp32_weight
+        assert logits.dtype == torch.float32 and processor._apply_head(head, hidden, None).dtype == torch.float32
+        assert head._lorec_fp32_weight is copy, "cast once, not at every step"
+        torch.testing.assert_close(logits.double(), exact, atol=1e-4, rtol=1e-5)
+        rounded = (hidden @ head.weight.T).double()  # the bf16 head: logits rounded to 8 bits of mantissa
+        assert (rounded - exact).abs().max() > 100 * (logits.double() - exact).abs().max()
+        processor.head_dtype = torch.bfloat16
+        assert processor._apply_head(head, hidden, None).dtype == torch.bfloat16, "the model's dtype: vLLM's path"
+    finally:
+        LogitsProcessor._apply_head = saved
+
+
 def test_engine_process_loads_the_plugin(tiny_engine, workdir):
     """`lorec engine` names the plugin in VLLM_PLUGINS and its entry point resolves to this module."""
     from importlib.metadata import entry_points

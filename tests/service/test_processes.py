@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import ctypes.util
 
 import pytest
@@ -33,6 +35,16 @@ def test_further_engine_flags_are_appended_as_the_shell_would_split_them(tmp_pat
     assert command[-4:] == ["--profiler-config", '{"profiler": "torch", "torch_profiler_dir": "/tmp/p q"}',
                             "--seed", "3"]
     assert engine_command(EngineSettings(), tmp_path, 8100)[-2:] == ["--block-size", "32"]
+
+
+def test_a_lower_precision_engine_computes_its_output_layer_in_fp32_unless_told(tmp_path):
+    def overrides(**engine) -> list[str]:
+        command = engine_command(EngineSettings(**engine), tmp_path, 8100)
+        return [json.loads(command[i + 1]) for i, flag in enumerate(command) if flag == "--hf-overrides"]
+
+    assert overrides(dtype="bfloat16") == [{"head_dtype": "float32"}]
+    assert overrides(dtype="bfloat16", head_dtype="model") == []
+    assert overrides(dtype="float32") == [], "an fp32 engine's head is fp32 already"
 
 
 def test_zentorch_is_on_the_engine_s_path_only_when_chosen(monkeypatch, tmp_path):
