@@ -37,7 +37,8 @@ CONFIGS = {  # the first is the default
     "zentorch fp32": {"engine_kernels": "zentorch"},
     "zentorch bf16": {"engine_kernels": "zentorch", "engine_dtype": "bfloat16"},
     "int8 W8A8": {"engine_weights": "int8", "engine_kernels": "onednn"},
-    "bf16 oneDNN": {"engine_dtype": "bfloat16", "engine_kernels": "onednn"},  # its output layer in fp32
+    "bf16 oneDNN": {"engine_dtype": "bfloat16", "engine_kernels": "onednn"},  # the answer logits in fp32
+    "bf16 oneDNN (fp32 head)": {"engine_dtype": "bfloat16", "engine_kernels": "onednn", "engine_head_dtype": "float32"},
     "bf16 oneDNN (bf16 head)": {"engine_dtype": "bfloat16", "engine_kernels": "onednn", "engine_head_dtype": "model"},
     "fp32 oneDNN, max_num_batched_tokens=1024": {"engine_kernels": "onednn", "engine_max_num_batched_tokens": 1024},
     "fp32 oneDNN, max_num_batched_tokens=8192": {"engine_kernels": "onednn", "engine_max_num_batched_tokens": 8192},

@@ -114,8 +114,9 @@ def engine(
     settings = Settings()
     if ready_file is not None:
         ready_file.unlink(missing_ok=True)
-    command = engine_command(settings.engine, engine_weights(settings.engine, settings.model_dir), port, host)
-    server = subprocess.Popen(command, env=engine_env(settings.engine))
+    weights = engine_weights(settings.engine, settings.model_dir)
+    server = subprocess.Popen(engine_command(settings.engine, weights, port, host),
+                              env=engine_env(settings.engine, weights))
     signal.signal(signal.SIGTERM, lambda *_: server.terminate())
     try:
         local = "127.0.0.1" if host in ("0.0.0.0", "::") else host

@@ -73,10 +73,12 @@ class EngineSettings(BaseSettings):
     # (benchmarks/results/engine_settings.json) and score as transformers does (agreement < 0.01).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # The answer is the Yes/No logit gap; bf16 logits are rounded to 0.125 between 16 and 32, which moved
-    # P(Yes) by ~0.01 against fp32 (benchmarks/results/engine_variants.json). fp32 keeps the output layer's
-    # product exact for a bf16/fp16 engine (an fp32 copy of the weight, 0.7 GB for Gemma's 262k x 640).
-    head_dtype: Literal["float32", "model"] = Field("float32", description="the output layer's dtype on a "
-                                                    "bf16/fp16 engine: float32, or model (the engine's dtype)")
+    # P(Yes) by ~0.01 against fp32. `answer` recomputes just those two logits in fp32 (free); `float32` is
+    # vLLM's fp32 head over the whole vocabulary (the same agreement, but 1.1x instead of 1.4x over fp32
+    # on an AMD Zen 5: benchmarks/results/engine_head_ml1m.json).
+    head_dtype: Literal["answer", "float32", "model"] = Field(
+        "answer", description="the output layer of a bf16/fp16 engine: answer (the Yes/No logits in fp32, the "
+        "rest in the engine's dtype), float32 (all of it), model (the engine's dtype)")
     max_model_len: int = Field(2048, ge=128)
     kv_cache_gib: int = Field(2, ge=1, description="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     max_loras: int = Field(4, ge=1, description="adapters in one batch")

@@ -14,16 +14,19 @@ deliberate difference: tokens without an adapter (slot -1) get no LoRA term,
 where the torch ops index slot -1 as the *last* slot and add its weights.
 
 Two more engine fixes ride in the same plugin: LoRA on int8 layers
-(`keep_int8_weight_for_lora`) and an fp32 output layer that reads a cached
-fp32 copy of the weight instead of casting it again at every step
-(`cache_fp32_head`).
+(`keep_int8_weight_for_lora`), and the output layer of a bf16 engine
+(`precise_head`): the answer tokens' logits in fp32, or an fp32 head that reads
+one cached fp32 copy of the weight instead of casting it at every step.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
+
+from service.processes import EXACT_LOGITS_ENV  # the Yes and No token ids, set for the engine process
 
 PLUGIN_NAME = "lorec_cpu_lora"
 logger = logging.getLogger(f"vllm.plugins.{PLUGIN_NAME}")  # under vLLM's logger: its handler prints it
@@ -156,9 +159,27 @@ def fp32_logits(head: torch.nn.Module, hidden: torch.Tensor, bias: torch.Tensor 
                                       bias.to(torch.float32) if bias is not None else None)
 
 
-def cache_fp32_head() -> None:
-    """Route vLLM's fp32 output layer (`--hf-overrides '{"head_dtype": "float32"}'`) on a CPU engine of
-    a lower dtype through `fp32_logits`; the answer is the same, GPU and same-dtype paths untouched."""
+def with_exact_columns(logits: torch.Tensor, head: torch.nn.Module, hidden: torch.Tensor,
+                       bias: torch.Tensor | None, tokens: list[int]) -> torch.Tensor:
+    """The logits in fp32, the columns of `tokens` recomputed from fp32 products. A bf16 logit is rounded
+    to 0.125 between 16 and 32; the answer is the gap between two of them (service/scoring.py), so those
+    two are made exact and the rest (only the softmax's normalizer, which cancels in P(Yes)) keep bf16."""
+    out = logits.to(torch.float32)
+    exact = hidden.to(torch.float32) @ head.weight[tokens].to(torch.float32).T
+    if bias is not None:
+        exact += bias[tokens].to(torch.float32)
+    out[..., tokens] = exact
+    return out
+
+
+def exact_tokens() -> list[int]:
+    return [int(t) for t in os.environ.get(EXACT_LOGITS_ENV, "").split(",") if t.strip()]
+
+
+def precise_head() -> None:
+    """On a CPU engine of a lower dtype with a plain output layer: `fp32_logits` where vLLM's `head_dtype` is
+    float32, else the answer tokens' columns made exact (`with_exact_columns`) when EXACT_LOGITS_ENV names
+    them. GPU and fp32 engines keep vLLM's path."""
     try:
         from vllm.model_executor.layers.linear import UnquantizedLinearMethod
         from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -166,25 +187,28 @@ def cache_fp32_head() -> None:
     except ImportError:
         return
     apply_head = LogitsProcessor._apply_head
-    if getattr(apply_head, "cached_fp32", False):
+    if getattr(apply_head, "precise", False):
         return
 
-    def apply_head_cached(self, lm_head, hidden_states, embedding_bias):
+    def apply_precise_head(self, lm_head, hidden_states, embedding_bias):
         plain = isinstance(lm_head.quant_method, (UnquantizedEmbeddingMethod, UnquantizedLinearMethod))
-        if self.head_dtype != torch.float32 or hidden_states.dtype == torch.float32 or hidden_states.is_cuda \
-                or not plain:
+        if hidden_states.dtype == torch.float32 or hidden_states.is_cuda or not plain:
             return apply_head(self, lm_head, hidden_states, embedding_bias)
-        return fp32_logits(lm_head, hidden_states, embedding_bias)
+        if self.head_dtype == torch.float32:
+            return fp32_logits(lm_head, hidden_states, embedding_bias)
+        logits = apply_head(self, lm_head, hidden_states, embedding_bias)
+        tokens = exact_tokens()
+        return with_exact_columns(logits, lm_head, hidden_states, embedding_bias, tokens) if tokens else logits
 
-    apply_head_cached.cached_fp32 = True
-    LogitsProcessor._apply_head = apply_head_cached
+    apply_precise_head.precise = True
+    LogitsProcessor._apply_head = apply_precise_head
 
 
 def register() -> None:
     """Entry point: rebind the ops the CPU punica wrapper calls (a no-op where vLLM lacks it), keep
-    LoRA working on int8 layers, and keep an fp32 output layer's weight cast once."""
+    LoRA working on int8 layers, and make a bf16 engine's answer logits exact."""
     keep_int8_weight_for_lora()
-    cache_fp32_head()
+    precise_head()
     try:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:

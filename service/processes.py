@@ -25,6 +25,7 @@ import httpx
 
 from service.config import EngineSettings
 
+EXACT_LOGITS_ENV = "LOREC_EXACT_LOGIT_TOKENS"  # token ids whose logits the engine plugin computes in fp32
 ENGINE_PLUGIN = "lorec_cpu_lora"  # service/cpu_lora.py, registered as an entry point in pyproject.toml
 # AMD's zentorch lives outside site-packages (scripts/install.sh): vLLM switches to its Zen platform whenever
 # `import zentorch` succeeds on an AMD AVX-512 CPU, so it is on the engine's path only when chosen
@@ -61,8 +62,13 @@ def engine_command(engine: EngineSettings, model_dir: Path, port: int, host: str
     return command + shlex.split(engine.extra_args)
 
 
-def engine_env(engine: EngineSettings) -> dict[str, str]:
+def engine_env(engine: EngineSettings, model_dir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if engine.dtype != "float32" and engine.head_dtype == "answer" and model_dir is not None:
+        from service.prompt import load_codec  # the tokenizer: only a lower-precision engine needs it
+
+        answer = load_codec(model_dir).answer
+        env[EXACT_LOGITS_ENV] = f"{answer.yes},{answer.no}"  # read by the engine plugin (cpu_lora.py)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     # Only the plugins named here load (an empty name list loads none).
     env["VLLM_PLUGINS"] = ENGINE_PLUGIN if engine.fast_lora else ""

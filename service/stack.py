@@ -70,7 +70,7 @@ class Stack:
         port = port or free_port()
         weights = engine_weights(settings.engine, model_dir or settings.model_dir)
         child = self._start(name, engine_command(settings.engine, weights, port),
-                            engine_env(settings.engine))
+                            engine_env(settings.engine, weights))
         url = f"http://127.0.0.1:{port}"
         if wait:
             self.wait_engine(url, child)

@@ -9,6 +9,7 @@ from vllm.lora.ops import torch_ops as vllm_ops
 from vllm.lora.punica_wrapper.utils import compute_meta
 
 from service import cpu_lora
+from service.processes import EXACT_LOGITS_ENV
 
 SLOTS, RANK, HIDDEN, OUT = 4, 8, 64, 96
 
@@ -87,8 +88,11 @@ def test_expand_without_slice_and_broadcast_row():
         torch.testing.assert_close(ours, theirs, atol=0.07, rtol=0.02)
 
 
-def test_register_rebinds_the_cpu_wrapper_ops():
+def test_register_rebinds_the_cpu_wrapper_ops(monkeypatch):
     from vllm.lora.punica_wrapper import punica_cpu
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    monkeypatch.setattr(LogitsProcessor, "_apply_head", LogitsProcessor._apply_head)  # register patches it
 
     saved = {name: getattr(punica_cpu, name) for name in cpu_lora.OPS}
     try:
@@ -99,8 +103,9 @@ def test_register_rebinds_the_cpu_wrapper_ops():
             setattr(punica_cpu, name, op)
 
 
-def test_fp32_head_reads_one_cached_fp32_copy_of_the_weight():
-    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+@pytest.fixture
+def bf16_head():
+    """A bf16 output layer after loading (its CPU GEMM prepared), hidden states, their exact logits."""
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
     g = torch.Generator().manual_seed(0)
@@ -108,25 +113,44 @@ def test_fp32_head_reads_one_cached_fp32_copy_of_the_weight():
     head.weight = torch.nn.Parameter((torch.randn(300, HIDDEN, generator=g) * 4).to(torch.bfloat16),
                                      requires_grad=False)
     head.quant_method = UnquantizedEmbeddingMethod()
-    head.quant_method.process_weights_after_loading(head)  # as the engine does after loading: its CPU GEMM
+    head.quant_method.process_weights_after_loading(head)
     hidden = torch.randn(5, HIDDEN, generator=g).to(torch.bfloat16)
-    exact = hidden.double() @ head.weight.double().T
-    processor = LogitsProcessor.__new__(LogitsProcessor)  # only its head dtype matters here
+    return head, hidden, hidden.double() @ head.weight.double().T
+
+
+@pytest.fixture
+def processor(monkeypatch):
+    """vLLM's LogitsProcessor with the plugin's head, answer tokens 7 and 42; only its head dtype matters."""
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    monkeypatch.setattr(LogitsProcessor, "_apply_head", LogitsProcessor._apply_head)  # restored afterwards
+    monkeypatch.setenv(EXACT_LOGITS_ENV, "7,42")
+    cpu_lora.precise_head()
+    processor = LogitsProcessor.__new__(LogitsProcessor)
+    processor.head_dtype = torch.bfloat16
+    return processor
+
+
+def test_a_bf16_head_computes_the_answer_tokens_logits_exactly(bf16_head, processor):
+    head, hidden, exact = bf16_head
+    logits = processor._apply_head(head, hidden, None)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits[:, [7, 42]].double(), exact[:, [7, 42]], atol=1e-4, rtol=1e-5)
+    rounded = (hidden @ head.weight.T).double()  # bf16 logits: 8 bits of mantissa
+    torch.testing.assert_close(logits.double(), rounded, atol=0.07, rtol=0.01)
+    answer_gap = lambda x: x[:, 7] - x[:, 42]  # noqa: E731  what P(Yes) depends on
+    error = {name: (answer_gap(x) - answer_gap(exact)).abs().max() for name, x in (("bf16", rounded), ("ours", logits))}
+    assert error["bf16"] > 100 * error["ours"]
+
+
+def test_an_fp32_head_reads_one_cached_fp32_copy_of_the_weight(bf16_head, processor):
+    head, hidden, exact = bf16_head
     processor.head_dtype = torch.float32
-    saved = LogitsProcessor._apply_head
-    try:
-        cpu_lora.cache_fp32_head()
-        logits = processor._apply_head(head, hidden, None)
-        copy = head._lorec_fp32_weight
-        assert logits.dtype == torch.float32 and processor._apply_head(head, hidden, None).dtype == torch.float32
-        assert head._lorec_fp32_weight is copy, "cast once, not at every step"
-        torch.testing.assert_close(logits.double(), exact, atol=1e-4, rtol=1e-5)
-        rounded = (hidden @ head.weight.T).double()  # the bf16 head: logits rounded to 8 bits of mantissa
-        assert (rounded - exact).abs().max() > 100 * (logits.double() - exact).abs().max()
-        processor.head_dtype = torch.bfloat16
-        assert processor._apply_head(head, hidden, None).dtype == torch.bfloat16, "the model's dtype: vLLM's path"
-    finally:
-        LogitsProcessor._apply_head = saved
+    logits = processor._apply_head(head, hidden, None)
+    copy = head._lorec_fp32_weight
+    assert processor._apply_head(head, hidden, None).dtype == torch.float32
+    assert head._lorec_fp32_weight is copy, "cast once, not at every step"
+    torch.testing.assert_close(logits.double(), exact, atol=1e-4, rtol=1e-5)
 
 
 def test_engine_process_loads_the_plugin(tiny_engine, workdir):

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 import ctypes.util
+import json
 
 import pytest
 
 from service import processes
 from service.config import EngineSettings
 from service.processes import engine_command, engine_env
+from service.prompt import load_codec
 
 
 def test_the_engine_runs_on_tcmalloc_before_torch_s_libgomp(monkeypatch):
@@ -37,14 +37,21 @@ def test_further_engine_flags_are_appended_as_the_shell_would_split_them(tmp_pat
     assert engine_command(EngineSettings(), tmp_path, 8100)[-2:] == ["--block-size", "32"]
 
 
-def test_a_lower_precision_engine_computes_its_output_layer_in_fp32_unless_told(tmp_path):
+def test_a_bf16_engine_gets_exact_answer_logits_or_an_fp32_head_as_told(tmp_path, tiny_model):
     def overrides(**engine) -> list[str]:
         command = engine_command(EngineSettings(**engine), tmp_path, 8100)
         return [json.loads(command[i + 1]) for i, flag in enumerate(command) if flag == "--hf-overrides"]
 
-    assert overrides(dtype="bfloat16") == [{"head_dtype": "float32"}]
+    def exact_tokens(**engine) -> str | None:
+        return engine_env(EngineSettings(**engine), tiny_model).get(processes.EXACT_LOGITS_ENV)
+
+    answer = load_codec(tiny_model).answer
+    assert exact_tokens(dtype="bfloat16") == f"{answer.yes},{answer.no}" and overrides(dtype="bfloat16") == []
+    assert overrides(dtype="bfloat16", head_dtype="float32") == [{"head_dtype": "float32"}]
+    assert exact_tokens(dtype="bfloat16", head_dtype="float32") is None
+    assert exact_tokens(dtype="bfloat16", head_dtype="model") is None
     assert overrides(dtype="bfloat16", head_dtype="model") == []
-    assert overrides(dtype="float32") == [], "an fp32 engine's head is fp32 already"
+    assert exact_tokens(dtype="float32") is None and overrides(dtype="float32") == [], "fp32 logits already"
 
 
 def test_zentorch_is_on_the_engine_s_path_only_when_chosen(monkeypatch, tmp_path):
