@@ -57,6 +57,15 @@ class IndexSettings(BaseSettings):
         return self.qdrant_api_key.get_secret_value() if self.qdrant_api_key else None
 
 
+def cpu_engine_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """bfloat16 where the CPU multiplies bf16 natively (AVX512_BF16, AMX), else float32."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return "float32"
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
 class EngineSettings(BaseSettings):
     """The vLLM engine: where it is, and how `lorec engine` starts it."""
 
@@ -69,9 +78,11 @@ class EngineSettings(BaseSettings):
     connect_timeout_s: float = Field(2.0, gt=0)
     warmup_candidates: int = Field(20, ge=0, description="prompts per warm-up batch the gateway scores through "
                                    "the base model and each start adapter before it is ready (0: no warm-up)")
-    # float32, not bfloat16: on CPUs without AMX, vLLM's fp32 kernels prefill 1.2-1.6x faster than bf16
-    # (benchmarks/results/engine_settings.json) and score as transformers does (agreement < 0.01).
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: bfloat16 where the CPU has bf16 dot products (AVX512_BF16 or AMX), with the answer logits in
+    # fp32 (head_dtype): on an AMD Zen 5 it answered /v1/rank ~1.4x faster than fp32 at mean |dp| < 0.01
+    # and the same AUC (benchmarks/results/engine_answer_ml1m.json); float32 elsewhere (on AVX2 alone
+    # bf16 is slower). GPUs: the GPU image and the Kubernetes base set bfloat16.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # The answer is the Yes/No logit gap; bf16 logits are rounded to 0.125 between 16 and 32, which moved
     # P(Yes) by ~0.01 against fp32. `answer` recomputes just those two logits in fp32 (free); `float32` is
     # vLLM's fp32 head over the whole vocabulary (the same agreement, but 1.1x instead of 1.4x over fp32
@@ -103,6 +114,11 @@ class EngineSettings(BaseSettings):
         "scripts/install.sh puts beside the virtualenv; vLLM uses it on AMD CPUs with AVX-512 only)")
     extra_args: str = Field("", description="further vLLM server flags, shell-quoted (e.g. a --profiler-config "
                             "for benchmarks/profile_prefill.py)")
+
+    @field_validator("dtype")
+    @classmethod
+    def _resolve_dtype(cls, dtype: str) -> str:
+        return cpu_engine_dtype() if dtype == "auto" else dtype
 
     @property
     def urls(self) -> list[str]:

@@ -202,6 +202,8 @@ def precise_head() -> None:
 
     apply_precise_head.precise = True
     LogitsProcessor._apply_head = apply_precise_head
+    if exact_tokens():
+        logger.info("%s: the logits of tokens %s are computed in fp32", PLUGIN_NAME, exact_tokens())
 
 
 def register() -> None:

@@ -18,6 +18,10 @@ from tests.utils.http import wait_ready
 from tests.utils.stack import AUTH, ML100K, REPO, make_settings, serve_env, start_engine
 from tests.utils.tiny_model import build_random_adapter, build_tiny_llama
 
+# The suite's engines run fp32, the reference its agreement tests compare served scores to (offline
+# transformers, /v1/rank against /v1/ctr); the default's bf16 path is tested in test_bf16_engine.py.
+os.environ.setdefault("LOREC_ENGINE_DTYPE", "float32")
+
 # Tests that use one of these run real processes (redis-server, vLLM, a gateway) or a model: marked `slow`,
 # so `pytest -m "not slow"` runs the rest (the request flow on fakes, pure logic) in well under a minute.
 PROCESS_FIXTURES = {"redis_url", "tiny_model", "tiny_engine", "gemma_model", "gemma_engine", "ingested",

@@ -145,5 +145,5 @@ def test_gpu_in_base_and_cpu_engine_in_the_cpu_overlay(docs):
         assert engine["resources"]["limits"]["nvidia.com/gpu"] == "1" and dtype == "bfloat16"
         assert engine["image"].startswith("lorec/engine-gpu:")
     else:
-        assert "nvidia.com/gpu" not in engine["resources"]["limits"] and dtype == "float32"
+        assert "nvidia.com/gpu" not in engine["resources"]["limits"] and dtype == "auto"
         assert engine["image"].startswith("lorec/engine-cpu:")

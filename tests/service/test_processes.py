@@ -8,7 +8,7 @@ import json
 import pytest
 
 from service import processes
-from service.config import EngineSettings
+from service.config import EngineSettings, cpu_engine_dtype
 from service.processes import engine_command, engine_env
 from service.prompt import load_codec
 
@@ -76,3 +76,18 @@ def test_free_ports_lie_below_the_range_the_kernel_hands_out(monkeypatch):
         monkeypatch.setattr(processes.random, "randrange", lambda a, b: taken.getsockname()[1])
         with pytest.raises(RuntimeError, match="no free port"):
             processes.free_port()
+
+
+def test_the_engine_runs_bf16_where_the_cpu_multiplies_bf16_natively(tmp_path, monkeypatch):
+    def dtype_for(flags: str) -> str:
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
+        return cpu_engine_dtype(tmp_path / "cpuinfo")
+
+    assert dtype_for("avx2 avx512f avx512_bf16 avx512_vnni") == "bfloat16"
+    assert dtype_for("avx2 amx_bf16 amx_tile") == "bfloat16"
+    assert dtype_for("avx2 avx512f avx512_vnni") == "float32" and dtype_for("avx2 fma") == "float32"
+    assert cpu_engine_dtype(tmp_path / "absent") == "float32"
+    monkeypatch.delenv("LOREC_ENGINE_DTYPE", raising=False)
+    assert EngineSettings().dtype == cpu_engine_dtype(), "auto by default"
+    assert EngineSettings(dtype="float32").dtype == "float32"
+
