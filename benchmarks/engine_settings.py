@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/engine_settings.py [--prompts 20] [--tokens 210] [--rounds 2]
 
 Starts the engine (prepared model under LOREC_DATA_DIR, the lorec_cpu_lora plugin on) once per
-configuration — float32 (the default) / bfloat16 / int8 W8A8 weights (LOREC_ENGINE_WEIGHTS=int8) / AMD's zentorch
+configuration — float32 (the reference) / bfloat16 / int8 W8A8 weights (LOREC_ENGINE_WEIGHTS=int8) / AMD's zentorch
 kernels (LOREC_ENGINE_KERNELS=zentorch) in fp32 and bf16,
 max_num_batched_tokens default / 1024 / 8192 — and scores the same kind of batches as
 benchmarks/lora_prefill.py: distinct random prompts (no prefix-cache hits) through the base model, one
@@ -32,16 +32,18 @@ from perf import matmul_ceiling  # noqa: E402
 from service.config import Settings  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "engine_settings.json"
-CONFIGS = {  # the first is the default
-    "fp32 oneDNN": {"engine_kernels": "onednn"},
-    "zentorch fp32": {"engine_kernels": "zentorch"},
+CONFIGS = {  # the first is the reference (fp32); the default engine is "bf16 oneDNN" on AVX512_BF16 / AMX CPUs
+    "fp32 oneDNN": {"engine_kernels": "onednn", "engine_dtype": "float32"},
+    "zentorch fp32": {"engine_kernels": "zentorch", "engine_dtype": "float32"},
     "zentorch bf16": {"engine_kernels": "zentorch", "engine_dtype": "bfloat16"},
-    "int8 W8A8": {"engine_weights": "int8", "engine_kernels": "onednn"},
+    "int8 W8A8": {"engine_weights": "int8", "engine_kernels": "onednn", "engine_dtype": "float32"},
     "bf16 oneDNN": {"engine_dtype": "bfloat16", "engine_kernels": "onednn"},  # the answer logits in fp32
     "bf16 oneDNN (fp32 head)": {"engine_dtype": "bfloat16", "engine_kernels": "onednn", "engine_head_dtype": "float32"},
     "bf16 oneDNN (bf16 head)": {"engine_dtype": "bfloat16", "engine_kernels": "onednn", "engine_head_dtype": "model"},
-    "fp32 oneDNN, max_num_batched_tokens=1024": {"engine_kernels": "onednn", "engine_max_num_batched_tokens": 1024},
-    "fp32 oneDNN, max_num_batched_tokens=8192": {"engine_kernels": "onednn", "engine_max_num_batched_tokens": 8192},
+    "fp32 oneDNN, max_num_batched_tokens=1024": {"engine_kernels": "onednn", "engine_dtype": "float32",
+                                                 "engine_max_num_batched_tokens": 1024},
+    "fp32 oneDNN, max_num_batched_tokens=8192": {"engine_kernels": "onednn", "engine_dtype": "float32",
+                                                 "engine_max_num_batched_tokens": 8192},
 }
 
 

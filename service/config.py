@@ -115,10 +115,11 @@ class EngineSettings(BaseSettings):
     extra_args: str = Field("", description="further vLLM server flags, shell-quoted (e.g. a --profiler-config "
                             "for benchmarks/profile_prefill.py)")
 
-    @field_validator("dtype")
-    @classmethod
-    def _resolve_dtype(cls, dtype: str) -> str:
-        return cpu_engine_dtype() if dtype == "auto" else dtype
+    @model_validator(mode="after")
+    def _resolve_dtype(self) -> EngineSettings:
+        if self.dtype == "auto":  # the int8 path was measured with fp32 activations (engine_variants_ml1m.json)
+            self.dtype = "float32" if self.weights == "int8" else cpu_engine_dtype()
+        return self
 
     @property
     def urls(self) -> list[str]:

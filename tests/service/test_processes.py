@@ -90,4 +90,5 @@ def test_the_engine_runs_bf16_where_the_cpu_multiplies_bf16_natively(tmp_path, m
     monkeypatch.delenv("LOREC_ENGINE_DTYPE", raising=False)
     assert EngineSettings().dtype == cpu_engine_dtype(), "auto by default"
     assert EngineSettings(dtype="float32").dtype == "float32"
+    assert EngineSettings(weights="int8").dtype == "float32", "int8 weights keep fp32 activations unless told"
 
