@@ -187,7 +187,7 @@ def eval_command(
     crm: Annotated[bool, typer.Option("--crm", help="score the CRM instead, offline, no gateway, on the same "
                                                     "seeded samples: LOREC_CRM's artifact, else the DIN")] = False,
     offline_dtype: Annotated[str | None, typer.Option(help="dtype of the offline reference (bfloat16 or "
-                                                           "float32); default: the engine's")] = None,
+                                                           "float32); default: float32")] = None,
     method: Annotated[str | None, typer.Option(help="record under this method name in --out")] = None,
     out: Out = QUALITY,
     journal_dir: Annotated[Path | None, typer.Option(help="append each gateway score to a journal in this "

@@ -118,7 +118,7 @@ def offline_check(settings: Settings, job: EvalJob, dataset: Dataset, samples: l
     subset = [samples[i] for i in checked]
     prompts = [p.input_ids for p in asyncio.run(prompted(settings, dataset.data, subset, job.k, job.retrieval))]
     codec = load_codec(settings.model_dir)
-    dtype = job.offline_dtype or settings.engine.dtype
+    dtype = job.offline_dtype or "float32"  # what a bf16 engine's answer logits are computed in, too
     model, prepare = offline_model(settings, dataset.data, subset, job.adapter, job.mode, getattr(torch, dtype))
     offline_scores = score(model, prompts, codec.answer, codec.pad_id, progress="offline", prepare=prepare)
     return {**summarize(subset, offline_scores), "n": len(subset), "dtype": dtype,
