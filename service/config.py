@@ -86,7 +86,8 @@ class EngineSettings(BaseSettings):
     # The answer is the Yes/No logit gap; bf16 logits are rounded to 0.125 between 16 and 32, which moved
     # P(Yes) by ~0.01 against fp32. `answer` recomputes just those two logits in fp32 (free); `float32` is
     # vLLM's fp32 head over the whole vocabulary (the same agreement, but 1.1x instead of 1.4x over fp32
-    # on an AMD Zen 5: benchmarks/results/engine_head_ml1m.json).
+    # on an AMD Zen 5: benchmarks/results/engine_head_ml1m.json). Both are the engine plugin's (fast_lora),
+    # on CPU engines; a GPU engine keeps vLLM's own head.
     head_dtype: Literal["answer", "float32", "model"] = Field(
         "answer", description="the output layer of a bf16/fp16 engine: answer (the Yes/No logits in fp32, the "
         "rest in the engine's dtype), float32 (all of it), model (the engine's dtype)")

@@ -64,6 +64,7 @@ def engine_command(engine: EngineSettings, model_dir: Path, port: int, host: str
 
 def engine_env(engine: EngineSettings, model_dir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop(EXACT_LOGITS_ENV, None)  # only this engine's own settings decide
     if engine.dtype != "float32" and engine.head_dtype == "answer" and model_dir is not None:
         from service.prompt import load_codec  # the tokenizer: only a lower-precision engine needs it
 

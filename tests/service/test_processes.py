@@ -37,7 +37,7 @@ def test_further_engine_flags_are_appended_as_the_shell_would_split_them(tmp_pat
     assert engine_command(EngineSettings(), tmp_path, 8100)[-2:] == ["--block-size", "32"]
 
 
-def test_a_bf16_engine_gets_exact_answer_logits_or_an_fp32_head_as_told(tmp_path, tiny_model):
+def test_a_bf16_engine_gets_exact_answer_logits_or_an_fp32_head_as_told(tmp_path, tiny_model, monkeypatch):
     def overrides(**engine) -> list[str]:
         command = engine_command(EngineSettings(**engine), tmp_path, 8100)
         return [json.loads(command[i + 1]) for i, flag in enumerate(command) if flag == "--hf-overrides"]
@@ -52,6 +52,8 @@ def test_a_bf16_engine_gets_exact_answer_logits_or_an_fp32_head_as_told(tmp_path
     assert exact_tokens(dtype="bfloat16", head_dtype="model") is None
     assert overrides(dtype="bfloat16", head_dtype="model") == []
     assert exact_tokens(dtype="float32") is None and overrides(dtype="float32") == [], "fp32 logits already"
+    monkeypatch.setenv(processes.EXACT_LOGITS_ENV, "1,2")
+    assert exact_tokens(dtype="bfloat16", head_dtype="model") is None, "not inherited from the caller"
 
 
 def test_zentorch_is_on_the_engine_s_path_only_when_chosen(monkeypatch, tmp_path):
