@@ -189,6 +189,7 @@ def precise_head() -> None:
     apply_head = LogitsProcessor._apply_head
     if getattr(apply_head, "precise", False):
         return
+    tokens = exact_tokens()  # fixed for the engine process's life
 
     def apply_precise_head(self, lm_head, hidden_states, embedding_bias):
         plain = isinstance(lm_head.quant_method, (UnquantizedEmbeddingMethod, UnquantizedLinearMethod))
@@ -197,13 +198,12 @@ def precise_head() -> None:
         if self.head_dtype == torch.float32:
             return fp32_logits(lm_head, hidden_states, embedding_bias)
         logits = apply_head(self, lm_head, hidden_states, embedding_bias)
-        tokens = exact_tokens()
         return with_exact_columns(logits, lm_head, hidden_states, embedding_bias, tokens) if tokens else logits
 
     apply_precise_head.precise = True
     LogitsProcessor._apply_head = apply_precise_head
-    if exact_tokens():
-        logger.info("%s: the logits of tokens %s are computed in fp32", PLUGIN_NAME, exact_tokens())
+    if tokens:
+        logger.info("%s: the logits of tokens %s are computed in fp32", PLUGIN_NAME, tokens)
 
 
 def register() -> None:

@@ -4,18 +4,16 @@ prompts, and a LoRA adapter changes them as it does there. Elsewhere vLLM keeps 
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from service.config import EngineSettings
 from service.processes import ZENTORCH_DIR, engine_env
 from service.prompt import load_codec
-from tests.utils.stack import engine_scores, make_settings, start_engine
+from tests.utils.stack import engine_agreement, make_settings, start_engine
 
 ADAPTER = "tiny-random-v1"
 
@@ -53,16 +51,8 @@ def test_zentorch_is_installed_beside_the_virtualenv_and_used_only_when_asked_fo
 
 def test_zentorch_engine_agrees_with_onednn_and_lora_changes_it_alike(tiny_engine, zentorch_engine, tiny_model,
                                                                       adapter_dir):
-    codec = load_codec(tiny_model)
-    rng = random.Random(0)
-    prompts = [[1] + [rng.randrange(10, 900) for _ in range(60)] for _ in range(12)]
-    onednn = {a: engine_scores(tiny_engine, codec, prompts, adapter_dir, a) for a in (None, ADAPTER)}
-    zen = {a: engine_scores(zentorch_engine, codec, prompts, adapter_dir, a) for a in (None, ADAPTER)}
+    agreement = engine_agreement(tiny_engine, zentorch_engine, load_codec(tiny_model), adapter_dir, ADAPTER)
     for adapter in (None, ADAPTER):
-        deltas = [abs(x - y) for x, y in zip(onednn[adapter], zen[adapter])]
-        print(f"\n{adapter or 'base'}: mean |dp| {np.mean(deltas):.6f}, max {max(deltas):.6f}")
-        assert np.mean(deltas) < 0.01 and max(deltas) < 0.02, "the issue's bound: mean |dp| < 0.01"
-    effect_onednn = np.subtract(onednn[ADAPTER], onednn[None])
-    effect_zen = np.subtract(zen[ADAPTER], zen[None])
-    assert np.abs(effect_onednn).max() > 0.05, "the adapter moves the scores"
-    assert float(np.corrcoef(effect_onednn, effect_zen)[0, 1]) > 0.99, "and moves them alike through zentorch"
+        assert agreement.mean_dp[adapter] < 0.01 and agreement.max_dp[adapter] < 0.02, "the issue's bound"
+    assert agreement.reference_effect > 0.05, "the adapter moves the scores"
+    assert agreement.effect_correlation > 0.99, "and moves them alike through zentorch"

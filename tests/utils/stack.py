@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from service.config import Settings
 from service.processes import Managed
@@ -49,6 +52,32 @@ def engine_scores(url: str, codec, prompts: list[list[int]], adapter_dir: Path, 
     return asyncio.run(run())
 
 
+@dataclass
+class EngineAgreement:
+    """A variant engine against a reference engine on the same fixed prompts, base and through an adapter."""
+
+    mean_dp: dict[str | None, float]  # mean |dp| by adapter (None: the base model)
+    max_dp: dict[str | None, float]
+    reference_effect: float  # the adapter's largest move of a score on the reference engine
+    effect_correlation: float  # of the adapter's moves on the two engines
+
+
+def engine_agreement(reference: str, variant: str, codec, adapter_dir: Path, adapter: str) -> EngineAgreement:
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(10, 900) for _ in range(60)] for _ in range(12)]
+    ref = {a: np.array(engine_scores(reference, codec, prompts, adapter_dir, a)) for a in (None, adapter)}
+    var = {a: np.array(engine_scores(variant, codec, prompts, adapter_dir, a)) for a in (None, adapter)}
+    deltas = {a: np.abs(ref[a] - var[a]) for a in (None, adapter)}
+    effect_ref, effect_var = ref[adapter] - ref[None], var[adapter] - var[None]
+    for a in (None, adapter):
+        print(f"\n{a or 'base'}: mean |dp| {deltas[a].mean():.6f}, max {deltas[a].max():.6f}")
+    print(f"adapter effect reference {np.round(effect_ref, 3)}\n               variant {np.round(effect_var, 3)}")
+    return EngineAgreement(mean_dp={a: float(d.mean()) for a, d in deltas.items()},
+                           max_dp={a: float(d.max()) for a, d in deltas.items()},
+                           reference_effect=float(np.abs(effect_ref).max()),
+                           effect_correlation=float(np.corrcoef(effect_ref, effect_var)[0, 1]))
+
+
 def make_settings(workdir: Path, model: Path, redis_url: str, **overrides) -> Settings:
     values = dict(data_dir=workdir / "data", model=model, redis_url=redis_url, engine_kv_cache_gib=1,
                   engine_max_model_len=4096, adapter_dir=workdir / "adapters", qdrant_url=None, api_keys=KEYS)
@@ -69,5 +98,6 @@ def serve_env(settings: Settings, data_dir: Path, port: int) -> dict[str, str]:
 
 
 
-__all__ = ["ADMIN_KEY", "AUTH", "KEYS", "LOREC", "ML100K", "READ_KEY", "REPO", "WRITE_KEY", "engine_scores",
+__all__ = ["ADMIN_KEY", "AUTH", "KEYS", "LOREC", "ML100K", "READ_KEY", "REPO", "WRITE_KEY", "EngineAgreement",
+           "engine_agreement", "engine_scores",
            "make_settings", "serve_env", "start_engine"]
