@@ -71,6 +71,9 @@ def reit(
     lr_schedule: o.Schedule = o.LrSchedule.constant, warmup_steps: o.Warmup = D.warmup_steps,
     eval_every: o.EvalEvery = D.eval_every, patience: o.Patience = D.patience, seed: o.Seed = D.seed,
     loss: o.LossOption = o.Loss.vocab, device: o.Device = D.device, max_seconds: o.MaxSeconds = None,
+    prompt: Annotated[o.PromptKind, typer.Option(help="rella, or crm-estimate: the prompt also shows the CRM's "
+                                                      "(LOREC_CRM) estimate, which the gateway then writes too")
+                      ] = o.PromptKind.rella,
     name: Annotated[str | None, typer.Option(help="adapter name in the registry (default: derived)")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="where checkpoints live; re-running resumes (a finished "
                                                       "run, e.g. fitted from a bundle, is only exported)")] = None,
@@ -78,7 +81,7 @@ def reit(
     """Train a ReiT LoRA adapter (recent-K + SUBR-K prompts) and export it into the registry."""
     training = o.train_settings(rank, alpha, target_modules, lr, batch_size, max_epochs, lr_schedule, warmup_steps,
                                 eval_every, patience, seed, loss, device, max_seconds)
-    job = ReitJob(training, directory, bundle_path, n_train, n_valid, k, name, run_dir)
+    job = ReitJob(training, directory, bundle_path, n_train, n_valid, k, name, run_dir, prompt)
     try:
         typer.echo(json.dumps(train_reit(Settings(), job)))
     except ValueError as error:

@@ -88,6 +88,22 @@ def offline_model(settings: Settings, data, samples: list[Sample], adapter: str,
     return load_model(settings.model_dir, adapter_dir=adapter_dir, dtype=dtype), None
 
 
+def shown_crm_logits(settings: Settings, dataset: Dataset, samples: list[Sample], adapter: str,
+                     mode: str | None) -> list[float] | None:
+    """The CRM logits the evaluated adapter's prompts show (its manifest's `prompt_crm`), as the gateway
+    computes them; None for an adapter (or bank) whose prompts show none."""
+    if mode in ("personal", "cohort"):
+        return None
+    name = settings.adapters.default if mode == "shared" else adapter
+    manifest = read_manifest(settings.registry_dir, name) if name and name != BASE else None
+    if manifest is None or manifest.prompt_crm is None:
+        return None
+    crm = Crm(crm_dir(settings.data_dir, settings.scoring.crm)) if settings.scoring.crm else None
+    if crm is None or f"{crm.name}@{crm.version}" != manifest.prompt_crm:
+        raise ValueError(f"adapter {name!r} reads CRM {manifest.prompt_crm}'s estimate: set LOREC_CRM to it")
+    return [float(x) for x in crm.logits(OfflineFeatures(dataset.data, crm.spec).matrix(samples))]
+
+
 def crm_figures(settings: Settings, dataset: Dataset, samples: list[Sample]) -> dict:
     """The configured feature CRM (LOREC_CRM) on `samples`, offline; without one, the DIN file."""
     if settings.scoring.crm:
@@ -116,7 +132,9 @@ def offline_check(settings: Settings, job: EvalJob, dataset: Dataset, samples: l
     """The same computation outside vLLM, on all evaluated samples or a seeded part of them."""
     checked = draw(range(len(samples)), job.offline_n, job.seed) if job.offline_n else range(len(samples))
     subset = [samples[i] for i in checked]
-    prompts = [p.input_ids for p in asyncio.run(prompted(settings, dataset.data, subset, job.k, job.retrieval))]
+    shown = shown_crm_logits(settings, dataset, subset, job.adapter, job.mode)
+    prompts = [p.input_ids for p in asyncio.run(prompted(settings, dataset.data, subset, job.k, job.retrieval,
+                                                         shown))]
     codec = load_codec(settings.model_dir)
     dtype = job.offline_dtype or "float32"  # what a bf16 engine's answer logits are computed in, too
     model, prepare = offline_model(settings, dataset.data, subset, job.adapter, job.mode, getattr(torch, dtype))

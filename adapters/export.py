@@ -13,41 +13,10 @@ import json
 import shutil
 from pathlib import Path
 
-from service.artifacts import MANIFEST, Manifest, git_commit
+from service.artifacts import MANIFEST, AdapterManifest, git_commit
 from service.routing import AdapterRegistry
 
 __all__ = ["MANIFEST", "AdapterManifest", "export_adapter", "git_commit", "read_manifest"]
-
-
-class AdapterManifest(Manifest):
-    """What an adapter in the registry was trained on and how (written by `lorec train reit`)."""
-
-    FORMAT = "lorec.adapter"
-    VERSION = 1
-    LEGACY = True  # adapters exported before the format was named carry the same fields
-
-    name: str
-    base_model: str
-    method: str = "reit"
-    dataset: str | None = None
-    data_fingerprint: str | None = None
-    split_sizes: dict[str, int] | None = None
-    n_train_samples: int | None = None
-    n_train_prompts: int | None = None
-    n_valid: int | None = None
-    k: int | None = None
-    lora: dict | None = None
-    loss: str | None = None
-    lr: dict | None = None
-    validation: dict | None = None  # the best validation evaluation, which chose the checkpoint
-    train_seconds: float | None = None
-    steps: int | None = None
-    epochs: float | None = None
-    device: str | None = None
-    stopped: str | None = None
-    dtype: str | None = None
-    offset_crm: str | None = None  # residual training: the CRM (name@version) it learned on top of
-    command: str | None = None
 
 
 def export_adapter(trained: Path, registry: Path, name: str, base_model: Path, manifest: dict) -> Path:

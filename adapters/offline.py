@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,19 @@ async def offline_index(settings: Settings, dataset: str) -> AsyncIterator[ItemI
             await index.close()
 
 
+@dataclass(frozen=True)
+class CrmLogits:
+    """The CRM's logits on a few-shot draw: out-of-fold on the train samples (the CRM saw them, so its own
+    logits there are optimistic), its own on the validation samples, as the gateway computes them."""
+
+    crm: str  # name@version
+    train: list[float]
+    valid: list[float]
+
+
+CrmLogitsOf = Callable[["Dataset", list[Sample], list[Sample]], CrmLogits]
+
+
 @dataclass
 class FewShot:
     """A few-shot training pool (ReiT: each sample in both views) and its validation samples."""
@@ -78,26 +91,36 @@ class FewShot:
     codec: PromptCodec
     train: list[PromptedSample]
     valid: list[PromptedSample]
+    crm: str | None = None  # the CRM (name@version) whose logits are the prompts' offsets
 
 
 async def few_shot_prompts(settings: Settings, directory: Path, n_train: int, n_valid: int, k: int,
-                           seed: int) -> FewShot:
+                           seed: int, crm_logits: CrmLogitsOf | None = None, show_estimate: bool = False
+                           ) -> FewShot:
     """`n_train` seeded train samples (recent-K and SUBR-K prompts) and `n_valid` validation samples (seed + 1,
-    in the deployment's retrieval mode)."""
+    in the deployment's retrieval mode). With `crm_logits` each prompt carries its sample's CRM logit as
+    `offset` (residual training), and with `show_estimate` its prompt shows the CRM's estimate."""
     dataset = Dataset.read(directory)
     codec = load_codec(settings.model_dir)
+    train_samples = draw(dataset.parts["train"], n_train, seed)
+    valid_samples = draw(dataset.parts["valid"], n_valid, seed + 1)
+    logits = crm_logits(dataset, train_samples, valid_samples) if crm_logits else None
     async with offline_index(settings, dataset.data.name) as index:
-        train = await reit_prompts(draw(dataset.parts["train"], n_train, seed), dataset.data, index, codec, k)
-        valid = await reit_prompts(draw(dataset.parts["valid"], n_valid, seed + 1), dataset.data, index, codec, k,
-                                   modes=(settings.requests.retrieval_mode,))
-    return FewShot(dataset, codec, train, valid)
+        train = await reit_prompts(train_samples, dataset.data, index, codec, k,
+                                   crm_logits=logits.train if logits else None, show_estimate=show_estimate)
+        valid = await reit_prompts(valid_samples, dataset.data, index, codec, k,
+                                   modes=(settings.requests.retrieval_mode,),
+                                   crm_logits=logits.valid if logits else None, show_estimate=show_estimate)
+    return FewShot(dataset, codec, train, valid, logits.crm if logits else None)
 
 
 async def prompted(settings: Settings, data: MovieLens, samples: Sequence[Sample], k: int,
-                   mode: RetrievalMode) -> list[PromptedSample]:
-    """The samples' prompts in one retrieval mode, as the gateway writes them."""
+                   mode: RetrievalMode, crm_logits: Sequence[float] | None = None) -> list[PromptedSample]:
+    """The samples' prompts in one retrieval mode, as the gateway writes them (with the CRM's estimate
+    when `crm_logits` are given: an adapter trained to read it)."""
     async with offline_index(settings, data.name) as index:
-        return await reit_prompts(samples, data, index, load_codec(settings.model_dir), k, modes=(mode,))
+        return await reit_prompts(samples, data, index, load_codec(settings.model_dir), k, modes=(mode,),
+                                  crm_logits=crm_logits, show_estimate=crm_logits is not None)
 
 
 def write_bundle(settings: Settings, directory: Path, n_train: int, n_valid: int, k: int, seed: int,

@@ -32,6 +32,11 @@ class Loss(StrEnum):
     residual = "residual"  # pair with the CRM's logit (LOREC_CRM) added: the adapter learns what the CRM misses
 
 
+class PromptKind(StrEnum):
+    rella = "rella"  # ReLLa's shape, as published
+    crm_estimate = "crm-estimate"  # plus the CRM's (LOREC_CRM) estimate for the target
+
+
 Directory = Annotated[Path, typer.Option("--dir", exists=True, file_okay=False, help="MovieLens folder")]
 NTrain = Annotated[int, typer.Option("--n", help="few-shot samples drawn from train (each seen twice: ReiT)")]
 NValid = Annotated[int, typer.Option(help="validation samples for checkpoint choice and early stopping")]

@@ -101,19 +101,27 @@ class PromptedSample:
 
 
 async def prompt_ids(sample: Sample, profile: Profile, catalog: dict[str, Item], index: ItemIndex,
-                     codec: PromptCodec, k: int, mode: RetrievalMode) -> list[int]:
+                     codec: PromptCodec, k: int, mode: RetrievalMode, crm_logit: float | None = None) -> list[int]:
     chosen = (await select_behaviours(index, sample.history(), [sample.item_id], k, mode))[sample.item_id]
     chosen = [b for b in chosen if b.item_id in catalog]
-    return codec.encode(build_prompt(profile, chosen, catalog, catalog[sample.item_id]))
+    return codec.encode(build_prompt(profile, chosen, catalog, catalog[sample.item_id], crm_logit))
 
 
 async def reit_prompts(samples: Sequence[Sample], data: MovieLens, index: ItemIndex, codec: PromptCodec,
-                       k: int, modes: Sequence[RetrievalMode] = ("recent", "subr")) -> list[PromptedSample]:
-    """ReiT: every sample once per history view (recent-K and SUBR-K by default)."""
+                       k: int, modes: Sequence[RetrievalMode] = ("recent", "subr"),
+                       crm_logits: Sequence[float] | None = None, show_estimate: bool = False
+                       ) -> list[PromptedSample]:
+    """ReiT: every sample once per history view (recent-K and SUBR-K by default). `crm_logits` (one per
+    sample) become each prompt's `offset`, and with `show_estimate` the prompt shows their probability."""
     catalog = {i.item_id: i for i in data.items}
+    logits = [0.0] * len(samples) if crm_logits is None else list(crm_logits)
+    if len(logits) != len(samples) or (show_estimate and crm_logits is None):
+        raise ValueError("one CRM logit per sample is needed")
     out = []
-    for sample in samples:
+    for sample, logit in zip(samples, logits):
         profile = data.profiles.get(sample.user_id, Profile())
+        shown = logit if show_estimate else None
         for mode in modes:
-            out.append(PromptedSample(sample, mode, await prompt_ids(sample, profile, catalog, index, codec, k, mode)))
+            ids = await prompt_ids(sample, profile, catalog, index, codec, k, mode, shown)
+            out.append(PromptedSample(sample, mode, ids, offset=logit))
     return out

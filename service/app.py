@@ -108,12 +108,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                               on_load=lambda outcome: metrics.adapter_loads.labels(outcome).inc())
                                  for http in https])
             personalizer = open_personalizer(settings)
-            router = Router(AdapterRegistry(settings.registry_dir), engine, settings.adapters.default,
-                            settings.adapters.mode, personalizer)
+            registry = AdapterRegistry(settings.registry_dir)
+            crm, scorers = open_scoring(settings, registry, personalizer)
+            router = Router(registry, engine, settings.adapters.default, settings.adapters.mode, personalizer,
+                            crm=f"{crm.name}@{crm.version}" if crm else None)
             metrics.quarantined.set_function(lambda: len(router.quarantined))
             app.state.warmup = start_warmup(settings, codec, router, metrics)
             limits = Limits.of(settings.requests, settings.prompt_budget)
-            crm, scorers = open_scoring(settings, router.registry, personalizer)
             app.state.recommender = RecommendService(
                 history, index, codec, engine, router, metrics, default_k=settings.requests.history_k,
                 default_mode=settings.requests.retrieval_mode, limits=limits, scorers=scorers, crm=crm,

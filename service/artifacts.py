@@ -97,6 +97,39 @@ class Manifest(BaseModel):
             raise ArtifactError(f"{path}: {error}") from None
 
 
+class AdapterManifest(Manifest):
+    """What an adapter in the registry was trained on and how (written by `lorec train reit`; the
+    gateway reads `prompt_crm` from it)."""
+
+    FORMAT = "lorec.adapter"
+    VERSION = 1
+    LEGACY = True  # adapters exported before the format was named carry the same fields
+
+    name: str
+    base_model: str
+    method: str = "reit"
+    dataset: str | None = None
+    data_fingerprint: str | None = None
+    split_sizes: dict[str, int] | None = None
+    n_train_samples: int | None = None
+    n_train_prompts: int | None = None
+    n_valid: int | None = None
+    k: int | None = None
+    lora: dict | None = None
+    loss: str | None = None
+    lr: dict | None = None
+    validation: dict | None = None  # the best validation evaluation, which chose the checkpoint
+    train_seconds: float | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    device: str | None = None
+    stopped: str | None = None
+    dtype: str | None = None
+    offset_crm: str | None = None  # residual training: the CRM (name@version) it learned on top of
+    prompt_crm: str | None = None  # the CRM (name@version) whose estimate its prompts show (service.prompt)
+    command: str | None = None
+
+
 class DataPaths:
     """Where each artifact lives under a data folder (LOREC_DATA_DIR): the one place that spells the layout."""
 

@@ -1,4 +1,4 @@
-"""Stage 6, combine: the served score from the LLM's and the CRM's, and which scorer answers a request.
+"""Stage 8, combine: the served score from the LLM's and the CRM's, and which scorer answers a request.
 
 Scorers: `hybrid` (both, through a combiner), `crm` (the CRM alone), `llm` (the LLM alone). A
 request asks for one (`options.scorer`, default `LOREC_SCORER`); when it cannot be had the next in

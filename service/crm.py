@@ -1,4 +1,4 @@
-"""Stage 5b, the conventional recommender (CRM): a CTR logit per candidate from the point-in-time features.
+"""Stage 3, the conventional recommender (CRM): a CTR logit per candidate from the point-in-time features.
 
 The CRM is trained on the whole train split (Few2Many: it sees all the data, the LLM a few
 thousand samples) and chosen on validation (`lorec train crm-gbdt`). It is the fallback scorer

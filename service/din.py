@@ -7,7 +7,7 @@ behaviours (item id + rating embeddings); the attention unit reads
 target, user and profile embeddings in an MLP that outputs the CTR logit.
 `user_vector` (user embedding + mean of the history embeddings) is what the
 RecLoRA gate reads. The trainer (adapters/crm.py) fits it; the gateway loads
-it to personalise adapters (stage 4, routing) for banks gated on it.
+it to personalise adapters (stage 5, routing) for banks gated on it.
 """
 
 from __future__ import annotations

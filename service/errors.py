@@ -16,7 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.encoder import EncoderNotReady
-from service.routing import AdapterNotFound
+from service.routing import AdapterNotFound, AdapterUnservable
 from service.schemas import ErrorBody, ErrorResponse
 from service.scoring import EngineError
 
@@ -59,6 +59,8 @@ def as_api_error(exc: Exception) -> ApiError | None:
         return DependencyError("vllm", str(exc), timeout=exc.timeout)
     if isinstance(exc, EncoderNotReady):
         return ApiError(409, "catalog_not_ingested", str(exc))
+    if isinstance(exc, AdapterUnservable):
+        return ApiError(409, "adapter_unservable", str(exc), field="options.adapter")
     if isinstance(exc, AdapterNotFound):
         return ApiError(404, "adapter_not_found", str(exc), field="options.adapter")
     return None
@@ -86,8 +88,8 @@ def register_error_handlers(app: FastAPI) -> None:
         return respond(error)
 
     # Registered per class so they are answered inside the app, not by the server-error layer.
-    for known in (ApiError, RedisConnectionError, RedisTimeoutError, EngineError, AdapterNotFound, EncoderNotReady,
-                  QdrantApiError, QdrantTransportError):
+    for known in (ApiError, RedisConnectionError, RedisTimeoutError, EngineError, AdapterNotFound, AdapterUnservable,
+                  EncoderNotReady, QdrantApiError, QdrantTransportError):
         app.add_exception_handler(known, _known)
 
     @app.exception_handler(Exception)

@@ -1,4 +1,4 @@
-"""RecLoRA personalisation (part of stage 4, routing): a user's own LoRA, mixed from a meta-LoRA bank.
+"""RecLoRA personalisation (part of stage 5, routing): a user's own LoRA, mixed from a meta-LoRA bank.
 
 A bank folder (written by `lorec train reclora`) holds, per adapted module,
 N meta-LoRAs (A_k: r x in, B_k: out x r) and a gate over the CRM's user vector:

@@ -7,6 +7,11 @@ only Yes or No. The user's part comes first and the target's part last, so
 every candidate of one request shares the longest possible prefix (vLLM's
 prefix cache reuses it; in `recent` mode that is the whole history).
 
+An adapter trained with the CRM's estimate in its prompt (its manifest's `prompt_crm`) gets one more
+line in the target's part: the CRM's probability as a whole percent, the CoLLM/Few2Many idea of giving
+the LLM what the conventional model knows. Trainer and gateway write it from the same CRM and the same
+point-in-time features, so the tokens are the same.
+
 Item text is data, not instructions: titles are quoted and stripped of
 quotes and line breaks so a title cannot close the list or start a new line
 of instructions.
@@ -14,6 +19,7 @@ of instructions.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,16 +76,27 @@ def user_part(profile: Profile, behaviours: Sequence[Behaviour], items: dict[str
     return "\n".join(lines) + "\n"
 
 
-def target_part(target: Item) -> str:
+def estimate_sentence(crm_logit: float) -> str:
+    """The CRM's estimate as the prompt shows it: its probability as a whole percent. Trainer and gateway
+    pass the logit and this one function turns it into text, so both write the same number."""
+    probability = 1 / (1 + math.exp(-crm_logit)) if crm_logit >= 0 else math.exp(crm_logit) / (1 + math.exp(crm_logit))
+    percent = min(100, max(0, round(100 * probability)))
+    return f"A recommender trained on all users' ratings gives a {percent}% chance that the user likes it.\n"
+
+
+def target_part(target: Item, crm_logit: float | None = None) -> str:
+    hint = "" if crm_logit is None else estimate_sentence(crm_logit)
     return (
-        f"Will the user like the movie {item_phrase(target)}?\n"
+        f"Will the user like the movie {item_phrase(target)}?\n{hint}"
         f"Answer only Yes or No.\n{ANSWER_PREFIX}"
     )
 
 
-def build_prompt(profile: Profile, behaviours: Sequence[Behaviour], items: dict[str, Item], target: Item) -> str:
-    """Prompt text for one (user, target) pair; `behaviours` already chosen and in time order."""
-    return user_part(profile, behaviours, items) + target_part(target)
+def build_prompt(profile: Profile, behaviours: Sequence[Behaviour], items: dict[str, Item], target: Item,
+                 crm_logit: float | None = None) -> str:
+    """Prompt text for one (user, target) pair; `behaviours` already chosen and in time order; `crm_logit`:
+    the CRM's estimate, for an adapter trained to read it."""
+    return user_part(profile, behaviours, items) + target_part(target, crm_logit)
 
 
 @dataclass(frozen=True)
@@ -118,14 +135,15 @@ class PromptTooLong(ValueError):
 
 
 def encode_within_budget(codec: PromptCodec, profile: Profile, behaviours: Sequence[Behaviour],
-                         items: dict[str, Item], target: Item, max_tokens: int) -> tuple[list[int], list[Behaviour]]:
+                         items: dict[str, Item], target: Item, max_tokens: int, crm_logit: float | None = None
+                         ) -> tuple[list[int], list[Behaviour]]:
     """Token ids of the prompt and the behaviours it shows, at most `max_tokens` long.
 
     The oldest behaviours are dropped first; the profile, the target and the question never are.
     """
     kept = list(behaviours)
     while True:
-        ids = codec.encode(build_prompt(profile, kept, items, target))
+        ids = codec.encode(build_prompt(profile, kept, items, target, crm_logit))
         if len(ids) <= max_tokens:
             return ids, kept
         if not kept:

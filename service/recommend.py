@@ -1,15 +1,17 @@
 """The request flow, one stage after the other:
 
-history (Redis) -> features (Redis) -> retrieval (Qdrant) -> prompt -> routing (adapter)
--> scoring (vLLM) -> crm -> combine.
+history (Redis) -> features (Redis) -> crm -> retrieval (Qdrant) -> routing (adapter)
+-> prompt -> scoring (vLLM) -> combine.
 
 Routes only translate HTTP; this object does the work and knows nothing of HTTP
 beyond raising `ApiError` for what the caller got wrong.
 
 Which scorer answers (hybrid, crm, llm: combine.py) is chosen first; the stages a
 scorer does not need are skipped (the CRM alone reads no Qdrant and calls no
-engine). Features are computed whenever a CRM is configured and the answer or
-`explain` needs its score.
+engine). Features and the CRM's scores are computed whenever a CRM is configured:
+the answer, `explain`, a RecLoRA gate or the adapter's prompt (the CRM's estimate)
+may read them, and they cost milliseconds beside the engine's seconds. Routing
+comes before the prompt, since the routed adapter says which prompt it reads.
 
 Faults of a dependency other than Redis degrade the answer instead of failing it,
 and the result says so in `degraded`: Qdrant failing or slower than its timeout ->
@@ -156,13 +158,11 @@ class RecommendService:
             context, candidates = await self.history.load_request(query.user_id, query.item_ids, query.as_of)
         targets, skipped = self._known_targets(query, candidates)
         items = [candidates[t] for t in targets]
-        needs_features = choice.scorer != "llm" or query.explain or self.router.gates_on_features
-        crm = await self._crm_scores(context, items, query.as_of, timings) if needs_features else None
+        crm = await self._crm_scores(context, items, query.as_of, timings)
         llm = await self._llm_scores(context, query, targets, candidates, k, mode, deadline, timings, degraded,
-                                     choice) if choice.scorer != "crm" and targets else None
+                                     choice, crm) if choice.scorer != "crm" and targets else None
         if llm is not None and llm.answers is None and choice.scorer != "crm":  # the CRM stands in
             choice = ScorerChoice("crm", choice.fallbacks + ([llm.fallback] if llm.fallback else []))
-            crm = crm or await self._crm_scores(context, items, query.as_of, timings)
         scores, combiner = self._served(choice.scorer, llm, crm, timings)
         route = llm.route if llm is not None else Route(adapter=None, mode="none")
         adapter, adapter_mode = (f"crm:{self.crm.name}", "crm") if choice.scorer == "crm" and targets \
@@ -236,16 +236,18 @@ class RecommendService:
             return await select_behaviours(self.index, context.behaviours, targets, k, "recent")
 
     def _prompts(self, context: UserContext, chosen: dict[str, list[Behaviour]], known: dict[str, Item],
-                 candidates: dict[str, Item | None], targets: list[str]
+                 candidates: dict[str, Item | None], targets: list[str], crm_logits: np.ndarray | None
                  ) -> tuple[list[list[int]], dict[str, list[Behaviour]]]:
-        """Token ids per target within the token budget, and the behaviours each prompt shows."""
+        """Token ids per target within the token budget, and the behaviours each prompt shows; with
+        `crm_logits` (an adapter trained on them) each prompt shows its target's CRM estimate."""
         prompts, shown = [], {}
-        for t in targets:
+        for i, t in enumerate(targets):
             # A behaviour whose item left the catalog cannot be described; it is left out.
             picks = [b for b in chosen[t] if b.item_id in known]
             try:
                 ids, shown[t] = encode_within_budget(self.codec, context.profile, picks, known, candidates[t],
-                                                     self.limits.max_prompt_tokens)
+                                                     self.limits.max_prompt_tokens,
+                                                     None if crm_logits is None else float(crm_logits[i]))
             except PromptTooLong as exc:
                 raise ApiError(422, "prompt_too_long", str(exc), field="item_ids") from None
             prompts.append(ids)
@@ -253,8 +255,9 @@ class RecommendService:
 
     async def _llm_scores(self, context: UserContext, query: ScoreQuery, targets: list[str],
                           candidates: dict[str, Item | None], k: int, mode: RetrievalMode, deadline: float,
-                          timings: dict[str, float], degraded: list[str], choice: ScorerChoice) -> LlmOutcome:
-        """Retrieval, prompts, routing and the engine within the deadline. When the engine fails and a CRM
+                          timings: dict[str, float], degraded: list[str], choice: ScorerChoice,
+                          crm: CrmScores | None) -> LlmOutcome:
+        """Retrieval, routing, prompts and the engine within the deadline. When the engine fails and a CRM
         can stand in, or a hybrid request is routed to an LLM its combiner was not fitted for, the outcome
         has no answers (and the CRM answers instead)."""
         with self.metrics.stage("retrieval", timings):
@@ -262,20 +265,24 @@ class RecommendService:
         with self.metrics.stage("catalog", timings):
             catalog = await self.history.items({b.item_id for picks in chosen.values() for b in picks})
         known = {i: item for i, item in catalog.items() if item is not None}
-        with self.metrics.stage("prompt", timings):
-            prompts, chosen = self._prompts(context, chosen, known, candidates, targets)
-        outcome = LlmOutcome(Route(adapter=None), None, chosen, prompts, known)
+        outcome = LlmOutcome(Route(adapter=None), None, {}, [[] for _ in targets], known)
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 with self.metrics.stage("routing", timings):
                     outcome.route = await self.router.route(context, query.adapter, query.mode)
+                # The router admits an adapter that reads the CRM's estimate only when this gateway serves
+                # that CRM, so its logits are here.
+                shows_crm = outcome.route.prompt_crm is not None
+                with self.metrics.stage("prompt", timings):
+                    outcome.prompts, outcome.chosen = self._prompts(context, chosen, known, candidates, targets,
+                                                                    crm.logits if shows_crm else None)
                 if choice.scorer == "hybrid" and self.crm is not None:
                     reason = self.scorers.combiner.fits_route(outcome.route.mode, outcome.route.adapter)
                     if reason is not None:  # do not spend the engine on answers that cannot be combined
                         outcome.fallback = {"mode": "hybrid", "reason": reason}
                         return outcome
                 with self.metrics.stage("engine", timings):
-                    outcome.answers = await self.engine.score(prompts, outcome.route.adapter,
+                    outcome.answers = await self.engine.score(outcome.prompts, outcome.route.adapter,
                                                               affinity=context.user_id)
         except (EngineError, TimeoutError) as exc:
             if isinstance(exc, AdapterLoadFailed):  # a named adapter the engine refuses: the caller's choice
@@ -289,7 +296,7 @@ class RecommendService:
             self._degrade("llm", degraded)
             return outcome
         self.metrics.engine_calls.labels(outcome.route.label, "ok").inc()
-        self.metrics.engine_prompts.inc(len(prompts))
+        self.metrics.engine_prompts.inc(len(outcome.prompts))
         return outcome
 
     def _degrade(self, part: str, degraded: list[str]) -> None:

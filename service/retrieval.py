@@ -1,4 +1,4 @@
-"""Stage 2, retrieval: which past behaviours go into each candidate's prompt.
+"""Stage 4, retrieval: which past behaviours go into each candidate's prompt.
 
 SUBR (ReLLa): for each target item, the K behaviours of the user whose items
 are nearest to the target by cosine similarity of item vectors, searched in

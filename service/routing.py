@@ -1,4 +1,4 @@
-"""Stage 4, adapter routing: which LoRA adapter (or the base model) scores a request.
+"""Stage 5, adapter routing: which LoRA adapter (or the base model) scores a request.
 
 Adapters live in a registry directory, one PEFT folder per adapter name
 (`adapter_config.json` + `adapter_model.safetensors`). A new version of an
@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.artifacts import sha256_of
+from service.artifacts import MANIFEST, AdapterManifest, ArtifactError, sha256_of
 from service.records import AdapterMode, RouteMode, UserContext
 from service.scoring import AdapterLoadFailed, EnginePool
 
@@ -50,12 +50,21 @@ class AdapterNotFound(ModeUnavailable, LookupError):
         self.name = name
 
 
+class AdapterUnservable(ModeUnavailable):
+    """An adapter whose prompts this gateway cannot write: they show the estimate of a CRM it does not serve."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"adapter {name!r}: {reason}")
+        self.name = name
+
+
 @dataclass(frozen=True)
 class Route:
     adapter: str | None  # None: the base model
     path: Path | None = None
     mode: RouteMode = "shared"
     fallbacks: list[dict] = field(default_factory=list)  # modes skipped on the way, with the reason
+    prompt_crm: str | None = None  # the CRM (name@version) whose estimate the adapter's prompts show
 
     @property
     def label(self) -> str:
@@ -65,6 +74,7 @@ class Route:
 class AdapterRegistry:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._prompt_crm: dict[str, str | None] = {}
 
     def path(self, name: str) -> Path:
         if not _NAME.match(name) or ".." in name:
@@ -76,6 +86,18 @@ class AdapterRegistry:
         if not (path / "adapter_config.json").is_file():
             raise AdapterNotFound(name, "no such adapter in the registry")
         return path
+
+    def prompt_crm(self, name: str) -> str | None:
+        """The CRM whose estimate the adapter was trained to read in its prompt (its manifest's `prompt_crm`).
+        Adapter folders are immutable versions, so the answer is kept."""
+        if name not in self._prompt_crm:
+            folder = self.path(name)
+            try:
+                manifest = AdapterManifest.load(folder) if (folder / MANIFEST).exists() else None
+            except ArtifactError as error:
+                raise AdapterUnservable(name, str(error)) from None
+            self._prompt_crm[name] = manifest.prompt_crm if manifest else None
+        return self._prompt_crm[name]
 
     def version(self, name: str) -> str:
         """The adapter's content hash (what a combiner fitted on it records)."""
@@ -106,8 +128,9 @@ class Router:
     """Chooses and loads the request's adapter, falling back along personal -> cohort -> shared -> base."""
 
     def __init__(self, registry: AdapterRegistry, engine: EnginePool, default_adapter: str | None,
-                 default_mode: AdapterMode, personalizer=None) -> None:
+                 default_mode: AdapterMode, personalizer=None, crm: str | None = None) -> None:
         self.registry = registry
+        self.crm = crm  # the served CRM's name@version: what an adapter's prompt may show
         self.engine = engine
         self.default_adapter = default_adapter
         self.default_mode = default_mode
@@ -123,20 +146,30 @@ class Router:
     async def route(self, context: UserContext, adapter: str | None, mode: AdapterMode | None) -> Route:
         if adapter is not None:  # an explicit adapter: that one or an error, no fallback
             route = choose_route(adapter, None, self.registry)
+            shown = self._prompt_crm(route.adapter) if route.adapter is not None else None
             if route.adapter is not None:
                 await self.engine.ensure_adapter(route.adapter, route.path)
-            return Route(route.adapter, route.path, mode="named" if route.adapter else "base")
+            return Route(route.adapter, route.path, mode="named" if route.adapter else "base", prompt_crm=shown)
         mode = mode or self.default_mode
         skipped: list[dict] = []
         for step in CHAIN[CHAIN.index(mode):]:
             try:
                 name, path = await self._resolve(step, context)
+                shown = self._prompt_crm(name) if step == "shared" else None  # banks show none
                 if name is not None:
                     await self._load(name, path)
-                return Route(name, path, mode=step, fallbacks=skipped)
+                return Route(name, path, mode=step, fallbacks=skipped, prompt_crm=shown)
             except (ModeUnavailable, AdapterLoadFailed) as reason:
                 skipped.append({"mode": step, "reason": str(reason)})
         raise AssertionError("the base model is always routable")  # pragma: no cover
+
+    def _prompt_crm(self, name: str) -> str | None:
+        """The CRM estimate the adapter's prompts show, when this gateway serves that CRM."""
+        shown = self.registry.prompt_crm(name)
+        if shown is not None and shown != self.crm:
+            raise AdapterUnservable(name, f"its prompts show CRM {shown}'s estimate; this gateway serves "
+                                          f"{self.crm or 'no CRM'} (LOREC_CRM)")
+        return shown
 
     async def _resolve(self, mode: AdapterMode, context: UserContext) -> tuple[str | None, Path | None]:
         if mode == "base":

@@ -1,4 +1,4 @@
-"""Stage 5, scoring: P(Yes) from the vLLM engine.
+"""Stage 7, scoring: P(Yes) from the vLLM engine.
 
 One `/v1/completions` call per request carries every candidate's prompt (as
 token ids, so the engine sees exactly what the trainer saw), `max_tokens=1`

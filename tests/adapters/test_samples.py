@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import numpy as np
+import pytest
 
 from adapters.samples import build_samples, draw, label_of, reit_prompts, split_by_time
 from service.ingest import MovieLens
@@ -84,3 +85,31 @@ def test_reit_gives_each_sample_a_recent_and_a_subr_prompt(tiny_model):
     assert all(p.input_ids and p.input_ids[0] == codec.tokenizer.bos_token_id for p in prompts)
     assert any(a.input_ids != b.input_ids for a, b in zip(prompts[::2], prompts[1::2])), \
         "SUBR and recent views should differ for some sample"
+
+
+def test_crm_logits_become_offsets_and_with_show_estimate_the_prompts_estimate(tiny_model):
+    data = _fixture()
+    codec = load_codec(tiny_model)
+    picked = draw(build_samples(data), 3, 0)
+    logits = [-1.0, 0.0, 2.0]
+
+    async def run(**options):
+        index = open_index(":memory:", None, "items", None)
+        await index.ensure(8)
+        await index.upsert([i.item_id for i in data.items], np.ones((len(data.items), 8), dtype=np.float32))
+        try:
+            return await reit_prompts(picked, data, index, codec, k=4, modes=("recent",), **options)
+        finally:
+            await index.close()
+
+    plain = asyncio.run(run())
+    offsets = asyncio.run(run(crm_logits=logits))
+    shown = asyncio.run(run(crm_logits=logits, show_estimate=True))
+    assert [p.offset for p in offsets] == [p.offset for p in shown] == logits and {p.offset for p in plain} == {0.0}
+    assert [p.input_ids for p in offsets] == [p.input_ids for p in plain]  # residual prompts are ReLLa's
+    texts = [codec.tokenizer.decode(p.input_ids) for p in shown]
+    assert [t.split("gives a ")[1].split("%")[0] for t in texts] == ["27", "50", "88"]
+    with pytest.raises(ValueError, match="one CRM logit per sample"):
+        asyncio.run(run(crm_logits=logits[:2]))
+    with pytest.raises(ValueError, match="one CRM logit per sample"):
+        asyncio.run(run(show_estimate=True))

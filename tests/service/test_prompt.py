@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.prompt import build_prompt, load_codec, quote, target_part, user_part
+from service.prompt import build_prompt, estimate_sentence, load_codec, quote, target_part, user_part
 from service.records import Behaviour, Item, Profile
 from tests.utils.http import post
 from tests.utils.stack import AUTH
@@ -23,6 +23,22 @@ def test_prompt_has_rella_shape_with_user_part_first():
     assert text.endswith('Will the user like the movie "Toy Story" (1995)?\nAnswer only Yes or No.\nAnswer:')
     # Shared head for every candidate: the prefix cache can reuse it.
     assert text == user_part(Profile("female", "25-34", "writer"), behaviours, ITEMS) + target_part(ITEMS["1"])
+
+
+def test_the_crms_estimate_is_one_line_of_the_targets_part():
+    profile, behaviours = Profile("female", "25-34", "writer"), [Behaviour("1", 10, 4.0)]
+    plain = build_prompt(profile, behaviours, ITEMS, ITEMS["1"])
+    shown = build_prompt(profile, behaviours, ITEMS, ITEMS["1"], crm_logit=0.85)  # sigmoid: 0.7006
+    assert shown == user_part(profile, behaviours, ITEMS) + target_part(ITEMS["1"], 0.85)
+    assert shown.endswith('Will the user like the movie "Toy Story" (1995)?\n'
+                          "A recommender trained on all users' ratings gives a 70% chance that the user likes it.\n"
+                          "Answer only Yes or No.\nAnswer:")
+    assert shown.replace(estimate_sentence(0.85), "") == plain  # the rest is ReLLa's prompt, unchanged
+
+
+def test_the_estimate_is_a_whole_percent_at_any_logit():
+    assert [estimate_sentence(x).split("gives a ")[1].split("%")[0] for x in (-1e4, -2.0, 0.0, 2.0, 1e4)] == \
+        ["0", "12", "50", "88", "100"]
 
 
 def test_item_text_cannot_break_out_of_its_quotes():

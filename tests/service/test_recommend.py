@@ -18,7 +18,8 @@ from service.metrics import Metrics
 from service.prompt import PromptCodec
 from service.recommend import Limits, RecommendService, ScoreQuery
 from service.records import Behaviour, Item, Profile
-from service.routing import AdapterRegistry, Router
+from service.artifacts import AdapterManifest
+from service.routing import AdapterRegistry, AdapterUnservable, Router
 from service.scoring import EngineError
 from tests.utils.fakes import FakeCrm, FakeEngine, FakeHistory, FakeIndex, WordTokenizer
 
@@ -84,13 +85,45 @@ async def test_the_crm_alone_calls_neither_the_engine_nor_the_index(world):
     assert all(s.llm is None and s.score == s.crm for s in result.scored)
 
 
-async def test_the_llm_alone_computes_features_only_to_explain(world):
-    service = world["service"]()
-    plain = await service.score(query(scorer="llm"))
-    assert world["crm"].calls == 0 and all(s.crm is None for s in plain.scored)
-    explained = await service.score(query(scorer="llm", explain=True))
-    assert world["crm"].calls == 1 and all(s.crm is not None for s in explained.scored)
+async def test_the_llm_alone_serves_the_llms_answer(world):
+    explained = await world["service"]().score(query(scorer="llm", explain=True))
+    assert all(s.crm is not None for s in explained.scored)  # computed when a CRM is configured: explain shows it
     assert [s.score for s in explained.scored] == [s.llm.p_yes for s in explained.scored]
+    assert explained.combiner is None
+
+
+def with_estimate_adapter(world, name: str, prompt_crm: str) -> None:
+    """An adapter in the registry whose manifest says its prompts show `prompt_crm`'s estimate."""
+    folder = world["registry"].root / name
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes(b"other weights")
+    AdapterManifest.new(name=name, base_model="m", prompt_crm=prompt_crm).save(folder)
+
+
+async def test_an_adapter_trained_on_the_crms_estimate_gets_it_in_each_prompt(world):
+    with_estimate_adapter(world, "shown-v1", "fake-crm@000000000001")
+    service = world["service"]()
+    service.router = Router(world["registry"], world["engine"], ADAPTER, "shared", crm="fake-crm@000000000001")
+    result = await service.score(query(adapter="shown-v1", scorer="llm", explain=True))
+    words = {i: w for w, i in service.codec.tokenizer.vocab.items()}
+    for s in result.scored:
+        text = "".join(words.get(i, "") for i in s.prompt)
+        percent = round(100 * s.crm)
+        assert f"gives a {percent}% chance that the user likes it." in text, text
+        assert text.index("Will the user like") < text.index("gives a") < text.index("Answer only")
+    plain = await service.score(query(scorer="llm"))  # the shared adapter's manifest names no CRM
+    assert all("%" not in "".join(words.get(i, "") for i in s.prompt) for s in plain.scored)
+
+
+async def test_an_adapter_reading_another_crms_estimate_is_refused_by_name_and_skipped_by_default(world):
+    with_estimate_adapter(world, "shown-v1", "other-crm@000000000009")
+    router = Router(world["registry"], world["engine"], "shown-v1", "shared", crm="fake-crm@000000000001")
+    with pytest.raises(AdapterUnservable, match="other-crm@000000000009"):
+        await router.route(context(), "shown-v1", None)
+    route = await router.route(context(), None, None)
+    assert route.mode == "base" and "fake-crm@000000000001" in route.fallbacks[0]["reason"]
+    assert world["engine"].loaded == set(), "nothing was loaded for a prompt the gateway cannot write"
 
 
 async def test_an_engine_error_falls_back_to_the_crm_and_says_so(world):
