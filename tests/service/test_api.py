@@ -197,7 +197,7 @@ def test_server_timing_header_lists_every_stage(gateway):
     response = gateway.post("/v1/rank", json={"user_id": "4", "item_ids": ["1", "2"]})
     wall_ms = (time.perf_counter() - started) * 1000
     stages = dict(part.split(";dur=") for part in response.headers["server-timing"].split(", "))
-    assert list(stages) == ["history", "retrieval", "catalog", "prompt", "routing", "engine"]
+    assert list(stages) == ["history", "retrieval", "catalog", "routing", "prompt", "engine"]
     durations = [float(v) for v in stages.values()]
     assert all(d >= 0 for d in durations) and sum(durations) <= wall_ms
     assert float(stages["engine"]) > 0
