@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from service.artifacts import AdapterManifest
 from service.combine import CombinerManifest, ComponentRef, LlmRef, Scorers, combiner_dir, llm_logit, open_combiner
 from service.errors import ApiError
 from service.feature_vector import FeatureSpec
@@ -18,7 +19,6 @@ from service.metrics import Metrics
 from service.prompt import PromptCodec
 from service.recommend import Limits, RecommendService, ScoreQuery
 from service.records import Behaviour, Item, Profile
-from service.artifacts import AdapterManifest
 from service.routing import AdapterRegistry, AdapterUnservable, Router
 from service.scoring import EngineError
 from tests.utils.fakes import FakeCrm, FakeEngine, FakeHistory, FakeIndex, WordTokenizer
