@@ -99,7 +99,7 @@ def shown_crm_logits(settings: Settings, dataset: Dataset, samples: list[Sample]
     if manifest is None or manifest.prompt_crm is None:
         return None
     crm = Crm(crm_dir(settings.data_dir, settings.scoring.crm)) if settings.scoring.crm else None
-    if crm is None or f"{crm.name}@{crm.version}" != manifest.prompt_crm:
+    if crm is None or crm.ref != manifest.prompt_crm:
         raise ValueError(f"adapter {name!r} reads CRM {manifest.prompt_crm}'s estimate: set LOREC_CRM to it")
     return [float(x) for x in crm.logits(OfflineFeatures(dataset.data, crm.spec).matrix(samples))]
 
@@ -110,7 +110,7 @@ def crm_figures(settings: Settings, dataset: Dataset, samples: list[Sample]) -> 
         crm = Crm(crm_dir(settings.data_dir, settings.scoring.crm))
         logits = crm.logits(OfflineFeatures(dataset.data, crm.spec).matrix(samples, progress="features"))
         return {**summarize(samples, 1 / (1 + np.exp(-logits))), "n_test": len(samples), "kind": "crm",
-                "crm": f"{crm.name}@{crm.version}", "validation": crm.manifest.validation}
+                "crm": crm.ref, "validation": crm.manifest.validation}
     from adapters.crm import encode, predict
 
     path = settings.paths.crm(f"{dataset.name}-din.pt")

@@ -59,7 +59,7 @@ def crm_logits_of(settings: Settings) -> CrmLogitsOf:
         oof = out_of_fold_logits(crm.manifest.params, crm.spec.names, features.matrix(pool, "train features"),
                                  np.array([s.label for s in pool]), rows)
         by_row = dict(zip(rows, oof))
-        return CrmLogits(f"{crm.name}@{crm.version}", [float(by_row[r]) for r in wanted],
+        return CrmLogits(crm.ref, [float(by_row[r]) for r in wanted],
                          [float(x) for x in crm.logits(features.matrix(valid))])
 
     return logits

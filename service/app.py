@@ -111,7 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             registry = AdapterRegistry(settings.registry_dir)
             crm, scorers = open_scoring(settings, registry, personalizer)
             router = Router(registry, engine, settings.adapters.default, settings.adapters.mode, personalizer,
-                            crm=f"{crm.name}@{crm.version}" if crm else None)
+                            crm=crm.ref if crm else None)
             metrics.quarantined.set_function(lambda: len(router.quarantined))
             app.state.warmup = start_warmup(settings, codec, router, metrics)
             limits = Limits.of(settings.requests, settings.prompt_budget)

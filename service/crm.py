@@ -99,6 +99,11 @@ class Crm:
     def version(self) -> str:
         return self.manifest.model_sha256[:12]
 
+    @property
+    def ref(self) -> str:
+        """`name@version`: how manifests name this CRM (an adapter's `offset_crm` and `prompt_crm`)."""
+        return f"{self.name}@{self.version}"
+
     def logits(self, features: np.ndarray) -> np.ndarray:
         """One logit per feature row (rows in `spec.names` order)."""
         if len(features) == 0:

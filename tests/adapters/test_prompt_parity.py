@@ -46,7 +46,7 @@ def test_the_crms_estimate_reads_the_same_in_trainer_and_gateway_prompts(gateway
 
     crm = Crm(crm_dir(crm_fallback_settings.data_dir, crm_fallback_settings.scoring.crm))
     registry = tmp_path / "adapters"
-    for name, shown in (("tiny-crmp-v1", f"{crm.name}@{crm.version}"), ("tiny-crmp-other-v1", "other-gbdt@0123")):
+    for name, shown in (("tiny-crmp-v1", crm.ref), ("tiny-crmp-other-v1", "other-gbdt@0123")):
         shutil.copytree(adapter_dir / "tiny-random-v1", registry / name)
         AdapterManifest.new(name=name, base_model="tiny", prompt_crm=shown).save(registry / name)
 
