@@ -17,19 +17,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?MovieLens folder}; ADAPTER=${2:?adapter name}; CRM=${3:?CRM name}
 FIT_N=${4:-2000}; EVAL_N=${5:-10000}; METHOD=${6:-hybrid}
-export LOREC_DATA_DIR=${LOREC_DATA_DIR:-var} LOREC_REDIS_URL=${LOREC_REDIS_URL:-redis://127.0.0.1:6399/0}
-PORT=${LOREC_PORT:-8000}; export LOREC_PORT=$PORT LOREC_ENGINE_URL=http://127.0.0.1:8100
+source benchmarks/stack.sh
 MODE=${LOREC_ADAPTER_MODE:-shared}; export LOREC_CRM=$CRM LOREC_ADAPTER_MODE=$MODE
 case $MODE in
   personal|cohort) export LOREC_RECLORA_BANK=$ADAPTER; SERVED="LOREC_ADAPTER_MODE=$MODE LOREC_RECLORA_BANK=$ADAPTER" ;;
   *) export LOREC_DEFAULT_ADAPTER=$ADAPTER; SERVED="LOREC_DEFAULT_ADAPTER=$ADAPTER" ;;
 esac
-LOREC=.venv/bin/lorec; GATEWAY="http://127.0.0.1:$PORT"; mkdir -p "$LOREC_DATA_DIR/logs"
-# The stack's processes, started by `lorec stack` (service/stack.py), stopped when this script exits.
-pids=(); trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-up() { local log=$1; shift; : >"$log"; "$@" >>"$log" 2>&1 & pids+=($!); until grep -qs "^ready" "$log"; do
-  kill -0 "$!" 2>/dev/null || { tail -20 "$log" >&2; exit 1; }; sleep 1; done; }
-up "$LOREC_DATA_DIR/logs/stack-hybrid.log" $LOREC stack --redis --engine-port 8100
+GATEWAY="http://127.0.0.1:$PORT"
+up "$LOREC_DATA_DIR/logs/stack-hybrid.log" $LOREC stack --redis --engine-port "$ENGINE_PORT"
 up "$LOREC_DATA_DIR/logs/gateway-fit.log" env LOREC_COMBINER= $LOREC stack --gateway-port "$PORT"
 COMBINER=$($LOREC train combiner --dir "$DATA" --gateway "$GATEWAY" --n "$FIT_N" \
   --journal-dir "$LOREC_DATA_DIR/eval" | tail -1 | .venv/bin/python -c "import json,sys; print(json.load(sys.stdin)['combiner'])")

@@ -10,15 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 USERS=${1:-4}; DURATION=${2:-3m}; RETRIEVAL=${3:-subr}
-export LOREC_DATA_DIR=${LOREC_DATA_DIR:-var} LOREC_REDIS_URL=${LOREC_REDIS_URL:-redis://127.0.0.1:6399/0}
-export LOREC_PORT=${LOREC_PORT:-8010} LOREC_ENGINE_URL=http://127.0.0.1:8110 LOREC_RETRIEVAL_MODE=$RETRIEVAL
+export LOREC_PORT=${LOREC_PORT:-8010} LOREC_RETRIEVAL_MODE=$RETRIEVAL; ENGINE_PORT=${ENGINE_PORT:-8110}
 [ -x .venv/bin/locust ] || { echo "locust missing: .venv/bin/pip install -e '.[bench]'" >&2; exit 1; }
-# The stack's processes, started by `lorec stack` (service/stack.py), stopped when this script exits.
-pids=(); trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-up() { local log=$1; shift; : >"$log"; "$@" >>"$log" 2>&1 & pids+=($!); until grep -qs "^ready" "$log"; do
-  kill -0 "$!" 2>/dev/null || { tail -20 "$log" >&2; exit 1; }; sleep 1; done; }
-LOREC=.venv/bin/lorec; mkdir -p "$LOREC_DATA_DIR/logs"
-up "$LOREC_DATA_DIR/logs/stack-load.log" $LOREC stack --redis --engine-port 8110
+source benchmarks/stack.sh
+up "$LOREC_DATA_DIR/logs/stack-load.log" $LOREC stack --redis --engine-port "$ENGINE_PORT"
 $LOREC ingest movielens --dir "${LOREC_DATA:-../shared/data/ml-100k}"
 up "$LOREC_DATA_DIR/logs/gateway-load.log" $LOREC stack --gateway-port "$LOREC_PORT"
 export LOREC_API_KEY=${LOREC_API_KEY:-$(.venv/bin/python -c "

@@ -21,13 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?MovieLens folder}; EVAL_N=${2:-10000}; LORA_EVAL_N=${3:-$EVAL_N}; shift $(( $# < 3 ? $# : 3 ))
 N_TRAIN=("${@:-256 1024 4096}")
-export LOREC_DATA_DIR=${LOREC_DATA_DIR:-var} LOREC_REDIS_URL=${LOREC_REDIS_URL:-redis://127.0.0.1:6399/0}
-PORT=${LOREC_PORT:-8000}; export LOREC_PORT=$PORT LOREC_ENGINE_URL=http://127.0.0.1:8100
-# The stack's processes, started by `lorec stack` (service/stack.py), stopped when this script exits.
-pids=(); trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-up() { local log=$1; shift; : >"$log"; "$@" >>"$log" 2>&1 & pids+=($!); until grep -qs "^ready" "$log"; do
-  kill -0 "$!" 2>/dev/null || { tail -20 "$log" >&2; exit 1; }; sleep 1; done; }
-LOREC=.venv/bin/lorec; mkdir -p "$LOREC_DATA_DIR/logs"
+source benchmarks/stack.sh
 up "$LOREC_DATA_DIR/logs/stack-redis.log" $LOREC stack --redis
 $LOREC ingest movielens --dir "$DATA"
 json_field() { .venv/bin/python -c "import json,sys; print(json.loads(sys.stdin.read().splitlines()[-1])['$1'])"; }
@@ -41,7 +35,7 @@ for n in ${RECLORA_N:-}; do
   banks+=("$($LOREC train reclora --dir "$DATA" --n "$n" ${RECLORA_ARGS:-${TRAIN_ARGS:---n-valid 500 --eval-every 32}} \
     | json_field bank)")
 done
-up "$LOREC_DATA_DIR/logs/stack-engine.log" $LOREC stack --engine-port 8100
+up "$LOREC_DATA_DIR/logs/stack-engine.log" $LOREC stack --engine-port "$ENGINE_PORT"
 gateway=
 start_gateway() {  # (re)starts the gateway with extra environment, e.g. LOREC_RECLORA_BANK=...
   [ -z "$gateway" ] || { kill "$gateway"; wait "$gateway" 2>/dev/null || true; }

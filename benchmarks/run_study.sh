@@ -13,14 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?MovieLens folder}; ADAPTER=${2:?ReiT adapter name}; BANK=${3:?RecLoRA bank name}; N=${4:-500}
-export LOREC_DATA_DIR=${LOREC_DATA_DIR:-var} LOREC_REDIS_URL=${LOREC_REDIS_URL:-redis://127.0.0.1:6399/0}
-PORT=${LOREC_PORT:-8000}; export LOREC_PORT=$PORT LOREC_ENGINE_URL=http://127.0.0.1:8100
-# The stack's processes, started by `lorec stack` (service/stack.py), stopped when this script exits.
-pids=(); trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-up() { local log=$1; shift; : >"$log"; "$@" >>"$log" 2>&1 & pids+=($!); until grep -qs "^ready" "$log"; do
-  kill -0 "$!" 2>/dev/null || { tail -20 "$log" >&2; exit 1; }; sleep 1; done; }
-LOREC=.venv/bin/lorec; mkdir -p "$LOREC_DATA_DIR/logs"
-up "$LOREC_DATA_DIR/logs/stack-study.log" $LOREC stack --redis --engine-port 8100
+source benchmarks/stack.sh
+up "$LOREC_DATA_DIR/logs/stack-study.log" $LOREC stack --redis --engine-port "$ENGINE_PORT"
 gateway=
 start_gateway() {  # (re)starts the gateway with extra environment, e.g. LOREC_COHORTS=8
   [ -z "$gateway" ] || { kill "$gateway"; wait "$gateway" 2>/dev/null || true; }
