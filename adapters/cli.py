@@ -118,10 +118,12 @@ def reclora(
 def gbdt(directory: o.Directory,
          name: Annotated[str | None, typer.Option(help="CRM name under LOREC_DATA_DIR/crm (default: "
                                                        "gbdt-<dataset>-<hash>)")] = None,
-         threads: Annotated[int | None, typer.Option(help="LightGBM threads (default: all cores)")] = None) -> None:
+         threads: Annotated[int | None, typer.Option(help="LightGBM threads (default: all cores)")] = None,
+         neighbours: Annotated[bool, typer.Option(help="add the neighbour features (a co-rating table of the "
+                                                       "train split, service/corating.py)")] = True) -> None:
     """The feature CRM: LightGBM over the point-in-time features on the whole train split, its settings
     chosen on validation (the test split is not read: `lorec eval` scores it)."""
-    folder, manifest = train_from_folder(directory, Settings().data_dir, name, threads)
+    folder, manifest = train_from_folder(directory, Settings().data_dir, name, threads, neighbours)
     typer.echo(json.dumps({"crm": manifest.name, "path": str(folder), "validation": manifest.validation}))
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from adapters.samples import HISTORY_CAP, Sample
+from service.corating import NEIGHBOUR_FEATURES, neighbour_rows
 from service.feature_vector import (
     ALL,
     BUCKETS,
@@ -116,14 +117,32 @@ class OfflineFeatures:
         return self._timelines[key]
 
     def _summary(self, sample: Sample):
-        return self._sums(sample).summary(max(0, sample.end - self.cap), sample.end, sample.ts)
+        return self._sums(sample).summary(*self._window(sample), sample.ts)
 
     def matrix(self, samples: Sequence[Sample], progress: str | None = None) -> np.ndarray:
         """(samples, features) in `spec.names` order."""
         rows = [feature_vector(self.spec, self._summary(s), self.items.stats(s.item_id, s.ts),
                                self.catalog[s.item_id], self.data.profiles.get(s.user_id, Profile()), s.ts)
                 for s in tqdm(samples, desc=progress, disable=progress is None, unit="sample", mininterval=5)]
-        return np.asarray(rows, dtype=np.float64).reshape(len(samples), len(self.spec.names))
+        matrix = np.asarray(rows, dtype=np.float64).reshape(len(samples), -1)
+        if self.spec.corating is not None:
+            matrix = np.hstack([matrix, self._neighbours(samples)])
+        return matrix.reshape(len(samples), len(self.spec.names))
+
+    def _neighbours(self, samples: Sequence[Sample]) -> np.ndarray:
+        """NEIGHBOUR_FEATURES of each sample over its window, one similarity product per user's timeline."""
+        out = np.zeros((len(samples), len(NEIGHBOUR_FEATURES)))
+        by_timeline: dict[int, list[int]] = {}
+        for row, sample in enumerate(samples):
+            by_timeline.setdefault(id(sample.timeline), []).append(row)
+        for rows in by_timeline.values():
+            first = samples[rows[0]]
+            out[rows] = neighbour_rows(self.spec.corating, first.user_id, [samples[r].item_id for r in rows],
+                                       first.timeline, [self._window(samples[r]) for r in rows])
+        return out
+
+    def _window(self, sample: Sample) -> tuple[int, int]:
+        return max(0, sample.end - self.cap), sample.end
 
     def user_matrix(self, samples: Sequence[Sample]) -> np.ndarray:
         """The user side alone (`spec.user_names`), what RecLoRA's gate reads."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,12 @@ from adapters.offline import Dataset
 from adapters.records import recorded_command
 from adapters.train import metrics
 from service.artifacts import sha256_of
+from service.corating import CoRating
 from service.crm import CrmManifest, SpecModel, Standardizer, crm_dir
 from service.feature_vector import CATEGORICAL, FeatureSpec
 
 MODEL_FILE = "model.txt"
+CORATING_FILE = "corating.npz"
 # What the grid varies; everything else is fixed below. Small on purpose: validation picks among them.
 GRID = ({"num_leaves": 15, "min_child_samples": 50}, {"num_leaves": 31, "min_child_samples": 100},
         {"num_leaves": 63, "min_child_samples": 200})
@@ -73,21 +75,37 @@ def save_gbdt(fit: GbdtFit, folder: Path, *, name: str, dataset: str, data_finge
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / MODEL_FILE
     fit.booster.save_model(str(model), num_iteration=fit.params["num_boost_round"])
+    table = None
+    if spec.corating is not None:
+        table = folder / CORATING_FILE
+        spec.corating.save(table)
     manifest = CrmManifest.new(
         name=name, kind="gbdt", dataset=dataset, data_fingerprint=data_fingerprint, spec=SpecModel.of(spec),
         feature_names=list(spec.names), model_file=MODEL_FILE, model_sha256=sha256_of(model),
         params=fit.params, n_train=n_train, validation={**fit.validation, "grid": fit.grid},
-        train_seconds=round(fit.seconds, 1), users=Standardizer.fit(user_rows), command=command)
+        train_seconds=round(fit.seconds, 1), users=Standardizer.fit(user_rows),
+        corating_file=table.name if table else None, corating_sha256=sha256_of(table) if table else None,
+        command=command)
     manifest.save(folder)
     return manifest
 
 
-def train_from_folder(directory: Path, data_dir: Path, name: str | None, threads: int | None = None
-                      ) -> tuple[Path, CrmManifest]:
+def feature_spec(dataset: Dataset, neighbours: bool) -> FeatureSpec:
+    """The CRM's features; with `neighbours`, a co-rating table of every rating before the first validation
+    sample (so validation and test see only their past)."""
+    spec = FeatureSpec.of(dataset.data.items, dataset.data.profiles.values())
+    if not neighbours:
+        return spec
+    cutoff = min(sample.ts for sample in dataset.parts["valid"])
+    return replace(spec, corating=CoRating.fit(dataset.data.ratings, cutoff))
+
+
+def train_from_folder(directory: Path, data_dir: Path, name: str | None, threads: int | None = None,
+                      neighbours: bool = True) -> tuple[Path, CrmManifest]:
     """`lorec train gbdt`: samples and features of a MovieLens folder, the grid, the artifact."""
     dataset = Dataset.read(directory)
     parts = dataset.parts
-    features = OfflineFeatures(dataset.data)
+    features = OfflineFeatures(dataset.data, feature_spec(dataset, neighbours))
     x_train = features.matrix(parts["train"], progress="train features")
     x_valid = features.matrix(parts["valid"], progress="valid features")
     fit = fit_gbdt(features.spec.names, x_train, np.array([s.label for s in parts["train"]]),

@@ -6,13 +6,15 @@ when the engine fails, one side of the hybrid score (combine.py) and the source 
 vector RecLoRA's gate reads.
 
 An artifact is a folder `data_dir/crm/<name>/`: `manifest.json` (`CrmManifest`: the feature spec
-it was trained on, data fingerprint, validation figures) and the model file, here LightGBM's text
-model. Its version is the model file's content hash: a retrained CRM is another version, and a
-combiner fitted on the old one is refused (combine.py).
+it was trained on, data fingerprint, validation figures), the model file, here LightGBM's text
+model, and the co-rating table of its neighbour features where it has them (corating.py). Its
+version is the model file's content hash: a retrained CRM is another version, and a combiner fitted
+on the old one is refused (combine.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from service.artifacts import ArtifactError, DataPaths, Manifest, sha256_of
+from service.corating import CoRating
 from service.feature_vector import FeatureSpec
 
 
@@ -67,6 +70,8 @@ class CrmManifest(Manifest):
     validation: dict
     train_seconds: float
     users: Standardizer  # the user side of the features (spec.user_names), standardized for the gate
+    corating_file: str | None = None  # the neighbour features' co-rating table (service/corating.py)
+    corating_sha256: str | None = None
     command: str | None = None
 
 
@@ -85,11 +90,20 @@ class Crm:
         model = folder / self.manifest.model_file
         if not model.is_file() or sha256_of(model) != self.manifest.model_sha256:
             raise ArtifactError(f"{folder}: {self.manifest.model_file} is missing or not the file its manifest names")
-        self.spec = self.manifest.spec.spec()
+        self.spec = replace(self.manifest.spec.spec(), corating=self._corating())
         if list(self.spec.names) != self.manifest.feature_names:
             raise ArtifactError(f"{folder}: trained on other features than this lorec computes "
                                 f"({len(self.manifest.feature_names)} vs {len(self.spec.names)}): retrain it")
         self.booster = lightgbm.Booster(model_file=str(model))
+
+    def _corating(self) -> CoRating | None:
+        if self.manifest.corating_file is None:
+            return None
+        table = self.folder / self.manifest.corating_file
+        if not table.is_file() or sha256_of(table) != self.manifest.corating_sha256:
+            raise ArtifactError(f"{self.folder}: {self.manifest.corating_file} is missing or not the file its "
+                                "manifest names")
+        return CoRating.load(table)
 
     @property
     def name(self) -> str:

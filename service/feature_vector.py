@@ -14,11 +14,12 @@ import bisect
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
 
+from service.corating import NEIGHBOUR_FEATURES, CoRating
 from service.records import Behaviour, Item, Profile
 
 DAY_S = 86_400
@@ -53,11 +54,13 @@ def bucket(rating: float | None) -> str:
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """What a feature vector means: the catalog's genres and the profiles' occupations, in a fixed order
-    (part of the CRM artifact, so the gateway builds the vectors the CRM was trained on)."""
+    """What a feature vector means: the catalog's genres and the profiles' occupations, in a fixed order, and
+    the co-rating table of the neighbour features where the CRM uses them (part of the CRM artifact, so the
+    gateway builds the vectors the CRM was trained on)."""
 
     genres: tuple[str, ...]
     occupations: tuple[str, ...]
+    corating: CoRating | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, items: Iterable[Item], profiles: Iterable[Profile]) -> FeatureSpec:
@@ -67,7 +70,7 @@ class FeatureSpec:
     @property
     def names(self) -> tuple[str, ...]:
         return (*USER_FEATURES, *MATCH_FEATURES, *ITEM_FEATURES, *PROFILE_FEATURES,
-                *(f"g_{g}" for g in self.genres))
+                *(f"g_{g}" for g in self.genres), *(NEIGHBOUR_FEATURES if self.corating else ()))
 
     @property
     def user_names(self) -> tuple[str, ...]:
@@ -212,7 +215,8 @@ def user_view(spec: FeatureSpec, user: UserSummary, profile: Profile, now: int) 
 
 
 def candidate_vector(spec: FeatureSpec, view: UserView, item_stats: ItemStats, target: Item) -> list[float]:
-    """The CRM's input for one candidate, in `spec.names` order."""
+    """The CRM's input for one candidate, in `spec.names` order up to the neighbour features (corating.py
+    adds those from the table and the history)."""
     user, now = view.summary, view.now
     u_features, p_features = view.head[:len(USER_FEATURES)], view.head[len(USER_FEATURES):]
     u_mean = u_features[2]
@@ -242,7 +246,7 @@ def candidate_vector(spec: FeatureSpec, view: UserView, item_stats: ItemStats, t
 
 def feature_vector(spec: FeatureSpec, user: UserSummary, item_stats: ItemStats, target: Item, profile: Profile,
                    now: int) -> list[float]:
-    """The CRM's input for one (user, candidate) at time `now`, in `spec.names` order."""
+    """candidate_vector for one (user, candidate) at time `now`."""
     return candidate_vector(spec, user_view(spec, user, profile, now), item_stats, target)
 
 

@@ -6,7 +6,8 @@ training sample sees only those before its own time: no statistic ever counts th
 This stage reads what the vector needs from Redis: the user's history (already read by stage 1), the
 genres of its items (cached), and each candidate's `ItemStats` (one script call per item over its
 rating sets, see history.py); feature_vector.py turns them into the vector, exactly as the trainer
-does from the raw files (adapters/features.py).
+does from the raw files (adapters/features.py). A CRM with neighbour features adds them from its co-rating
+table and the same history (corating.py, whose table is fixed at the CRM's training cutoff).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from service.corating import neighbour_rows
 from service.feature_vector import FeatureSpec, candidate_vector, genre_membership, summarize_history, user_view
 from service.records import Item, UserContext
 
@@ -93,9 +95,13 @@ class FeatureReader:
             self.history.item_stats([t.item_id for t in targets], as_of, now),
             self.genres.membership([b.item_id for b in context.behaviours]))
         view = user_view(self.spec, summarize_history(context.behaviours, membership, now), context.profile, now)
-        rows = [candidate_vector(self.spec, view, stats[t.item_id], t) for t in targets]
-        return RequestFeatures(np.asarray(rows, dtype=np.float64).reshape(len(targets), len(self.spec.names)),
-                               [*view.head, *view.means])
+        rows = np.asarray([candidate_vector(self.spec, view, stats[t.item_id], t) for t in targets],
+                          dtype=np.float64).reshape(len(targets), -1)
+        if self.spec.corating is not None:
+            whole = [(0, len(context.behaviours))] * len(targets)
+            rows = np.hstack([rows, neighbour_rows(self.spec.corating, context.user_id, [t.item_id for t in targets],
+                                                   context.behaviours, whole)])
+        return RequestFeatures(rows.reshape(len(targets), len(self.spec.names)), [*view.head, *view.means])
 
     async def vectors(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> np.ndarray:
         return (await self.read(context, targets, as_of)).rows

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from adapters.features import OfflineFeatures
 from adapters.samples import build_samples, draw, split_by_time
+from service.corating import CoRating
 from service.feature_vector import FeatureSpec, ItemStats, genre_membership, star, summarize_history
 from service.features import FeatureReader
 from service.history import HistoryStore, Keys, connect
@@ -36,20 +38,27 @@ async def _online(redis_url: str, samples, spec: FeatureSpec) -> np.ndarray:
         await redis.aclose()
 
 
-def test_online_features_equal_offline_features_of_the_same_samples(ingested, redis_url):
+@pytest.mark.parametrize("neighbours", [False, True], ids=["base", "with-neighbours"])
+def test_online_features_equal_offline_features_of_the_same_samples(ingested, redis_url, neighbours):
     data = read_movielens(ML100K)
     parts = split_by_time(build_samples(data))
-    offline = OfflineFeatures(data)
+    spec = FeatureSpec.of(data.items, data.profiles.values())
+    if neighbours:
+        spec = replace(spec, corating=CoRating.fit(data.ratings, min(s.ts for s in parts["valid"])))
+    offline = OfflineFeatures(data, spec)
     samples = [s for part in ("train", "valid", "test") for s in draw(parts[part], 60, 7)]
     online = run(_online(redis_url, samples, offline.spec))
     expected = offline.matrix(samples)
     assert online.shape == expected.shape == (180, len(offline.spec.names))
-    assert np.array_equal(online, expected), [
+    assert np.array_equal(online, expected, equal_nan=True), [
         (offline.spec.names[c], online[r, c], expected[r, c]) for r, c in zip(*np.nonzero(online != expected))][:10]
     # The vectors carry signal a model can read: users and items differ, counts grow with time.
     names = list(offline.spec.names)
     assert len({row[names.index("i_mean")] for row in expected}) > 50
     assert expected[:60, names.index("i_n")].mean() < expected[120:, names.index("i_n")].mean()
+    if neighbours:  # defined for (nearly) every sample, and not constant
+        top = expected[:, names.index("n_top_sim")]
+        assert np.isfinite(top).mean() > 0.95 and len(set(top[np.isfinite(top)])) > 100
 
 
 async def _features_around(redis_url: str, user: str, item: Item, t: int) -> tuple[np.ndarray, np.ndarray, int]:

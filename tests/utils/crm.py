@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import numpy as np
 from adapters.features import OfflineFeatures
 from adapters.gbdt import fit_gbdt, save_gbdt
 from adapters.samples import build_samples, split_by_time
+from service.corating import CoRating
 from service.crm import crm_dir
+from service.feature_vector import FeatureSpec
 from service.ingest import read_movielens
 
 
@@ -18,7 +21,8 @@ from service.ingest import read_movielens
 def _fitted(ml100k: Path, n_train: int):
     data = read_movielens(ml100k)
     parts = split_by_time(build_samples(data))
-    features = OfflineFeatures(data)
+    spec = FeatureSpec.of(data.items, data.profiles.values())  # with the neighbour features, as trained
+    features = OfflineFeatures(data, replace(spec, corating=CoRating.fit(data.ratings, parts["valid"][0].ts)))
     train, valid = parts["train"][-n_train:], parts["valid"][:2000]
     fit = fit_gbdt(features.spec.names, features.matrix(train), np.array([s.label for s in train]),
                    features.matrix(valid), np.array([s.label for s in valid]),
