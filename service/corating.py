@@ -52,7 +52,7 @@ class CoRating:
 
     @classmethod
     def fit(cls, ratings: Iterable[tuple[str, Behaviour]], cutoff: int) -> CoRating:
-        pairs = {(user_id, b.item_id) for user_id, b in ratings if b.ts < cutoff and b.rating is not None}
+        pairs = sorted({(user_id, b.item_id) for user_id, b in ratings if b.ts < cutoff and b.rating is not None})
         items = sorted({item_id for _, item_id in pairs})
         users = sorted({user_id for user_id, _ in pairs})
         row_of = {item_id: n for n, item_id in enumerate(items)}
