@@ -36,6 +36,7 @@ from adapters.offline import Dataset  # noqa: E402
 from adapters.samples import HISTORY_CAP, Sample  # noqa: E402
 from adapters.train import metrics  # noqa: E402
 from service.config import Settings  # noqa: E402
+from service.corating import neighbour_block  # noqa: E402
 from service.encoder import LLMEncoder  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "crm_llm_features.json"
@@ -69,20 +70,9 @@ def semantic_features(samples: Sequence[Sample], vectors: dict[str, np.ndarray],
             end = samples[row].end
             window = slice(max(0, end - HISTORY_CAP), end)
             keep = rated[window]
-            if keep.any():
-                out[row] = pair_features(sims[window][keep], ratings[window][keep], k)
+            if keep.any():  # the CRM's neighbour features, over the LLM's similarity instead of co-rating
+                out[row] = neighbour_block(sims[window][keep][None, :], ratings[window][keep], k)[0]
     return out
-
-
-def pair_features(sims: np.ndarray, ratings: np.ndarray, k: int) -> list[float]:
-    top = np.argsort(-sims, kind="stable")[:k]
-    weights = np.maximum(sims[top], 0) + 1e-6
-    liked = ratings > 3
-    to_liked = float(sims[liked].mean()) if liked.any() else np.nan
-    to_disliked = float(sims[~liked].mean()) if (~liked).any() else np.nan
-    return [float(ratings[top].mean()), float(liked[top].mean()),
-            float((weights * ratings[top]).sum() / weights.sum()), float(sims[top[0]]),
-            to_liked, to_disliked, np.nan_to_num(to_liked) - np.nan_to_num(to_disliked)]
 
 
 def scored(fit, x_valid: np.ndarray, y_valid: np.ndarray, cold: np.ndarray) -> dict:
