@@ -123,7 +123,10 @@ def gbdt(directory: o.Directory,
                                                        "train split, service/corating.py)")] = True) -> None:
     """The feature CRM: LightGBM over the point-in-time features on the whole train split, its settings
     chosen on validation (the test split is not read: `lorec eval` scores it)."""
-    folder, manifest = train_from_folder(directory, Settings().data_dir, name, threads, neighbours)
+    try:
+        folder, manifest = train_from_folder(directory, Settings().data_dir, name, threads, neighbours)
+    except FileExistsError as error:
+        raise _refused(error) from None
     typer.echo(json.dumps({"crm": manifest.name, "path": str(folder), "validation": manifest.validation}))
 
 

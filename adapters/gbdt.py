@@ -118,11 +118,18 @@ def train_from_folder(directory: Path, data_dir: Path, name: str | None, threads
     if not name:  # the default name carries the model's hash: a retrained CRM is a new artifact
         manifest = manifest.model_copy(update={"name": f"gbdt-{dataset.name}-{manifest.model_sha256[:8]}"})
         manifest.save(staging)
-    folder = crm_dir(data_dir, manifest.name)
+    return publish(staging, crm_dir(data_dir, manifest.name)), manifest
+
+
+def publish(staging: Path, folder: Path) -> Path:
+    """Move a trained CRM into place; an existing one is never overwritten (clients pin it by name), and the
+    refused copy does not stay behind."""
     if folder.exists():
-        raise FileExistsError(f"CRM {manifest.name!r} exists: a new version needs a new name")
+        shutil.rmtree(staging)
+        raise FileExistsError(f"CRM {folder.name!r} exists in {folder.parent} (the same model, or a name "
+                              "given twice): remove it or pass another --name")
     staging.rename(folder)
-    return folder, manifest
+    return folder
 
 
 def out_of_fold_logits(params: dict, names: Sequence[str], x_train: np.ndarray, y_train: np.ndarray,

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapters.export import git_commit
 from adapters.samples import Sample
+from service.artifacts import code_version
 
 
 class JournalMismatch(ValueError):
@@ -85,9 +85,10 @@ class Journal:
 
 
 def open_journal(folder: Path, samples: Sequence[Sample], bank: str | None, **evaluation) -> Journal:
-    """The journal of this evaluation: named by a hash of what it is (options, adapter or bank, code version),
-    so another evaluation gets its own file; what an earlier run scored is read back."""
-    key = {**evaluation, "samples": len(samples), "git_commit": git_commit(), "bank": bank}
+    """The journal of this evaluation: named by a hash of what it is (options, adapter or bank, the version of
+    the scoring code, so a commit of documents or results does not orphan a long run), so another evaluation
+    gets its own file; what an earlier run scored is read back."""
+    key = {**evaluation, "samples": len(samples), "code": code_version(), "bank": bank}
     label = evaluation["method"] or evaluation["mode"] or evaluation["adapter"]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     journal = Journal(folder / f"{evaluation['dataset']}-{label}-{digest}.jsonl", key)

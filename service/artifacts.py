@@ -41,6 +41,18 @@ def git_commit() -> str | None:
         return None
 
 
+def code_version(repo: Path = Path(__file__).resolve().parent.parent,
+                 folders: tuple[str, ...] = ("service", "adapters")) -> str | None:
+    """The committed content of the code that computes scores (git's tree hashes of these folders): unlike the
+    commit, it stays the same across commits that touch only documents, results or tests."""
+    try:
+        out = subprocess.run(["git", "rev-parse", *(f"HEAD:{folder}" for folder in folders)], capture_output=True,
+                             text=True, check=True, cwd=repo)
+        return hashlib.sha256(out.stdout.encode()).hexdigest()[:16]
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 

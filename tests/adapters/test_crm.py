@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from adapters.crm import LONG_HISTORY, Vocab, encode, predict, train_din
+from adapters.gbdt import publish
 from adapters.samples import build_samples, split_by_time
 from service.ingest import read_movielens
 from tests.utils.stack import ML100K
@@ -58,3 +59,16 @@ def test_lorec_eval_crm_scores_the_llm_rows_samples(tmp_path):
     expected = metrics([s.label for s in sliced], predict(model, encode(sliced, data, vocab)))
     assert recorded["kind"] == "crm" and recorded["n_test"] == 300
     assert recorded["auc"] == pytest.approx(expected["auc"], abs=1e-9)
+
+
+def test_a_retrained_crm_never_overwrites_the_one_of_its_name(tmp_path):
+    served = tmp_path / "crm" / "gbdt-x"
+    served.mkdir(parents=True)
+    (served / "model.txt").write_text("served")
+    first = tmp_path / "crm" / ".staging-a"
+    first.mkdir()
+    (first / "model.txt").write_text("retrained")
+    with pytest.raises(FileExistsError, match="gbdt-x"):
+        publish(first, served)
+    assert (served / "model.txt").read_text() == "served" and not first.exists()
+    assert publish(served, tmp_path / "crm" / "gbdt-y") == tmp_path / "crm" / "gbdt-y"

@@ -170,3 +170,25 @@ def test_lorec_eval_scores_slates_through_the_gateway(http_gateway, tmp_path):
     result = _eval(base, env, "--n", "20", "--slate-size", "5", "--retrieval", "slate",
                    "--out", str(tmp_path / "q.json"))
     assert result["slates"] == 4 and 4 <= result["n_test"] <= 20 and 0 <= result["auc"] <= 1
+
+
+def test_a_journal_outlives_commits_that_do_not_touch_the_scoring_code(tmp_path):
+    import subprocess
+
+    from service.artifacts import code_version
+
+    def commit(path: str, text: str) -> str | None:
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text(text)
+        git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run([*git, "add", "-A"], check=True)
+        subprocess.run([*git, "commit", "-qm", path], check=True)
+        return code_version(tmp_path)
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    commit("adapters/evaluate.py", "a")
+    first = commit("service/scoring.py", "s")
+    assert first is not None
+    assert commit("README.md", "results") == first
+    assert commit("service/scoring.py", "s2") != first
+    assert code_version(tmp_path / "missing") is None
