@@ -43,14 +43,15 @@ def git_commit() -> str | None:
 
 def code_version(repo: Path = Path(__file__).resolve().parent.parent,
                  folders: tuple[str, ...] = ("service", "adapters")) -> str | None:
-    """The committed content of the code that computes scores (git's tree hashes of these folders): unlike the
-    commit, it stays the same across commits that touch only documents, results or tests."""
+    """The committed content of the code that computes scores (the git blobs of these folders' Python files):
+    unlike the commit, it stays the same across commits of documents, results, tests or shipped models."""
     try:
-        out = subprocess.run(["git", "rev-parse", *(f"HEAD:{folder}" for folder in folders)], capture_output=True,
-                             text=True, check=True, cwd=repo)
-        return hashlib.sha256(out.stdout.encode()).hexdigest()[:16]
+        out = subprocess.run(["git", "ls-tree", "-r", "HEAD", *folders], capture_output=True, text=True,
+                             check=True, cwd=repo)
     except (OSError, subprocess.CalledProcessError):
         return None
+    code = sorted(line for line in out.stdout.splitlines() if line.endswith(".py"))
+    return hashlib.sha256("\n".join(code).encode()).hexdigest()[:16] if code else None
 
 
 def utc_now() -> str:

@@ -178,7 +178,7 @@ def test_a_journal_outlives_commits_that_do_not_touch_the_scoring_code(tmp_path)
     from service.artifacts import code_version
 
     def commit(path: str, text: str) -> str | None:
-        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(text)
         git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
         subprocess.run([*git, "add", "-A"], check=True)
@@ -190,5 +190,7 @@ def test_a_journal_outlives_commits_that_do_not_touch_the_scoring_code(tmp_path)
     first = commit("service/scoring.py", "s")
     assert first is not None
     assert commit("README.md", "results") == first
+    assert commit("adapters/shipped/ml-100k/manifest.json", "{}") == first
+    assert commit("service/README.md", "docs") == first
     assert commit("service/scoring.py", "s2") != first
     assert code_version(tmp_path / "missing") is None
