@@ -32,25 +32,27 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def git_commit() -> str | None:
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str, cwd: Path = REPO) -> str | None:
+    """A git command's output, or None outside a checkout (an installed package, no git)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip()
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=cwd).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
 
 
-def code_version(repo: Path = Path(__file__).resolve().parent.parent,
-                 folders: tuple[str, ...] = ("service", "adapters")) -> str | None:
+def git_commit() -> str | None:
+    out = _git("rev-parse", "HEAD")
+    return out.strip() if out is not None else None
+
+
+def code_version(repo: Path = REPO, folders: tuple[str, ...] = ("service", "adapters")) -> str | None:
     """The committed content of the code that computes scores (the git blobs of these folders' Python files):
     unlike the commit, it stays the same across commits of documents, results, tests or shipped models."""
-    try:
-        out = subprocess.run(["git", "ls-tree", "-r", "HEAD", *folders], capture_output=True, text=True,
-                             check=True, cwd=repo)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    code = sorted(line for line in out.stdout.splitlines() if line.endswith(".py"))
+    out = _git("ls-tree", "-r", "HEAD", *folders, cwd=repo)
+    code = sorted(line for line in (out or "").splitlines() if line.endswith(".py"))
     return hashlib.sha256("\n".join(code).encode()).hexdigest()[:16] if code else None
 
 
