@@ -21,6 +21,7 @@ the trainer's.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,7 @@ class CoRating:
         return mine
 
     def _rows(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.array([self.row_of.get(i, -1) for i in item_ids], dtype=np.int64)
+        rows = np.fromiter(map(self.row_of.get, item_ids, repeat(-1)), dtype=np.int64, count=len(item_ids))
         return np.maximum(rows, 0), (rows >= 0).astype(np.float64)
 
 
@@ -135,20 +136,25 @@ def neighbour_block(similarity: np.ndarray, ratings: np.ndarray, k: int = K_NEAR
 
 
 def nearest(similarity: np.ndarray, k: int) -> np.ndarray:
-    """Per row, `np.argsort(-row, kind="stable")[:k]` (ties: the earlier behaviour first), sorting only what
-    reaches the row's k-th largest value."""
-    if similarity.shape[1] <= k:
+    """Per row, `np.argsort(-row, kind="stable")[:k]` (ties: the earlier behaviour first), sorting only the
+    entries that reach the row's k-th largest value (a few, against a history of thousands)."""
+    n_rows, n = similarity.shape
+    if n <= k:
         return np.argsort(-similarity, axis=1, kind="stable")
     kth = -np.partition(-similarity, k - 1, axis=1)[:, k - 1:k]
-    return np.argsort(np.where(similarity >= kth, -similarity, np.inf), axis=1, kind="stable")[:, :k]
+    rows, columns = np.nonzero(similarity >= kth)  # row-major: within a row, earlier behaviours first
+    order = np.lexsort((columns, -similarity[rows, columns], rows))
+    rows, columns = rows[order], columns[order]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, np.arange(n_rows))[rows]  # place within its row
+    return columns[rank < k].reshape(n_rows, k)
 
 
 def neighbour_rows(table: CoRating, user_id: str, targets: Sequence[str], timeline: Sequence[Behaviour],
                    windows: Sequence[tuple[int, int]]) -> np.ndarray:
     """(targets, NEIGHBOUR_FEATURES): each target over the rated behaviours of its own window
     timeline[start:end] (the trainer's samples of one user see different windows; a request has one)."""
-    rated = np.fromiter((b.rating is not None for b in timeline), dtype=bool, count=len(timeline))
-    ratings = np.fromiter((b.rating or 0.0 for b in timeline), dtype=np.float64, count=len(timeline))
+    ratings = np.array([b.rating for b in timeline], dtype=np.float64).reshape(-1)  # a click (None): NaN
+    rated = ~np.isnan(ratings)
     similarity = table.similarity(user_id, targets, [b.item_id for b in timeline])
     others = table.other_raters(user_id, targets) > 0
     out = np.full((len(targets), len(NEIGHBOUR_FEATURES)), np.nan)

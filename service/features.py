@@ -16,12 +16,20 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service.corating import neighbour_rows
-from service.feature_vector import FeatureSpec, candidate_vector, genre_membership, summarize_history, user_view
+from service.feature_vector import (
+    FeatureSpec,
+    UserView,
+    candidate_vector,
+    genre_membership,
+    summarize_history,
+    user_view,
+)
 from service.records import Item, UserContext
 
 if TYPE_CHECKING:  # history.py imports feature_vector for the bucket rule
@@ -37,14 +45,23 @@ class GenreCache:
     """Which of the spec's genres each item has, kept in the gateway for `ttl_s`: a 2,000-event history would
     otherwise read 2,000 catalog entries per request. Items share rows by genre set (a few hundred distinct
     sets), so a history's membership matrix is one fancy index. A changed item's genres reach other gateways'
-    features within `ttl_s`."""
+    features within `ttl_s`. Each item has a slot (its genre set's row and its expiry, in arrays), so a request
+    looks its history up in one C-level pass and checks the expiries at once."""
 
     def __init__(self, load: Callable[[Iterable[str]], Awaitable[Mapping[str, Item | None]]], spec: FeatureSpec,
                  ttl_s: float = 60.0, max_items: int = 500_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.load, self.spec, self.ttl_s, self.max_items, self.clock = load, spec, ttl_s, max_items, clock
-        self._rows: dict[str, tuple[int, float]] = {}  # item -> (row of its genre set, expiry)
         self._sets: dict[tuple[str, ...], int] = {}
         self._table = np.zeros((0, len(spec.genres)), dtype=np.int64)
+        self._clear()
+
+    def _clear(self) -> None:
+        self._slots: dict[str, int] = {}  # item -> its slot in the two arrays below
+        self._row = np.zeros(0, dtype=np.int64)  # slot -> row of its genre set in _table
+        self._expiry = np.zeros(0, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self._slots)
 
     def _row_of(self, genres: tuple[str, ...]) -> int:
         key = tuple(sorted(genres))
@@ -53,25 +70,35 @@ class GenreCache:
             self._table = np.vstack([self._table, genre_membership(["x"], lambda _: key, self.spec)])
         return self._sets[key]
 
+    def _lookup(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Each item's slot, -1 where it has none."""
+        return np.fromiter(map(self._slots.get, item_ids, repeat(-1)), dtype=np.int64, count=len(item_ids))
+
     async def membership(self, item_ids: Sequence[str]) -> np.ndarray:
         """(items, spec genres) 0/1, as genre_membership gives from the catalog."""
-        now, cached = self.clock(), self._rows
-        rows, missing = [], set()
-        for item_id in item_ids:  # one pass: this runs over every event of the history
-            entry = cached.get(item_id)
-            if entry is None or entry[1] <= now:
-                missing.add(item_id)
-                rows.append(-1)
-            else:
-                rows.append(entry[0])
-        if missing:
-            if len(cached) + len(missing) > self.max_items:
-                cached.clear()  # a bounded memory; refilled on the next requests
-            for item_id, item in (await self.load(missing)).items():
-                cached[item_id] = (self._row_of(item.genres if item is not None else ()), now + self.ttl_s)
-            rows = [cached[i][0] if r < 0 else r for i, r in zip(item_ids, rows)]
-        return self._table[np.asarray(rows, dtype=np.int64)] if rows else \
-            np.zeros((0, len(self.spec.genres)), dtype=np.int64)
+        now = self.clock()
+        slots = self._lookup(item_ids)
+        stale = slots < 0
+        stale[~stale] = self._expiry[slots[~stale]] <= now
+        while stale.any():  # again if another request cleared the cache while this one loaded
+            wanted = {item_ids[i] for i in np.flatnonzero(stale)}
+            if len(self._slots) + len(wanted) > self.max_items:
+                self._clear()  # a bounded memory; refilled on the next requests
+                wanted = set(item_ids)
+            self._store(await self.load(wanted), now)
+            slots = self._lookup(item_ids)
+            stale = slots < 0
+        return self._table[self._row[slots]]
+
+    def _store(self, items: Mapping[str, Item | None], now: float) -> None:
+        new = [i for i in items if i not in self._slots]
+        self._slots.update(zip(new, range(len(self._slots), len(self._slots) + len(new))))
+        self._row = np.concatenate([self._row, np.zeros(len(new), dtype=np.int64)])
+        self._expiry = np.concatenate([self._expiry, np.zeros(len(new))])
+        for item_id, item in items.items():
+            slot = self._slots[item_id]
+            self._row[slot] = self._row_of(item.genres if item is not None else ())
+            self._expiry[slot] = now + self.ttl_s
 
 
 @dataclass(frozen=True)
@@ -91,17 +118,25 @@ class FeatureReader:
     async def read(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> RequestFeatures:
         """One row per target in `spec.names` order, and the user's side (`spec.user_names`)."""
         now = now_of(as_of, self.clock)
-        stats, membership = await asyncio.gather(
-            self.history.item_stats([t.item_id for t in targets], as_of, now),
-            self.genres.membership([b.item_id for b in context.behaviours]))
-        view = user_view(self.spec, summarize_history(context.behaviours, membership, now), context.profile, now)
+        # The item statistics are a Redis round trip: the user's side and the neighbour features, which do not
+        # need them, are computed while the scripts run (gather starts the pipeline first).
+        stats, (view, neighbours) = await asyncio.gather(
+            self.history.item_stats([t.item_id for t in targets], as_of, now), self._user_side(context, targets, now))
         rows = np.asarray([candidate_vector(self.spec, view, stats[t.item_id], t) for t in targets],
                           dtype=np.float64).reshape(len(targets), -1)
-        if self.spec.corating is not None:
-            whole = [(0, len(context.behaviours))] * len(targets)
-            rows = np.hstack([rows, neighbour_rows(self.spec.corating, context.user_id, [t.item_id for t in targets],
-                                                   context.behaviours, whole)])
+        if neighbours is not None:
+            rows = np.hstack([rows, neighbours])
         return RequestFeatures(rows.reshape(len(targets), len(self.spec.names)), [*view.head, *view.means])
+
+    async def _user_side(self, context: UserContext, targets: Sequence[Item], now: int
+                         ) -> tuple[UserView, np.ndarray | None]:
+        membership = await self.genres.membership([b.item_id for b in context.behaviours])
+        view = user_view(self.spec, summarize_history(context.behaviours, membership, now), context.profile, now)
+        if self.spec.corating is None:
+            return view, None
+        whole = [(0, len(context.behaviours))] * len(targets)
+        return view, neighbour_rows(self.spec.corating, context.user_id, [t.item_id for t in targets],
+                                    context.behaviours, whole)
 
     async def vectors(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> np.ndarray:
         return (await self.read(context, targets, as_of)).rows

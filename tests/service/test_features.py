@@ -13,7 +13,7 @@ from adapters.features import OfflineFeatures
 from adapters.samples import build_samples, draw, split_by_time
 from service.corating import CoRating
 from service.feature_vector import FeatureSpec, ItemStats, genre_membership, star, summarize_history
-from service.features import FeatureReader
+from service.features import FeatureReader, GenreCache
 from service.history import HistoryStore, Keys, connect
 from service.ingest import read_movielens
 from service.records import Behaviour, Item, Profile, UserContext
@@ -146,3 +146,45 @@ def test_features_of_context_without_history_or_profile(redis_url):
     rows = run(go())
     assert rows.shape == (1, len(FeatureSpec(genres=("Drama",), occupations=()).names))
     assert np.all(np.isfinite(rows))
+
+
+class _Catalog:
+    """The project's item loader (HistoryStore.items) over a dict, counting what it is asked for."""
+
+    def __init__(self, genres: dict[str, tuple[str, ...]]) -> None:
+        self.genres, self.asked = genres, []
+
+    async def items(self, item_ids):
+        ids = list(item_ids)
+        self.asked.append(set(ids))
+        return {i: Item(i, i, genres=self.genres[i]) if i in self.genres else None for i in ids}
+
+
+def test_the_genre_cache_serves_the_catalogs_genres_within_its_ttl_then_reloads():
+    spec = FeatureSpec(genres=("Comedy", "Drama", "Horror"), occupations=())
+    catalog = _Catalog({"a": ("Comedy",), "b": ("Drama", "Comedy"), "c": ()})
+    now = [0.0]
+    cache = GenreCache(catalog.items, spec, ttl_s=60, clock=lambda: now[0])
+    ids = ["a", "b", "a", "gone", "c", "b"]
+
+    def expected():
+        return genre_membership(ids, lambda i: catalog.genres.get(i, ()), spec)
+
+    assert np.array_equal(run(cache.membership(ids)), expected()) and catalog.asked == [{"a", "b", "c", "gone"}]
+    now[0] = 59.0
+    assert np.array_equal(run(cache.membership(ids)), expected()) and len(catalog.asked) == 1, "cached"
+    catalog.genres["a"] = ("Horror",)
+    now[0] = 60.0
+    assert np.array_equal(run(cache.membership(ids)), expected()), "a changed item shows after the ttl"
+    assert run(cache.membership([])).shape == (0, 3)
+
+
+def test_the_genre_cache_stays_bounded_and_right_across_clears():
+    spec = FeatureSpec(genres=("Comedy", "Drama"), occupations=())
+    rng = np.random.default_rng(0)
+    genres = {f"i{n}": tuple(g for g in spec.genres if rng.random() < 0.5) for n in range(50)}
+    cache = GenreCache(_Catalog(genres).items, spec, max_items=12)
+    for _ in range(30):
+        ids = [f"i{n}" for n in rng.integers(0, 50, int(rng.integers(1, 10)))]
+        assert np.array_equal(run(cache.membership(ids)), genre_membership(ids, lambda i: genres[i], spec))
+        assert len(cache) <= 12
