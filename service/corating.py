@@ -20,7 +20,7 @@ the trainer's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
 from pathlib import Path
 
@@ -110,8 +110,14 @@ class CoRating:
         return mine
 
     def _rows(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.fromiter(map(self.row_of.get, item_ids, repeat(-1)), dtype=np.int64, count=len(item_ids))
+        rows = positions(self.row_of, item_ids)
         return np.maximum(rows, 0), (rows >= 0).astype(np.float64)
+
+
+def positions(index: Mapping[str, int], keys: Sequence[str]) -> np.ndarray:
+    """Each key's position in `index`, -1 where it has none (one C-level pass: a request looks up its whole
+    history)."""
+    return np.fromiter(map(index.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
 
 
 def neighbour_block(similarity: np.ndarray, ratings: np.ndarray, k: int = K_NEAREST) -> np.ndarray:

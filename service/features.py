@@ -16,12 +16,11 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.corating import neighbour_rows
+from service.corating import neighbour_rows, positions
 from service.feature_vector import (
     FeatureSpec,
     UserView,
@@ -72,7 +71,7 @@ class GenreCache:
 
     def _lookup(self, item_ids: Sequence[str]) -> np.ndarray:
         """Each item's slot, -1 where it has none."""
-        return np.fromiter(map(self._slots.get, item_ids, repeat(-1)), dtype=np.int64, count=len(item_ids))
+        return positions(self._slots, item_ids)
 
     async def membership(self, item_ids: Sequence[str]) -> np.ndarray:
         """(items, spec genres) 0/1, as genre_membership gives from the catalog."""
