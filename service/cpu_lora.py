@@ -13,10 +13,11 @@ Nothing inside site-packages is edited. Semantics follow vLLM's ops with one
 deliberate difference: tokens without an adapter (slot -1) get no LoRA term,
 where the torch ops index slot -1 as the *last* slot and add its weights.
 
-Two more engine fixes ride in the same plugin: LoRA on int8 layers
-(`keep_int8_weight_for_lora`), and the output layer of a bf16 engine
+Three more engine fixes ride in the same plugin: LoRA on int8 layers
+(`keep_int8_weight_for_lora`), the output layer of a bf16 engine
 (`precise_head`): the answer tokens' logits in fp32, or an fp32 head that reads
-one cached fp32 copy of the weight instead of casting it at every step.
+one cached fp32 copy of the weight instead of casting it at every step, and
+Gemma's RMSNorm through vLLM's fused CPU kernels (cpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import os
 
 import torch
 
+from service.cpu_kernels import install_fused_norm
 from service.processes import EXACT_LOGITS_ENV  # the Yes and No token ids, set for the engine process
 
 PLUGIN_NAME = "lorec_cpu_lora"
@@ -211,9 +213,10 @@ def precise_head() -> None:
 
 def register() -> None:
     """Entry point: rebind the ops the CPU punica wrapper calls (a no-op where vLLM lacks it), keep
-    LoRA working on int8 layers, and make a bf16 engine's answer logits exact."""
+    LoRA working on int8 layers, make a bf16 engine's answer logits exact and fuse Gemma's norms."""
     keep_int8_weight_for_lora()
     precise_head()
+    install_fused_norm()
     try:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import random
 import shutil
 
+import numpy as np
 import pytest
 
 from service.prompt import load_codec
-from tests.utils.stack import AUTH
+from tests.utils.stack import AUTH, engine_scores, make_settings, start_engine
 
 pytestmark = pytest.mark.gemma
 
@@ -48,3 +50,26 @@ def test_rank_through_gemma(gemma_engine, gemma_model, tiny_settings, tmp_path):
     # Gemma puts real mass on the answer tokens and tells candidates apart.
     assert max(s["logprob_yes"] for s in ranked) > -8 and max(s["logprob_no"] for s in ranked) > -8
     assert max(s["score"] for s in ranked) - min(s["score"] for s in ranked) > 1e-3
+
+
+def test_gemma_norms_run_the_fused_kernel_and_score_as_the_native_ops(gemma_engine, gemma_model, workdir,
+                                                                        redis_url, adapter_dir):
+    """The default engine (LOREC_ENGINE_NORM=fused) against one with vLLM's native norms, same prompts."""
+    assert "first Gemma RMSNorm through the fused CPU kernel" in (workdir / "logs" / "vllm-gemma.log").read_text()
+    settings = make_settings(workdir, gemma_model, redis_url, engine_norm="native")
+    engine, native_url = start_engine(settings, gemma_model, workdir / "logs" / "vllm-gemma-native.log")
+    try:
+        rng, codec = random.Random(1), load_codec(gemma_model)
+        prompts = [[2] + [rng.randrange(100, 20000) for _ in range(80)] for _ in range(12)]
+        native = np.array(engine_scores(native_url, codec, prompts, adapter_dir, None))
+    finally:
+        engine.stop()
+    assert "fused CPU kernel" not in (workdir / "logs" / "vllm-gemma-native.log").read_text()
+    fused = np.array(engine_scores(gemma_engine, codec, prompts, adapter_dir, None))
+    deltas = np.abs(fused - native)
+    print(f"\n{settings.engine.dtype}: mean |dp| {deltas.mean():.6f}, max {deltas.max():.6f}")
+    if settings.engine.dtype == "float32":  # the same arithmetic: summation order only
+        assert deltas.max() < 1e-4
+    else:  # (1 + w) rounded to bf16: the issue's agreement bound
+        assert deltas.mean() < 0.01 and deltas.max() < 0.03
+    assert np.ptp(native) > 1e-3, "the prompts' scores differ, so agreement says something"
