@@ -91,9 +91,9 @@ class EngineSettings(BaseSettings):
     head_dtype: Literal["answer", "float32", "model"] = Field(
         "answer", description="the output layer of a bf16/fp16 engine: answer (the Yes/No logits in fp32, the "
         "rest in the engine's dtype), float32 (all of it), model (the engine's dtype)")
-    norm: Literal["fused", "native"] = Field(
-        "fused", description="Gemma's RMSNorm on a CPU engine: vLLM's fused C++ kernel (the engine plugin, "
-        "service/cpu_kernels.py) or vLLM's torch-native ops")
+    ops: Literal["fused", "native"] = Field(
+        "fused", description="Gemma's RMSNorm and the rotary embedding on a CPU engine: vLLM's fused C++ kernels "
+        "(the engine plugin, service/cpu_kernels.py) or vLLM's torch-native ops")
     max_model_len: int = Field(2048, ge=128)
     kv_cache_gib: int = Field(2, ge=1, description="CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     max_loras: int = Field(4, ge=1, description="adapters in one batch")

@@ -17,7 +17,8 @@ Three more engine fixes ride in the same plugin: LoRA on int8 layers
 (`keep_int8_weight_for_lora`), the output layer of a bf16 engine
 (`precise_head`): the answer tokens' logits in fp32, or an fp32 head that reads
 one cached fp32 copy of the weight instead of casting it at every step, and
-Gemma's RMSNorm through vLLM's fused CPU kernels (cpu_kernels.py).
+Gemma's RMSNorm and the rotary embedding through vLLM's fused CPU kernels
+(cpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import os
 
 import torch
 
-from service.cpu_kernels import install_fused_norm
+from service.cpu_kernels import install_fused_ops
 from service.processes import EXACT_LOGITS_ENV  # the Yes and No token ids, set for the engine process
 
 PLUGIN_NAME = "lorec_cpu_lora"
@@ -212,11 +213,11 @@ def precise_head() -> None:
 
 
 def register() -> None:
-    """Entry point: rebind the ops the CPU punica wrapper calls (a no-op where vLLM lacks it), keep
-    LoRA working on int8 layers, make a bf16 engine's answer logits exact and fuse Gemma's norms."""
+    """Entry point: rebind the ops the CPU punica wrapper calls (a no-op where vLLM lacks it), keep LoRA
+    working on int8 layers, make a bf16 engine's answer logits exact, fuse Gemma's norms and rotary embedding."""
     keep_int8_weight_for_lora()
     precise_head()
-    install_fused_norm()
+    install_fused_ops()
     try:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:

@@ -25,7 +25,7 @@ import httpx
 
 from service.config import EngineSettings
 
-NORM_ENV = "LOREC_ENGINE_NORM"  # EngineSettings.norm, read by the engine plugin (cpu_kernels.py)
+OPS_ENV = "LOREC_ENGINE_OPS"  # EngineSettings.ops, read by the engine plugin (cpu_kernels.py)
 EXACT_LOGITS_ENV = "LOREC_EXACT_LOGIT_TOKENS"  # token ids whose logits the engine plugin computes in fp32
 ENGINE_PLUGIN = "lorec_cpu_lora"  # service/cpu_lora.py, registered as an entry point in pyproject.toml
 # AMD's zentorch lives outside site-packages (scripts/install.sh): vLLM switches to its Zen platform whenever
@@ -71,7 +71,7 @@ def engine_env(engine: EngineSettings, model_dir: Path | None = None) -> dict[st
 
         answer = load_codec(model_dir).answer
         env[EXACT_LOGITS_ENV] = f"{answer.yes},{answer.no}"  # read by the engine plugin (cpu_lora.py)
-    env[NORM_ENV] = engine.norm
+    env[OPS_ENV] = engine.ops
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     # Only the plugins named here load (an empty name list loads none).
     env["VLLM_PLUGINS"] = ENGINE_PLUGIN if engine.fast_lora else ""

@@ -1,6 +1,7 @@
 """The engine plugin's fused Gemma RMSNorm gives vLLM's native result: exactly up to float rounding in fp32,
 within two bf16 steps in bf16, on plain rows, on the (tokens, heads, head_dim) views q_norm gets, and with a
-residual; the plugin installs it on CPU unless LOREC_ENGINE_NORM=native."""
+residual; the plugin installs it, and switches it and the rotary embedding on, unless
+LOREC_ENGINE_OPS=native."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.model_executor.layers.layernorm import GemmaRMSNorm
+from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 
 from service import cpu_kernels
-from service.processes import NORM_ENV
+from service.processes import OPS_ENV
 
 HIDDEN, HEADS, HEAD_DIM = 640, 4, 256
 
@@ -71,8 +73,11 @@ def test_weight_copy_follows_the_dtype():
 
 @pytest.mark.parametrize("setting, installed", [("fused", True), ("native", False)])
 def test_install_follows_the_setting(monkeypatch, setting, installed):
-    shipped = GemmaRMSNorm.forward_cpu
-    monkeypatch.setattr(GemmaRMSNorm, "forward_cpu", shipped)  # restored after the test
-    monkeypatch.setenv(NORM_ENV, setting)
-    cpu_kernels.install_fused_norm()
-    assert (GemmaRMSNorm.forward_cpu is cpu_kernels.fused_gemma_rms_norm) == installed
+    for op in (GemmaRMSNorm, RotaryEmbeddingBase):  # restored after the test
+        monkeypatch.setattr(op, "forward_cpu", op.forward_cpu)
+        monkeypatch.setattr(op, "enabled", op.enabled)
+    monkeypatch.setenv(OPS_ENV, setting)
+    with set_current_vllm_config(VllmConfig()):
+        cpu_kernels.install_fused_ops()
+        assert (GemmaRMSNorm.forward_cpu is cpu_kernels.fused_gemma_rms_norm) == installed
+        assert GemmaRMSNorm.enabled() == RotaryEmbeddingBase.enabled() == installed  # off in a default config

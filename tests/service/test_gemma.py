@@ -52,19 +52,19 @@ def test_rank_through_gemma(gemma_engine, gemma_model, tiny_settings, tmp_path):
     assert max(s["score"] for s in ranked) - min(s["score"] for s in ranked) > 1e-3
 
 
-def test_gemma_norms_run_the_fused_kernel_and_score_as_the_native_ops(gemma_engine, gemma_model, workdir,
+def test_gemma_runs_the_fused_cpu_kernels_and_scores_as_the_native_ops(gemma_engine, gemma_model, workdir,
                                                                         redis_url, adapter_dir):
-    """The default engine (LOREC_ENGINE_NORM=fused) against one with vLLM's native norms, same prompts."""
+    """The default engine (LOREC_ENGINE_OPS=fused) against one with vLLM's native ops, same prompts."""
     assert "first Gemma RMSNorm through the fused CPU kernel" in (workdir / "logs" / "vllm-gemma.log").read_text()
-    settings = make_settings(workdir, gemma_model, redis_url, engine_norm="native")
-    engine, native_url = start_engine(settings, gemma_model, workdir / "logs" / "vllm-gemma-native.log")
+    settings = make_settings(workdir, gemma_model, redis_url, engine_ops="native")
+    engine, native_url = start_engine(settings, gemma_model, workdir / "logs" / "vllm-gemma-native-ops.log")
     try:
         rng, codec = random.Random(1), load_codec(gemma_model)
         prompts = [[2] + [rng.randrange(100, 20000) for _ in range(80)] for _ in range(12)]
         native = np.array(engine_scores(native_url, codec, prompts, adapter_dir, None))
     finally:
         engine.stop()
-    assert "fused CPU kernel" not in (workdir / "logs" / "vllm-gemma-native.log").read_text()
+    assert "fused CPU kernel" not in (workdir / "logs" / "vllm-gemma-native-ops.log").read_text()
     fused = np.array(engine_scores(gemma_engine, codec, prompts, adapter_dir, None))
     deltas = np.abs(fused - native)
     print(f"\n{settings.engine.dtype}: mean |dp| {deltas.mean():.6f}, max {deltas.max():.6f}")
