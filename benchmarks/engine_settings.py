@@ -41,8 +41,8 @@ CONFIGS = {  # the first is the reference (fp32); the default engine is "bf16 on
     "bf16 oneDNN (fp32 head)": {"engine_dtype": "bfloat16", "engine_kernels": "onednn", "engine_head_dtype": "float32"},
     "bf16 oneDNN (bf16 head)": {"engine_dtype": "bfloat16", "engine_kernels": "onednn", "engine_head_dtype": "model"},
     # Gemma's norms and rotary embedding as vLLM runs them (eager torch ops), not the plugin's fused kernels
-    "fp32 oneDNN, native ops": {"engine_kernels": "onednn", "engine_dtype": "float32", "engine_ops": "native"},
-    "bf16 oneDNN, native ops": {"engine_kernels": "onednn", "engine_dtype": "bfloat16", "engine_ops": "native"},
+    "fp32 oneDNN (native ops)": {"engine_kernels": "onednn", "engine_dtype": "float32", "engine_ops": "native"},
+    "bf16 oneDNN (native ops)": {"engine_kernels": "onednn", "engine_dtype": "bfloat16", "engine_ops": "native"},
     "fp32 oneDNN, max_num_batched_tokens=1024": {"engine_kernels": "onednn", "engine_dtype": "float32",
                                                  "engine_max_num_batched_tokens": 1024},
     "fp32 oneDNN, max_num_batched_tokens=8192": {"engine_kernels": "onednn", "engine_dtype": "float32",
