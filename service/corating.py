@@ -156,12 +156,14 @@ def nearest(similarity: np.ndarray, k: int) -> np.ndarray:
 
 
 def neighbour_rows(table: CoRating, user_id: str, targets: Sequence[str], timeline: Sequence[Behaviour],
-                   windows: Sequence[tuple[int, int]]) -> np.ndarray:
+                   windows: Sequence[tuple[int, int]], history_ids: Sequence[str] | None = None) -> np.ndarray:
     """(targets, NEIGHBOUR_FEATURES): each target over the rated behaviours of its own window
-    timeline[start:end] (the trainer's samples of one user see different windows; a request has one)."""
+    timeline[start:end] (the trainer's samples of one user see different windows; a request has one).
+    `history_ids`: the timeline's item ids, where the caller has already listed them."""
     ratings = np.array([b.rating for b in timeline], dtype=np.float64).reshape(-1)  # a click (None): NaN
     rated = ~np.isnan(ratings)
-    similarity = table.similarity(user_id, targets, [b.item_id for b in timeline])
+    ids = [b.item_id for b in timeline] if history_ids is None else history_ids
+    similarity = table.similarity(user_id, targets, ids)
     others = table.other_raters(user_id, targets) > 0
     out = np.full((len(targets), len(NEIGHBOUR_FEATURES)), np.nan)
     by_window: dict[tuple[int, int], list[int]] = {}

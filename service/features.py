@@ -129,13 +129,14 @@ class FeatureReader:
 
     async def _user_side(self, context: UserContext, targets: Sequence[Item], now: int
                          ) -> tuple[UserView, np.ndarray | None]:
-        membership = await self.genres.membership([b.item_id for b in context.behaviours])
+        history_ids = [b.item_id for b in context.behaviours]
+        membership = await self.genres.membership(history_ids)
         view = user_view(self.spec, summarize_history(context.behaviours, membership, now), context.profile, now)
         if self.spec.corating is None:
             return view, None
         whole = [(0, len(context.behaviours))] * len(targets)
         return view, neighbour_rows(self.spec.corating, context.user_id, [t.item_id for t in targets],
-                                    context.behaviours, whole)
+                                    context.behaviours, whole, history_ids)
 
     async def vectors(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> np.ndarray:
         return (await self.read(context, targets, as_of)).rows
