@@ -49,7 +49,9 @@ def start_stack(stack: Stack, settings: Settings, data: Path) -> tuple[str, Mana
     engine_url, engine = stack.engine(settings, wait=False)
     env = {"LOREC_REDIS_URL": redis_url, "LOREC_ENGINE_URL": engine_url, "LOREC_DATA_DIR": str(settings.data_dir),
            # 16 clients queue ~30 requests of ~10 s each on 2 cores: measure the queue, do not time it out.
-           "LOREC_ENGINE_TIMEOUT_S": "1800", "LOREC_REQUEST_DEADLINE_S": "1800"}
+           "LOREC_ENGINE_TIMEOUT_S": "1800", "LOREC_REQUEST_DEADLINE_S": "1800",
+           # the LLM's own score, which the baseline computes (a data folder of `lorec up` serves the hybrid)
+           "LOREC_SCORER": "llm"}
     ingest = subprocess.run([LOREC, "ingest", "movielens", "--dir", str(data)], env={**os.environ, **env},
                             capture_output=True, text=True)
     if ingest.returncode != 0:
