@@ -120,11 +120,13 @@ def gbdt(directory: o.Directory,
                                                        "gbdt-<dataset>-<hash>)")] = None,
          threads: Annotated[int | None, typer.Option(help="LightGBM threads (default: all cores)")] = None,
          neighbours: Annotated[bool, typer.Option(help="add the neighbour features (a co-rating table of the "
-                                                       "train split, service/corating.py)")] = True) -> None:
+                                                       "train split, service/corating.py)")] = True,
+         taste: Annotated[bool, typer.Option(help="with the neighbour features, also those of the taste "
+                                                  "similarity (the table then holds the ratings)")] = True) -> None:
     """The feature CRM: LightGBM over the point-in-time features on the whole train split, its settings
     chosen on validation (the test split is not read: `lorec eval` scores it)."""
     try:
-        folder, manifest = train_from_folder(directory, Settings().data_dir, name, threads, neighbours)
+        folder, manifest = train_from_folder(directory, Settings().data_dir, name, threads, neighbours, taste)
     except FileExistsError as error:
         raise _refused(error) from None
     typer.echo(json.dumps({"crm": manifest.name, "path": str(folder), "validation": manifest.validation}))

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from adapters.samples import HISTORY_CAP, Sample
-from service.corating import NEIGHBOUR_FEATURES, neighbour_rows
+from service.corating import neighbour_rows
 from service.feature_vector import (
     ALL,
     BUCKETS,
@@ -130,8 +130,9 @@ class OfflineFeatures:
         return matrix.reshape(len(samples), len(self.spec.names))
 
     def _neighbours(self, samples: Sequence[Sample]) -> np.ndarray:
-        """NEIGHBOUR_FEATURES of each sample over its window, one similarity product per user's timeline."""
-        out = np.zeros((len(samples), len(NEIGHBOUR_FEATURES)))
+        """The table's neighbour features of each sample over its window, one similarity product per user's
+        timeline."""
+        out = np.zeros((len(samples), len(self.spec.corating.feature_names)))
         by_timeline: dict[int, list[int]] = {}
         for row, sample in enumerate(samples):
             by_timeline.setdefault(id(sample.timeline), []).append(row)

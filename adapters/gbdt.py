@@ -90,22 +90,22 @@ def save_gbdt(fit: GbdtFit, folder: Path, *, name: str, dataset: str, data_finge
     return manifest
 
 
-def feature_spec(dataset: Dataset, neighbours: bool) -> FeatureSpec:
+def feature_spec(dataset: Dataset, neighbours: bool, taste: bool = True) -> FeatureSpec:
     """The CRM's features; with `neighbours`, a co-rating table of every rating before the first validation
-    sample (so validation and test see only their past)."""
+    sample (so validation and test see only their past), holding the ratings too with `taste`."""
     spec = FeatureSpec.of(dataset.data.items, dataset.data.profiles.values())
     if not neighbours:
         return spec
     cutoff = min(sample.ts for sample in dataset.parts["valid"])
-    return replace(spec, corating=CoRating.fit(dataset.data.ratings, cutoff))
+    return replace(spec, corating=CoRating.fit(dataset.data.ratings, cutoff, taste=taste))
 
 
 def train_from_folder(directory: Path, data_dir: Path, name: str | None, threads: int | None = None,
-                      neighbours: bool = True) -> tuple[Path, CrmManifest]:
+                      neighbours: bool = True, taste: bool = True) -> tuple[Path, CrmManifest]:
     """`lorec train gbdt`: samples and features of a MovieLens folder, the grid, the artifact."""
     dataset = Dataset.read(directory)
     parts = dataset.parts
-    features = OfflineFeatures(dataset.data, feature_spec(dataset, neighbours))
+    features = OfflineFeatures(dataset.data, feature_spec(dataset, neighbours, taste))
     x_train = features.matrix(parts["train"], progress="train features")
     x_valid = features.matrix(parts["valid"], progress="valid features")
     fit = fit_gbdt(features.spec.names, x_train, np.array([s.label for s in parts["train"]]),

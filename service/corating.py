@@ -10,12 +10,19 @@ holds who rated what, never how; it is fixed at the cutoff, so every request fro
 test, live traffic) sees only ratings before its `as_of`, and it learns nothing from later events until the
 CRM is retrained.
 
-The features of a candidate, over the rated behaviours of the history the request reads: the mean rating and
-liked share of the K most similar, their similarity-weighted mean rating, the top similarity, the mean
-similarity to liked and to disliked items and its gap. Missing (NaN, LightGBM's missing value) where the
-history has no rating or nobody else rated the candidate. Counts are integers and every similarity is one
-division, so a similarity does not depend on which other items share the batch: the gateway's vectors equal
-the trainer's.
+A table fitted with `taste` also holds how: each rating centred on its rater's mean, in steps of 1/64 of a
+star (`TASTE_STEPS`). The taste similarity of two items is the cosine of those centred rows (item-based
+CF's adjusted cosine), the user's own column left out as above: two items are close when the same people
+liked both more than they like things on average, not merely when the same people watched both. It is the
+stronger signal (validation AUC on ML-100K 0.7645 -> 0.7728 added to the co-rating features).
+
+The features of a candidate, per similarity, over the rated behaviours of the history the request reads:
+the mean rating and liked share of the K most similar, their similarity-weighted mean rating, the top
+similarity, the mean similarity to liked and to disliked items and its gap. Missing (NaN, LightGBM's
+missing value) where the history has no rating or nobody else rated the candidate. Counts and centred
+ratings are integers, so their products and sums are exact in any order, and every similarity is one
+division: a similarity does not depend on which other items share the batch, and the gateway's vectors
+equal the trainer's.
 """
 
 from __future__ import annotations
@@ -31,87 +38,153 @@ from service.records import Behaviour
 
 NEIGHBOUR_FEATURES = ("n_knn_mean", "n_knn_like", "n_knn_wmean", "n_top_sim", "n_sim_liked", "n_sim_disliked",
                       "n_sim_gap")
+TASTE_FEATURES = tuple(f"t_{name[2:]}" for name in NEIGHBOUR_FEATURES)  # the same, over the taste similarity
+TASTE_STEPS = 64  # centred ratings are held as whole 1/64ths of a star: integer products, exact sums
 K_NEAREST = 10
 DENSE_ITEMS = 8192  # up to this many items a table keeps every pair's count (8192: 256 MB)
 
 
 class CoRating:
-    """Who rated which item before `cutoff`, and item similarities from it."""
+    """Who rated which item before `cutoff` (and, with taste, how), and item similarities from it."""
 
     def __init__(self, items: Sequence[str], users: Sequence[str], rated: sparse.csr_matrix, cutoff: int,
-                 dense_items: int = DENSE_ITEMS) -> None:
+                 dense_items: int = DENSE_ITEMS, stars: sparse.csr_matrix | None = None) -> None:
         self.items, self.users, self.cutoff = list(items), list(users), cutoff
         self.row_of = {item_id: n for n, item_id in enumerate(self.items)}
         self.column_of = {user_id: n for n, user_id in enumerate(self.users)}
-        self.rated = rated.astype(np.float64).tocsr()  # counts stay exact integers in float64
-        self.rated_t = self.rated.T.tocsr()  # users x items: one user's column is one row here
-        self.raters = np.asarray(self.rated.sum(axis=1)).ravel()
         # Every pair's count, when the catalog is small enough: a request then gathers its counts instead of
         # multiplying its candidates' rows (10x faster on ML-1M). float32 holds counts below 2^24 exactly.
-        self.pair_counts = ((self.rated @ self.rated.T).toarray().astype(np.float32)
-                            if len(self.items) <= dense_items else None)
+        self.watched = _Cosine(rated.astype(np.float64), np.float32, len(self.items) <= dense_items)
+        self.stars = stars.tocsr() if stars is not None else None
+        self.taste = (_Cosine(centred(self.stars), np.int32, len(self.items) <= dense_items)
+                      if self.stars is not None else None)
+
+    @property
+    def rated(self) -> sparse.csr_matrix:
+        return self.watched.rows
+
+    @property
+    def raters(self) -> np.ndarray:
+        return self.watched.squares  # a 0/1 row's sum of squares is its count
+
+    @property
+    def pair_counts(self) -> np.ndarray | None:
+        return self.watched.pairs
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return (*NEIGHBOUR_FEATURES, *(TASTE_FEATURES if self.taste is not None else ()))
 
     @classmethod
-    def fit(cls, ratings: Iterable[tuple[str, Behaviour]], cutoff: int) -> CoRating:
-        pairs = sorted({(user_id, b.item_id) for user_id, b in ratings if b.ts < cutoff and b.rating is not None})
+    def fit(cls, ratings: Iterable[tuple[str, Behaviour]], cutoff: int, taste: bool = False) -> CoRating:
+        """The table of every rating before `cutoff` (a user's latest rating of an item where they rated it
+        again); with `taste`, the ratings themselves too."""
+        latest = {(user_id, b.item_id): b.rating for user_id, b in sorted(ratings, key=lambda r: r[1].ts)
+                  if b.ts < cutoff and b.rating is not None}
+        pairs = sorted(latest)
         items = sorted({item_id for _, item_id in pairs})
         users = sorted({user_id for user_id, _ in pairs})
         row_of = {item_id: n for n, item_id in enumerate(items)}
         column_of = {user_id: n for n, user_id in enumerate(users)}
         rows = [row_of[item_id] for _, item_id in pairs]
         columns = [column_of[user_id] for user_id, _ in pairs]
-        rated = sparse.csr_matrix((np.ones(len(pairs)), (rows, columns)), shape=(len(items), len(users)))
-        return cls(items, users, rated, cutoff)
+        shape = (len(items), len(users))
+        rated = sparse.csr_matrix((np.ones(len(pairs)), (rows, columns)), shape=shape)
+        stars = (sparse.csr_matrix((np.array([latest[p] for p in pairs], dtype=np.float64), (rows, columns)),
+                                   shape=shape) if taste else None)
+        return cls(items, users, rated, cutoff, stars=stars)
 
     def save(self, path: Path) -> None:
         rated = self.rated.tocsr()
+        extra = {}
+        if self.stars is not None:  # the same sparsity as `rated` (both built from the same pairs)
+            extra["stars"] = self.stars.tocsr().data.astype(np.float32)
         np.savez_compressed(path, items=np.array(self.items), users=np.array(self.users), cutoff=self.cutoff,
-                            indptr=rated.indptr, indices=rated.indices.astype(np.int32))
+                            indptr=rated.indptr, indices=rated.indices.astype(np.int32), **extra)
 
     @classmethod
     def load(cls, path: Path) -> CoRating:
         with np.load(path, allow_pickle=False) as f:
             items, users = f["items"].tolist(), f["users"].tolist()
-            indices = f["indices"]
-            rated = sparse.csr_matrix((np.ones(len(indices)), indices, f["indptr"]), shape=(len(items), len(users)))
-            return cls(items, users, rated, int(f["cutoff"]))
+            indices, indptr = f["indices"], f["indptr"]
+            shape = (len(items), len(users))
+            rated = sparse.csr_matrix((np.ones(len(indices)), indices, indptr), shape=shape)
+            stars = (sparse.csr_matrix((f["stars"].astype(np.float64), indices, indptr), shape=shape)
+                     if "stars" in f.files else None)
+            return cls(items, users, rated, int(f["cutoff"]), stars=stars)
 
     @classmethod
     def without_pair_counts(cls, table: CoRating) -> CoRating:
-        """The same table computing each request's counts from the sparse rows (a catalog too large for
-        the pair counts)."""
-        return cls(table.items, table.users, table.rated, table.cutoff, dense_items=0)
+        """The same table computing each request's products from the sparse rows (a catalog too large for
+        the dense pair products)."""
+        return cls(table.items, table.users, table.rated, table.cutoff, dense_items=0, stars=table.stars)
 
     def similarity(self, user_id: str, targets: Sequence[str], history: Sequence[str]) -> np.ndarray:
-        """(targets, history) cosine of the items' rows without `user_id`'s column; 0 for an unknown item."""
+        """(targets, history) cosine of the items' 0/1 rows without `user_id`'s column; 0 for an unknown item."""
+        return self._cosine(self.watched, user_id, targets, history)
+
+    def taste_similarity(self, user_id: str, targets: Sequence[str], history: Sequence[str]) -> np.ndarray:
+        """(targets, history) cosine of the items' centred rating rows without `user_id`'s column."""
+        if self.taste is None:
+            raise ValueError("this co-rating table holds no ratings (fitted without taste)")
+        return self._cosine(self.taste, user_id, targets, history)
+
+    def _cosine(self, rows: _Cosine, user_id: str, targets: Sequence[str], history: Sequence[str]) -> np.ndarray:
         t_rows, t_known = self._rows(targets)
         h_rows, h_known = self._rows(history)
-        mine = self._own(user_id)
-        if self.pair_counts is not None:
-            counts = self.pair_counts[np.ix_(t_rows, h_rows)].astype(np.float64)
-        else:  # cost grows with the candidates' raters
-            counts = (self.rated[t_rows] @ self.rated_t).toarray()[:, h_rows]
-        counts -= np.outer(mine[t_rows], mine[h_rows])
-        norms = np.sqrt(np.outer((self.raters[t_rows] - mine[t_rows]) * t_known,
-                                 (self.raters[h_rows] - mine[h_rows]) * h_known))
-        return np.divide(counts, norms, out=np.zeros_like(counts), where=norms > 0)
+        mine = rows.column(self.column_of.get(user_id))
+        products = rows.products(t_rows, h_rows) - np.outer(mine[t_rows], mine[h_rows])
+        squares = rows.squares - mine * mine
+        norms = np.sqrt(np.outer(squares[t_rows] * t_known, squares[h_rows] * h_known))
+        return np.divide(products, norms, out=np.zeros_like(products), where=norms > 0)
 
     def other_raters(self, user_id: str, targets: Sequence[str]) -> np.ndarray:
         """How many people but the user rated each target before the cutoff (none: its features are missing)."""
         rows, known = self._rows(targets)
-        return (self.raters[rows] - self._own(user_id)[rows]) * known
-
-    def _own(self, user_id: str) -> np.ndarray:
-        """1.0 at the items the user rated before the cutoff (all 0 for someone the table does not know)."""
-        mine = np.zeros(len(self.items))
-        column = self.column_of.get(user_id)
-        if column is not None:
-            mine[self.rated_t[column].indices] = 1.0
-        return mine
+        return (self.raters[rows] - self.watched.column(self.column_of.get(user_id))[rows]) * known
 
     def _rows(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         rows = positions(self.row_of, item_ids)
         return np.maximum(rows, 0), (rows >= 0).astype(np.float64)
+
+
+def centred(stars: sparse.csr_matrix) -> sparse.csr_matrix:
+    """(items, users) each rating minus its rater's mean rating, in whole TASTE_STEPS of a star (int64)."""
+    by_user = stars.tocsc()
+    counts = np.diff(by_user.indptr)
+    means = np.asarray(by_user.sum(axis=0)).ravel() / np.maximum(counts, 1)
+    steps = np.rint((by_user.data - np.repeat(means, counts)) * TASTE_STEPS).astype(np.int64)
+    return sparse.csc_matrix((steps, by_user.indices, by_user.indptr), shape=stars.shape).tocsr()
+
+
+class _Cosine:
+    """One matrix (items x users) whose rows' cosines a table computes: its rows, their squared norms, and
+    every pair's product where the catalog is small enough (gathered instead of multiplied per request)."""
+
+    def __init__(self, rows: sparse.csr_matrix, pair_dtype: type, dense: bool) -> None:
+        self.rows = rows.tocsr()
+        self.by_user = self.rows.T.tocsr()  # users x items: one user's column is one row here
+        self.squares = np.asarray(self.rows.multiply(self.rows).sum(axis=1)).ravel().astype(np.float64)
+        self.pairs = _narrowed((self.rows @ self.rows.T).toarray(), pair_dtype) if dense else None
+
+    def products(self, t_rows: np.ndarray, h_rows: np.ndarray) -> np.ndarray:
+        if self.pairs is not None:
+            return self.pairs[np.ix_(t_rows, h_rows)].astype(np.float64)
+        return (self.rows[t_rows] @ self.by_user).toarray()[:, h_rows].astype(np.float64)  # grows with raters
+
+    def column(self, column: int | None) -> np.ndarray:
+        """A user's column as a dense vector over the items (zeros for someone the table does not know)."""
+        out = np.zeros(self.rows.shape[0])
+        if column is not None:
+            row = self.by_user[column]
+            out[row.indices] = row.data
+        return out
+
+
+def _narrowed(pairs: np.ndarray, dtype: type) -> np.ndarray:
+    """`pairs` in `dtype` where that holds every value exactly (half the memory), else as they are."""
+    narrow = pairs.astype(dtype)
+    return narrow if np.array_equal(narrow, pairs) else pairs
 
 
 def positions(index: Mapping[str, int], keys: Sequence[str]) -> np.ndarray:
@@ -157,15 +230,17 @@ def nearest(similarity: np.ndarray, k: int) -> np.ndarray:
 
 def neighbour_rows(table: CoRating, user_id: str, targets: Sequence[str], timeline: Sequence[Behaviour],
                    windows: Sequence[tuple[int, int]], history_ids: Sequence[str] | None = None) -> np.ndarray:
-    """(targets, NEIGHBOUR_FEATURES): each target over the rated behaviours of its own window
+    """(targets, table.feature_names): each target over the rated behaviours of its own window
     timeline[start:end] (the trainer's samples of one user see different windows; a request has one).
     `history_ids`: the timeline's item ids, where the caller has already listed them."""
     ratings = np.array([b.rating for b in timeline], dtype=np.float64).reshape(-1)  # a click (None): NaN
     rated = ~np.isnan(ratings)
     ids = [b.item_id for b in timeline] if history_ids is None else history_ids
-    similarity = table.similarity(user_id, targets, ids)
+    similarities = [table.similarity(user_id, targets, ids)]
+    if table.taste is not None:
+        similarities.append(table.taste_similarity(user_id, targets, ids))
     others = table.other_raters(user_id, targets) > 0
-    out = np.full((len(targets), len(NEIGHBOUR_FEATURES)), np.nan)
+    out = np.full((len(targets), len(table.feature_names)), np.nan)
     by_window: dict[tuple[int, int], list[int]] = {}
     for row, window in enumerate(windows):
         if others[row]:  # nobody else rated the target: missing
@@ -173,5 +248,6 @@ def neighbour_rows(table: CoRating, user_id: str, targets: Sequence[str], timeli
     for (start, end), rows in by_window.items():
         keep = rated[start:end]
         if keep.any():
-            out[rows] = neighbour_block(similarity[rows, start:end][:, keep], ratings[start:end][keep])
+            out[rows] = np.hstack([neighbour_block(similarity[rows, start:end][:, keep], ratings[start:end][keep])
+                                   for similarity in similarities])
     return out

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from service.corating import NEIGHBOUR_FEATURES, CoRating
+from service.corating import CoRating
 from service.records import Behaviour, Item, Profile
 
 DAY_S = 86_400
@@ -70,7 +70,7 @@ class FeatureSpec:
     @property
     def names(self) -> tuple[str, ...]:
         return (*USER_FEATURES, *MATCH_FEATURES, *ITEM_FEATURES, *PROFILE_FEATURES,
-                *(f"g_{g}" for g in self.genres), *(NEIGHBOUR_FEATURES if self.corating else ()))
+                *(f"g_{g}" for g in self.genres), *(self.corating.feature_names if self.corating else ()))
 
     @property
     def user_names(self) -> tuple[str, ...]:

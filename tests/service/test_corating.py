@@ -11,7 +11,16 @@ import pytest
 from adapters.features import OfflineFeatures
 from adapters.samples import build_samples, split_by_time
 from service.artifacts import ArtifactError
-from service.corating import NEIGHBOUR_FEATURES, CoRating, nearest, neighbour_block, neighbour_rows
+from service.corating import (
+    NEIGHBOUR_FEATURES,
+    TASTE_FEATURES,
+    TASTE_STEPS,
+    CoRating,
+    centred,
+    nearest,
+    neighbour_block,
+    neighbour_rows,
+)
 from service.crm import Crm
 from service.records import Behaviour
 from tests.utils.crm import build_crm
@@ -44,6 +53,35 @@ def test_similarity_is_the_cosine_of_other_peoples_ratings():
     assert t.similarity("b", ["x"], ["y", "z"]).tolist() == [[1.0, 0.0]]
 
 
+def test_centred_ratings_are_whole_steps_around_each_raters_mean():
+    t = CoRating.fit(RATINGS, cutoff=100, taste=True)
+    steps = centred(t.stars).toarray()  # items x, y, z; users a (mean 4.5), b (2), c (5)
+    assert steps.dtype == np.int64
+    assert steps.tolist() == [[TASTE_STEPS // 2, 0, 0], [-TASTE_STEPS // 2, -TASTE_STEPS, 0], [0, TASTE_STEPS, 0]]
+
+
+def test_taste_similarity_is_the_cosine_of_centred_ratings_without_the_user():
+    t = CoRating.fit(RATINGS, cutoff=100, taste=True)
+    # Someone new: x and y share a (+1/2, -1/2 star) and b (0, -1): -1/4 over sqrt(1/4 * (1/4 + 1)).
+    assert np.allclose(t.taste_similarity("new", ["x"], ["y", "z", "unknown"]), [[-1 / math.sqrt(5), 0.0, 0.0]])
+    # y and z share b only, who rated y below and z above their mean: opposite tastes.
+    assert np.allclose(t.taste_similarity("new", ["y"], ["z"]), [[-64 * 64 / math.sqrt(5 * 32 * 32 * 64 * 64)]])
+    # Without b, y and z share nobody; without a, x's only other rater (b) sits at their mean: no signal.
+    assert t.taste_similarity("b", ["y"], ["z"]).tolist() == [[0.0]]
+    assert t.taste_similarity("a", ["x"], ["y"]).tolist() == [[0.0]]
+    # The co-rating similarity of the same table is unchanged by holding the ratings.
+    assert np.array_equal(t.similarity("a", ["x"], ["y", "z"]), table().similarity("a", ["x"], ["y", "z"]))
+    with pytest.raises(ValueError, match="no ratings"):
+        table().taste_similarity("a", ["x"], ["y"])
+
+
+def test_a_rating_given_again_counts_once_with_its_latest_value():
+    again = [*RATINGS, ("a", Behaviour("x", 50, 1.0))]  # a re-rates x before the cutoff
+    t = CoRating.fit(again, cutoff=100, taste=True)
+    assert t.raters.tolist() == [2.0, 2.0, 2.0]
+    assert t.stars[t.row_of["x"], t.column_of["a"]] == 1.0
+
+
 def test_a_users_own_ratings_never_show_in_their_similarities():
     data_ratings = [r for r in RATINGS if r[0] != "a"]
     without_a = CoRating.fit(data_ratings, cutoff=100)
@@ -51,6 +89,9 @@ def test_a_users_own_ratings_never_show_in_their_similarities():
     for user in ("a",):
         assert np.array_equal(with_a.similarity(user, ["x", "y", "z"], ["x", "y", "z"]),
                               without_a.similarity(user, ["x", "y", "z"], ["x", "y", "z"]))
+    tasted_with, tasted_without = CoRating.fit(RATINGS, 100, taste=True), CoRating.fit(data_ratings, 100, taste=True)
+    assert np.array_equal(tasted_with.taste_similarity("a", ["x", "y", "z"], ["x", "y", "z"]),
+                          tasted_without.taste_similarity("a", ["x", "y", "z"], ["x", "y", "z"]))
 
 
 def test_features_are_missing_without_rated_history_or_other_raters():
@@ -70,6 +111,21 @@ def test_features_are_missing_without_rated_history_or_other_raters():
     assert CoRating.fit(RATINGS[:2], 100).other_raters("a", ["x"]).tolist() == [0.0]
 
 
+def test_a_taste_table_adds_the_taste_features_after_the_co_rating_ones():
+    t = CoRating.fit(RATINGS, cutoff=100, taste=True)
+    assert t.feature_names == (*NEIGHBOUR_FEATURES, *TASTE_FEATURES) and table().feature_names == NEIGHBOUR_FEATURES
+    history = [Behaviour("y", 10, 4.0), Behaviour("z", 11, 1.0), Behaviour("w", 12, None)]
+    rows = neighbour_rows(t, "new", ["x", "unknown"], history, [(0, 3), (0, 3)])
+    assert rows.shape == (2, len(NEIGHBOUR_FEATURES) + len(TASTE_FEATURES))
+    assert np.array_equal(rows[:, :len(NEIGHBOUR_FEATURES)], neighbour_rows(table(), "new", ["x", "unknown"],
+                                                                            history, [(0, 3), (0, 3)]),
+                          equal_nan=True)
+    named = dict(zip(t.feature_names, rows[0]))
+    # x over y (taste -1/sqrt 5, rated 4) and z (0, rated 1): z is the nearer in taste.
+    assert named["t_top_sim"] == 0.0 and np.isclose(named["t_sim_liked"], -1 / math.sqrt(5))
+    assert np.isnan(rows[1]).all(), "nobody rated the candidate"
+
+
 def test_a_window_limits_the_history_a_target_sees():
     t = table()
     history = [Behaviour("y", 10, 4.0), Behaviour("z", 11, 1.0)]
@@ -82,14 +138,19 @@ def test_pair_counts_and_sparse_rows_give_the_same_similarities():
     from service.ingest import read_movielens
 
     data = read_movielens(ML100K)
-    dense = CoRating.fit(data.ratings, 880_000_000)
+    dense = CoRating.fit(data.ratings, 880_000_000, taste=True)
     rows = CoRating.without_pair_counts(dense)
     assert dense.pair_counts is not None and rows.pair_counts is None
+    assert dense.taste.pairs.dtype == np.int32 and rows.taste.pairs is None  # exact integers, half of int64
     history = [b.item_id for user_id, b in data.ratings[:3000] if user_id == data.ratings[0][0]] + ["unknown"]
     for user in (data.ratings[0][0], "someone new"):
-        similarity = dense.similarity(user, dense.items[:50] + ["unknown"], history)
-        assert np.array_equal(similarity, rows.similarity(user, dense.items[:50] + ["unknown"], history))
+        targets = dense.items[:50] + ["unknown"]
+        similarity = dense.similarity(user, targets, history)
+        assert np.array_equal(similarity, rows.similarity(user, targets, history))
         assert (similarity > 0).sum() > 100
+        taste = dense.taste_similarity(user, targets, history)
+        assert np.array_equal(taste, rows.taste_similarity(user, targets, history))
+        assert (taste > 0).sum() > 100 and (taste < 0).sum() > 100
 
 
 def test_saved_and_loaded_tables_give_the_same_similarities(tmp_path):
@@ -97,11 +158,19 @@ def test_saved_and_loaded_tables_give_the_same_similarities(tmp_path):
     t.save(tmp_path / "t.npz")
     loaded = CoRating.load(tmp_path / "t.npz")
     assert loaded.items == t.items and loaded.users == t.users and loaded.cutoff == 100
+    assert loaded.taste is None, "a table saved without ratings (the CRMs of before) loads without taste"
     for user in ("a", "b", "new"):
         assert np.array_equal(loaded.similarity(user, t.items, t.items), t.similarity(user, t.items, t.items))
+    tasted = CoRating.fit(RATINGS, cutoff=100, taste=True)
+    tasted.save(tmp_path / "tasted.npz")
+    loaded = CoRating.load(tmp_path / "tasted.npz")
+    for user in ("a", "b", "new"):
+        assert np.array_equal(loaded.taste_similarity(user, t.items, t.items),
+                              tasted.taste_similarity(user, t.items, t.items))
 
 
-def test_training_samples_do_not_see_their_own_label_through_the_table():
+@pytest.mark.parametrize("taste", [False, True], ids=["co-rating", "taste"])
+def test_training_samples_do_not_see_their_own_label_through_the_table(taste):
     """A train sample's rating lies before the cutoff, so it is in the table: leaving the user out must make
     its neighbour features those of a table without that user at all."""
     from service.ingest import read_movielens
@@ -110,19 +179,20 @@ def test_training_samples_do_not_see_their_own_label_through_the_table():
     parts = split_by_time(build_samples(data))
     cutoff = min(s.ts for s in parts["valid"])
     sample = parts["train"][len(parts["train"]) // 2]
-    full = CoRating.fit(data.ratings, cutoff)
-    others = CoRating.fit([r for r in data.ratings if r[0] != sample.user_id], cutoff)
+    full = CoRating.fit(data.ratings, cutoff, taste=taste)
+    others = CoRating.fit([r for r in data.ratings if r[0] != sample.user_id], cutoff, taste=taste)
     spec = OfflineFeatures(data).spec
     with_user = OfflineFeatures(data, replace(spec, corating=full)).matrix([sample])
     without_user = OfflineFeatures(data, replace(spec, corating=others)).matrix([sample])
     assert np.array_equal(with_user, without_user, equal_nan=True)
-    assert np.isfinite(with_user[0, -len(NEIGHBOUR_FEATURES):]).all()
+    assert np.isfinite(with_user[0, -len(full.feature_names):]).all()
 
 
 def test_a_crm_refuses_a_table_that_is_not_the_one_its_manifest_names(tmp_path):
     folder = build_crm(tmp_path, ML100K, name="with-table")
     crm = Crm(folder)
-    assert crm.spec.corating is not None and crm.spec.names[-len(NEIGHBOUR_FEATURES):] == NEIGHBOUR_FEATURES
+    assert crm.spec.corating is not None
+    assert crm.spec.names[-len(NEIGHBOUR_FEATURES) - len(TASTE_FEATURES):] == (*NEIGHBOUR_FEATURES, *TASTE_FEATURES)
     table_file = folder / crm.manifest.corating_file
     table_file.write_bytes(table_file.read_bytes()[:-8])
     with pytest.raises(ArtifactError, match="corating"):

@@ -38,13 +38,15 @@ async def _online(redis_url: str, samples, spec: FeatureSpec) -> np.ndarray:
         await redis.aclose()
 
 
-@pytest.mark.parametrize("neighbours", [False, True], ids=["base", "with-neighbours"])
+@pytest.mark.parametrize("neighbours", [None, "co-rating", "taste"],
+                         ids=["base", "with-neighbours", "with-taste-neighbours"])
 def test_online_features_equal_offline_features_of_the_same_samples(ingested, redis_url, neighbours):
     data = read_movielens(ML100K)
     parts = split_by_time(build_samples(data))
     spec = FeatureSpec.of(data.items, data.profiles.values())
     if neighbours:
-        spec = replace(spec, corating=CoRating.fit(data.ratings, min(s.ts for s in parts["valid"])))
+        table = CoRating.fit(data.ratings, min(s.ts for s in parts["valid"]), taste=neighbours == "taste")
+        spec = replace(spec, corating=table)
     offline = OfflineFeatures(data, spec)
     samples = [s for part in ("train", "valid", "test") for s in draw(parts[part], 60, 7)]
     online = run(_online(redis_url, samples, offline.spec))
@@ -56,9 +58,11 @@ def test_online_features_equal_offline_features_of_the_same_samples(ingested, re
     names = list(offline.spec.names)
     assert len({row[names.index("i_mean")] for row in expected}) > 50
     assert expected[:60, names.index("i_n")].mean() < expected[120:, names.index("i_n")].mean()
-    if neighbours:  # defined for (nearly) every sample, and not constant
-        top = expected[:, names.index("n_top_sim")]
-        assert np.isfinite(top).mean() > 0.95 and len(set(top[np.isfinite(top)])) > 100
+    for name in ("n_top_sim", "t_top_sim", "t_knn_wmean"):  # defined for (nearly) every sample, not constant
+        if name in names:
+            top = expected[:, names.index(name)]
+            assert np.isfinite(top).mean() > 0.95 and len(set(top[np.isfinite(top)])) > 100
+    assert ("t_top_sim" in names) == (neighbours == "taste")
 
 
 async def _features_around(redis_url: str, user: str, item: Item, t: int) -> tuple[np.ndarray, np.ndarray, int]:

@@ -22,7 +22,8 @@ def _fitted(ml100k: Path, n_train: int):
     data = read_movielens(ml100k)
     parts = split_by_time(build_samples(data))
     spec = FeatureSpec.of(data.items, data.profiles.values())  # with the neighbour features, as trained
-    features = OfflineFeatures(data, replace(spec, corating=CoRating.fit(data.ratings, parts["valid"][0].ts)))
+    table = CoRating.fit(data.ratings, parts["valid"][0].ts, taste=True)
+    features = OfflineFeatures(data, replace(spec, corating=table))
     train, valid = parts["train"][-n_train:], parts["valid"][:2000]
     fit = fit_gbdt(features.spec.names, features.matrix(train), np.array([s.label for s in train]),
                    features.matrix(valid), np.array([s.label for s in valid]),
