@@ -1,13 +1,18 @@
-"""The neighbour features' worth on test: two CRMs of one data folder (without and with them) on the same
-seeded test samples as `lorec eval` (seed 0; ML-100K: the whole split), AUC / LogLoss / ACC overall and on
-cold items and cold users, and the paired 95% bootstrap interval of the AUC gain.
+"""A feature family's worth on test: two CRMs of one data folder (without and with it) on the same seeded
+test samples as `lorec eval` (seed 0; ML-100K: the whole split), AUC / LogLoss / ACC overall and on cold
+items and cold users, and the paired 95% bootstrap interval of the AUC gain.
 
-Both CRMs were chosen on validation by `lorec train gbdt` (`--no-neighbours` for the first; the shipped CRMs
-of before are that); this scores each on test once.
+Both CRMs were chosen on validation by `lorec train gbdt`; this scores each on test once. The co-rating
+neighbour features (`--no-neighbours` for the base):
 
     LOREC_DATA_DIR=var/d1m .venv/bin/python benchmarks/crm_neighbours.py --data ../shared/data/ml-1m \
         --base gbdt-ml-1m-u2999-45e87834 --neighbours gbdt-ml-1m-u2999-78761601
         -> benchmarks/results/crm_neighbours.json (one entry per dataset)
+
+The taste neighbour features (`--no-taste` for the base, the CRMs shipped until 2026-12-06):
+
+    LOREC_DATA_DIR=var/d1m .venv/bin/python benchmarks/crm_neighbours.py --data ../shared/data/ml-1m \
+        --base gbdt-ml-1m-u2999-78761601 --neighbours <the CRM with them> --out benchmarks/results/crm_taste.json
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ RESULTS = Path(__file__).parent / "results" / "crm_neighbours.json"
 
 
 def main(data: Path = typer.Option(..., help="a MovieLens folder"),
-         base: str = typer.Option(..., help="the CRM without neighbour features"),
-         neighbours: str = typer.Option(..., help="the CRM with them"),
+         base: str = typer.Option(..., help="the CRM without the feature family"),
+         neighbours: str = typer.Option(..., help="the CRM with it"),
          n: int = typer.Option(10000), seed: int = typer.Option(0), out: Path = typer.Option(RESULTS)) -> None:
     started = time.monotonic()
     dataset = Dataset.read(data)

@@ -28,6 +28,7 @@ equal the trainer's.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 
@@ -121,22 +122,24 @@ class CoRating:
 
     def similarity(self, user_id: str, targets: Sequence[str], history: Sequence[str]) -> np.ndarray:
         """(targets, history) cosine of the items' 0/1 rows without `user_id`'s column; 0 for an unknown item."""
-        return self._cosine(self.watched, user_id, targets, history)
+        return self.watched.cosine(self._pairing(user_id, targets, history))
 
     def taste_similarity(self, user_id: str, targets: Sequence[str], history: Sequence[str]) -> np.ndarray:
         """(targets, history) cosine of the items' centred rating rows without `user_id`'s column."""
         if self.taste is None:
             raise ValueError("this co-rating table holds no ratings (fitted without taste)")
-        return self._cosine(self.taste, user_id, targets, history)
+        return self.taste.cosine(self._pairing(user_id, targets, history))
 
-    def _cosine(self, rows: _Cosine, user_id: str, targets: Sequence[str], history: Sequence[str]) -> np.ndarray:
+    def similarities(self, user_id: str, targets: Sequence[str], history: Sequence[str]) -> list[np.ndarray]:
+        """The co-rating similarity, then the taste similarity where the table holds ratings (one lookup of
+        the items for both: a request's history has thousands)."""
+        pairing = self._pairing(user_id, targets, history)
+        return [m.cosine(pairing) for m in (self.watched, self.taste) if m is not None]
+
+    def _pairing(self, user_id: str, targets: Sequence[str], history: Sequence[str]) -> _Pairing:
         t_rows, t_known = self._rows(targets)
         h_rows, h_known = self._rows(history)
-        mine = rows.column(self.column_of.get(user_id))
-        products = rows.products(t_rows, h_rows) - np.outer(mine[t_rows], mine[h_rows])
-        squares = rows.squares - mine * mine
-        norms = np.sqrt(np.outer(squares[t_rows] * t_known, squares[h_rows] * h_known))
-        return np.divide(products, norms, out=np.zeros_like(products), where=norms > 0)
+        return _Pairing(t_rows, t_known, h_rows, h_known, self.column_of.get(user_id))
 
     def other_raters(self, user_id: str, targets: Sequence[str]) -> np.ndarray:
         """How many people but the user rated each target before the cutoff (none: its features are missing)."""
@@ -157,6 +160,18 @@ def centred(stars: sparse.csr_matrix) -> sparse.csr_matrix:
     return sparse.csc_matrix((steps, by_user.indices, by_user.indptr), shape=stars.shape).tocsr()
 
 
+@dataclass(frozen=True, slots=True)
+class _Pairing:
+    """The table rows of a request's targets and history items (0, unknown, where `known` is 0) and the
+    table column of the requesting user (None for someone it does not know)."""
+
+    t_rows: np.ndarray
+    t_known: np.ndarray
+    h_rows: np.ndarray
+    h_known: np.ndarray
+    column: int | None
+
+
 class _Cosine:
     """One matrix (items x users) whose rows' cosines a table computes: its rows, their squared norms, and
     every pair's product where the catalog is small enough (gathered instead of multiplied per request)."""
@@ -166,6 +181,14 @@ class _Cosine:
         self.by_user = self.rows.T.tocsr()  # users x items: one user's column is one row here
         self.squares = np.asarray(self.rows.multiply(self.rows).sum(axis=1)).ravel().astype(np.float64)
         self.pairs = _narrowed((self.rows @ self.rows.T).toarray(), pair_dtype) if dense else None
+
+    def cosine(self, p: _Pairing) -> np.ndarray:
+        """(targets, history) cosine of the rows with the user's column left out; 0 for an unknown item."""
+        mine = self.column(p.column)
+        products = self.products(p.t_rows, p.h_rows) - np.outer(mine[p.t_rows], mine[p.h_rows])
+        squares = self.squares - mine * mine
+        norms = np.sqrt(np.outer(squares[p.t_rows] * p.t_known, squares[p.h_rows] * p.h_known))
+        return np.divide(products, norms, out=np.zeros_like(products), where=norms > 0)
 
     def products(self, t_rows: np.ndarray, h_rows: np.ndarray) -> np.ndarray:
         if self.pairs is not None:
@@ -236,9 +259,7 @@ def neighbour_rows(table: CoRating, user_id: str, targets: Sequence[str], timeli
     ratings = np.array([b.rating for b in timeline], dtype=np.float64).reshape(-1)  # a click (None): NaN
     rated = ~np.isnan(ratings)
     ids = [b.item_id for b in timeline] if history_ids is None else history_ids
-    similarities = [table.similarity(user_id, targets, ids)]
-    if table.taste is not None:
-        similarities.append(table.taste_similarity(user_id, targets, ids))
+    similarities = table.similarities(user_id, targets, ids)
     others = table.other_raters(user_id, targets) > 0
     out = np.full((len(targets), len(table.feature_names)), np.nan)
     by_window: dict[tuple[int, int], list[int]] = {}
