@@ -185,14 +185,16 @@ class _Cosine:
     def cosine(self, p: _Pairing) -> np.ndarray:
         """(targets, history) cosine of the rows with the user's column left out; 0 for an unknown item."""
         mine = self.column(p.column)
-        products = self.products(p.t_rows, p.h_rows) - np.outer(mine[p.t_rows], mine[p.h_rows])
+        products = self.products(p.t_rows, p.h_rows)
+        if p.column is not None:  # someone the table does not know has no column to leave out
+            products -= np.outer(mine[p.t_rows], mine[p.h_rows])
         squares = self.squares - mine * mine
         norms = np.sqrt(np.outer(squares[p.t_rows] * p.t_known, squares[p.h_rows] * p.h_known))
         return np.divide(products, norms, out=np.zeros_like(products), where=norms > 0)
 
     def products(self, t_rows: np.ndarray, h_rows: np.ndarray) -> np.ndarray:
-        if self.pairs is not None:
-            return self.pairs[np.ix_(t_rows, h_rows)].astype(np.float64)
+        if self.pairs is not None:  # two takes: 5x faster than one np.ix_ gather of (20, 2,000)
+            return self.pairs.take(t_rows, axis=0).take(h_rows, axis=1).astype(np.float64)
         return (self.rows[t_rows] @ self.by_user).toarray()[:, h_rows].astype(np.float64)  # grows with raters
 
     def column(self, column: int | None) -> np.ndarray:
@@ -219,32 +221,45 @@ def positions(index: Mapping[str, int], keys: Sequence[str]) -> np.ndarray:
 def neighbour_block(similarity: np.ndarray, ratings: np.ndarray, k: int = K_NEAREST) -> np.ndarray:
     """(targets, NEIGHBOUR_FEATURES) from each target's similarity (a row) to the same rated history items
     (columns, time order) and their ratings. A row's numbers do not depend on the rows batched with it (a
-    request's 20 candidates, or one training sample): sums of floats run one row at a time, because numpy
-    may sum the rows of a 2-D array in another order than a single row."""
+    request's 20 candidates, or one training sample): every sum runs along a C-contiguous row, which numpy
+    sums as it sums that row alone (a column subset is copied contiguous first: fancy indexing may hand
+    back a column-major array, whose rows numpy sums in another order; test_corating checks this)."""
     targets, n = similarity.shape
     if n == 0:
         return np.full((targets, len(NEIGHBOUR_FEATURES)), np.nan)
     top = nearest(similarity, k)
     top_similarity, top_ratings = np.take_along_axis(similarity, top, axis=1), ratings[top]
     weights = np.maximum(top_similarity, 0) + 1e-6
-    weighted = [(w * r).sum() / w.sum() for w, r in zip(weights, top_ratings)]
+    weighted = (weights * top_ratings).sum(axis=1) / weights.sum(axis=1)
     liked = ratings > 3
-    missing = np.full(targets, np.nan)
-    to_liked = np.array([row.mean() for row in similarity[:, liked]]) if liked.any() else missing
-    to_disliked = np.array([row.mean() for row in similarity[:, ~liked]]) if (~liked).any() else missing
+    to_liked, to_disliked = _row_mean(similarity, liked), _row_mean(similarity, ~liked)
     return np.column_stack([top_ratings.mean(axis=1), liked[top].mean(axis=1),  # exact: halves and counts
                             weighted, top_similarity[:, 0], to_liked, to_disliked,
                             np.nan_to_num(to_liked) - np.nan_to_num(to_disliked)])
 
 
+def _row_mean(similarity: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Each row's mean over the selected columns (NaN where none is selected)."""
+    if not columns.any():
+        return np.full(similarity.shape[0], np.nan)
+    return np.ascontiguousarray(similarity[:, columns]).mean(axis=1)
+
+
 def nearest(similarity: np.ndarray, k: int) -> np.ndarray:
     """Per row, `np.argsort(-row, kind="stable")[:k]` (ties: the earlier behaviour first), sorting only the
-    entries that reach the row's k-th largest value (a few, against a history of thousands)."""
+    entries that reach a floor below the row's k-th largest value: the k-th largest of the maxima of about
+    4k blocks of the row (k blocks hold an entry at least that large), a few dozen entries against a history
+    of thousands, found without a selection over the whole row."""
     n_rows, n = similarity.shape
     if n <= k:
         return np.argsort(-similarity, axis=1, kind="stable")
-    kth = -np.partition(-similarity, k - 1, axis=1)[:, k - 1:k]
-    rows, columns = np.nonzero(similarity >= kth)  # row-major: within a row, earlier behaviours first
+    size = -(-n // (4 * k))
+    blocks = -(-n // size)  # >= k
+    padded = np.full((n_rows, blocks * size), -np.inf)
+    padded[:, :n] = similarity
+    maxima = padded.reshape(n_rows, blocks, size).max(axis=2)
+    floor = np.partition(maxima, blocks - k, axis=1)[:, blocks - k:blocks - k + 1]
+    rows, columns = np.nonzero(similarity >= floor)  # row-major: within a row, earlier behaviours first
     order = np.lexsort((columns, -similarity[rows, columns], rows))
     rows, columns = rows[order], columns[order]
     rank = np.arange(len(rows)) - np.searchsorted(rows, np.arange(n_rows))[rows]  # place within its row

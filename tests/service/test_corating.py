@@ -202,7 +202,9 @@ def test_a_crm_refuses_a_table_that_is_not_the_one_its_manifest_names(tmp_path):
 @pytest.mark.parametrize("seed", range(20))
 def test_nearest_is_the_stable_top_k_of_each_row(seed):
     rng = np.random.default_rng(seed)
-    similarity = rng.choice([0.0, 0.1, 0.25, 0.5, 1.0], size=(3, int(rng.integers(1, 60))))  # many ties
+    n = int(rng.integers(1, 60)) if seed < 10 else int(rng.integers(60, 3000))  # one block per entry, or many
+    similarity = rng.choice([-0.5, 0.0, 0.1, 0.25, 0.5, 1.0], size=(3, n))  # many ties
+    similarity[0] = rng.normal(size=n)  # none
     for k in (1, 3, 10):
         assert np.array_equal(nearest(similarity, k), np.argsort(-similarity, axis=1, kind="stable")[:, :k])
 
@@ -228,10 +230,10 @@ def one_candidate(similarity: np.ndarray, ratings: np.ndarray, k: int = 10) -> l
             to_liked, to_disliked, float(np.nan_to_num(to_liked) - np.nan_to_num(to_disliked))]
 
 
-@pytest.mark.parametrize("n", [1, 5, 10, 37, 700])
+@pytest.mark.parametrize("n", [1, 5, 10, 37, 700, 2000])
 def test_the_batched_features_equal_the_one_candidate_definition(n):
     rng = np.random.default_rng(n)
-    similarity = rng.random((20, n)) * (rng.random((20, n)) < 0.3)
+    similarity = (rng.random((20, n)) - 0.2) * (rng.random((20, n)) < 0.3)  # taste similarities go below 0
     for ratings in (rng.integers(1, 6, n).astype(np.float64), np.full(n, 5.0), np.full(n, 2.0)):
         expected = np.array([one_candidate(row, ratings) for row in similarity])
         assert np.array_equal(neighbour_block(similarity, ratings), expected, equal_nan=True)
