@@ -237,3 +237,24 @@ def test_the_batched_features_equal_the_one_candidate_definition(n):
     for ratings in (rng.integers(1, 6, n).astype(np.float64), np.full(n, 5.0), np.full(n, 2.0)):
         expected = np.array([one_candidate(row, ratings) for row in similarity])
         assert np.array_equal(neighbour_block(similarity, ratings), expected, equal_nan=True)
+
+
+def test_a_requests_rows_are_each_similaritys_one_candidate_features():
+    """A request's rows (all candidates in one block per similarity, clicks left out) are what one candidate
+    over each similarity gives: the definition the shipped CRMs were trained on."""
+    from service.ingest import read_movielens
+
+    data = read_movielens(ML100K)
+    t = CoRating.fit(data.ratings, 880_000_000, taste=True)
+    user = data.ratings[0][0]
+    history = sorted((b for u, b in data.ratings if u == user), key=lambda b: b.ts)
+    history[3] = Behaviour(history[3].item_id, history[3].ts, None)  # a click: left out of the features
+    targets = t.items[100:120] + ["unknown"]
+    rows = neighbour_rows(t, user, targets, history, [(0, len(history))] * len(targets))
+    rated = [b for b in history if b.rating is not None]
+    ratings = np.array([b.rating for b in rated])
+    similarities = t.similarities(user, targets, [b.item_id for b in rated])
+    for n, target in enumerate(targets[:-1]):
+        expected = [value for s in similarities for value in one_candidate(s[n], ratings)]
+        assert np.array_equal(rows[n], expected, equal_nan=True), target
+    assert np.isnan(rows[-1]).all() and np.isfinite(rows[:-1]).all()
