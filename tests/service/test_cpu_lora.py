@@ -163,3 +163,24 @@ def test_engine_process_loads_the_plugin(tiny_engine, workdir):
     assert entry.load() is cpu_lora.register and cpu_lora.PLUGIN_NAME == ENGINE_PLUGIN
     log = (workdir / "logs" / "vllm-tiny.log").read_text()
     assert "segment-wise LoRA ops installed" in log
+
+
+@pytest.mark.parametrize("kind", ["one", "mixed", "with_base"])
+def test_the_adapter_term_is_added_in_one_rounding(kind):
+    """A prefill's expand adds each run's product inside the GEMM, into its columns of a wider output: every
+    element is y0 + buffer @ B.T computed exactly, rounded to bf16 once (at most one bf16 step off)."""
+    tokens = token_slots(kind)
+    _, b = weights(3)
+    g = torch.Generator().manual_seed(4)
+    buffer = torch.randn(len(tokens), RANK, generator=g)
+    y0 = torch.randn(len(tokens), OUT + 16, generator=g).to(torch.bfloat16)
+    ours = y0.clone()
+    starts, lengths, slots, batches, max_len, n, _ = compute_meta(tokens)
+    cpu_lora.sgmv_expand_slice(buffer, b, ours, starts, lengths, slots, batches, max_len, n, 8, OUT, True)
+    exact = y0.double()
+    for row, slot in enumerate(tokens.tolist()):
+        if slot >= 0:
+            exact[row, 8:8 + OUT] += buffer[row].to(torch.bfloat16).double() @ b[slot, 0].double().T
+    step = exact.abs() * 2.0 ** -8 + 1e-6  # half a bf16 step, plus fp32 accumulation's own rounding
+    assert bool(((ours.double() - exact).abs() <= 2 * step).all())
+    assert torch.equal(ours[:, :8], y0[:, :8]) and torch.equal(ours[:, 8 + OUT:], y0[:, 8 + OUT:])
