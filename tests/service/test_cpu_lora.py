@@ -90,9 +90,14 @@ def test_expand_without_slice_and_broadcast_row():
 
 def test_register_rebinds_the_cpu_wrapper_ops(monkeypatch):
     from vllm.lora.punica_wrapper import punica_cpu
+    from vllm.model_executor.layers.layernorm import GemmaRMSNorm
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 
-    monkeypatch.setattr(LogitsProcessor, "_apply_head", LogitsProcessor._apply_head)  # register patches it
+    monkeypatch.setattr(LogitsProcessor, "_apply_head", LogitsProcessor._apply_head)  # register patches these
+    for op in (GemmaRMSNorm, RotaryEmbeddingBase):  # (the fused ops: later tests see vLLM's own again)
+        monkeypatch.setattr(op, "forward_cpu", op.forward_cpu)
+        monkeypatch.setattr(op, "enabled", op.enabled)
 
     saved = {name: getattr(punica_cpu, name) for name in cpu_lora.OPS}
     try:
