@@ -49,14 +49,8 @@ CONFIGS = {  # the first is the reference (fp32); the default engine is "bf16 on
                                                  "engine_max_num_batched_tokens": 8192},
     # vLLM's CPU server default is 2,048 tokens a step: a subr request (20 prompts of ~258 tokens) takes three
     # (names without commas: engine_variants.py splits its --variants on them)
-    "bf16 oneDNN (512 tokens a step)": {"engine_kernels": "onednn", "engine_dtype": "bfloat16",
-                                        "engine_max_num_batched_tokens": 512},
-    "bf16 oneDNN (1024 tokens a step)": {"engine_kernels": "onednn", "engine_dtype": "bfloat16",
-                                         "engine_max_num_batched_tokens": 1024},
-    "bf16 oneDNN (4096 tokens a step)": {"engine_kernels": "onednn", "engine_dtype": "bfloat16",
-                                         "engine_max_num_batched_tokens": 4096},
-    "bf16 oneDNN (8192 tokens a step)": {"engine_kernels": "onednn", "engine_dtype": "bfloat16",
-                                         "engine_max_num_batched_tokens": 8192},
+    **{f"bf16 oneDNN ({n} tokens a step)": {"engine_kernels": "onednn", "engine_dtype": "bfloat16",
+                                            "engine_max_num_batched_tokens": n} for n in (512, 1024, 4096, 8192)},
 }
 
 

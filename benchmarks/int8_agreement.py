@@ -8,13 +8,13 @@ Linear but the output layer) measured mean |dp| 0.039 against fp32 through ML-1M
 built: the served model with the adapter on top (PEFT, unmerged, as the engine applies it) in fp32 is the
 reference, and each variant replaces its base Linear layers by a simulation of the int8 product
 (round-to-nearest int8 weights and activations, their integer products summed in fp32, which is exact up to
-2^24 and otherwise off by fp32's own rounding, then the two scales). SmoothQuant moves each input channel's range from the activations into the weights
-(x / s and W * s, s = max|x|^a / max|W|^(1-a), from calibration prompts of the train split); only the
-foldable groups get it: q/k/v and gate/up share a norm (folded into its weight), down_proj's input is
-gelu(gate) * up (folded into up_proj's rows); o_proj's input comes from the single shared KV head of 4
-query heads, so it stays unsmoothed. A bf16 variant (weights and compute) puts the shipped dtype's error in
-the same harness. Prompts: seeded test samples, recent K = 10 (no index needed). Writes
-benchmarks/results/int8_agreement.json.
+2^24 and otherwise off by fp32's own rounding, then the two scales). SmoothQuant moves each input channel's
+range from the activations into the weights (x / s and W * s, s = max|x|^a / max|W|^(1-a), from calibration
+prompts of the train split); only the foldable groups get it: q/k/v and gate/up share a norm (folded into its
+weight), down_proj's input is gelu(gate) * up (folded into up_proj's rows); o_proj's input comes from the
+single shared KV head of 4 query heads, so it stays unsmoothed. A bf16 variant (weights and compute) puts the
+shipped dtype's error in the same harness. Prompts: seeded test samples, recent K = 10 (no index needed).
+Writes benchmarks/results/int8_agreement.json.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ next to what each scheme costs in agreement (int8_agreement.py). Writes benchmar
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import command, machine, save  # noqa: E402
+from perf import linear_shapes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,14 +33,6 @@ def milliseconds(call: Callable[[], object], repeats: int) -> float:
     for _ in range(repeats):
         call()
     return (time.perf_counter() - started) / repeats * 1000
-
-
-def layer_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
-    config = json.loads((model_dir / "config.json").read_text())
-    h, inter = config["hidden_size"], config["intermediate_size"]
-    q = config["num_attention_heads"] * config["head_dim"]
-    kv = config["num_key_value_heads"] * config["head_dim"]
-    return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * inter), "down_proj": (inter, h)}
 
 
 def layer_figures(k: int, n: int, tokens: int, repeats: int) -> dict:
@@ -72,7 +64,7 @@ def main(tokens: int = typer.Option(5160), repeats: int = typer.Option(10),
          model_dir: Path = typer.Option(ROOT / "var/models/gemma-3-270m", exists=True, file_okay=False),
          out: Path = typer.Option(ROOT / "benchmarks/results/int8_gemm.json")) -> None:
     torch.manual_seed(0)
-    layers = {name: layer_figures(k, n, tokens, repeats) for name, (k, n) in layer_shapes(model_dir).items()}
+    layers = {name: layer_figures(k, n, tokens, repeats) for name, (k, n) in linear_shapes(model_dir).items()}
     total_bf16 = sum(v["bf16_ms"] for v in layers.values())
     save(out, {"what": f"one layer's GEMMs over {tokens} tokens: vLLM oneDNN bf16 against int8 W8A8 (bf16 out)",
                "layers": layers, "bf16_ms_per_layer": round(total_bf16, 2),

@@ -140,16 +140,25 @@ def mode_summary(settings: Settings, by_level: dict, levels: list[int], adapter:
             "ratio": round(best / base["candidates_per_s"], 3)}
 
 
+def model_config(model_dir: Path) -> dict:
+    config = json.loads((model_dir / "config.json").read_text())
+    return config.get("text_config", config)
+
+
+def linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
+    """(in, out) of one decoder layer's linear layers as vLLM merges them."""
+    config = model_config(model_dir)
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim", h // config["num_attention_heads"])
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * inter), "down_proj": (inter, h)}
+
+
 def matmul_ceiling(model_dir: Path, dtype: torch.dtype, tokens: int = 2048) -> dict:
     """Tokens/s a plain matmul chain of one token's linear layers would reach on this CPU, through the fastest
     of torch's matmul and vLLM's own oneDNN GEMM for floats (the engine calls the latter; torch's reached half
     of it in fp32 on an AMD Zen 5), torch's int8 x int8 -> int32 matmul for int8 (gflops: GOP/s for int8)."""
-    config = json.loads((model_dir / "config.json").read_text())
-    config = config.get("text_config", config)
-    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    q = config["num_attention_heads"] * config.get("head_dim", h // config["num_attention_heads"])
-    kv = config["num_key_value_heads"] * config.get("head_dim", h // config["num_attention_heads"])
-    shapes = [(h, q + 2 * kv), (q, h), (h, 2 * inter), (inter, h)]
+    shapes, layers = list(linear_shapes(model_dir).values()), model_config(model_dir)["num_hidden_layers"]
     if dtype == torch.int8:
         x = {k: torch.randint(-127, 127, (tokens, k), dtype=dtype) for k, _ in shapes}
         w = [torch.randint(-127, 127, (k, n), dtype=dtype) for k, n in shapes]
