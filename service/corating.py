@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 
+import numba
 import numpy as np
 from scipy import sparse
 
@@ -220,50 +221,89 @@ def positions(index: Mapping[str, int], keys: Sequence[str]) -> np.ndarray:
 
 def neighbour_block(similarity: np.ndarray, ratings: np.ndarray, k: int = K_NEAREST) -> np.ndarray:
     """(targets, NEIGHBOUR_FEATURES) from each target's similarity (a row) to the same rated history items
-    (columns, time order) and their ratings. A row's numbers do not depend on the rows batched with it (a
-    request's 20 candidates, or one training sample): every sum runs along a C-contiguous row, which numpy
-    sums as it sums that row alone (a column subset is copied contiguous first: fancy indexing may hand
-    back a column-major array, whose rows numpy sums in another order; test_corating checks this)."""
+    (columns, time order) and their ratings."""
     targets, n = similarity.shape
-    if n == 0:
-        return np.full((targets, len(NEIGHBOUR_FEATURES)), np.nan)
-    top = nearest(similarity, k)
-    top_similarity, top_ratings = np.take_along_axis(similarity, top, axis=1), ratings[top]
-    weights = np.maximum(top_similarity, 0) + 1e-6
-    weighted = (weights * top_ratings).sum(axis=1) / weights.sum(axis=1)
-    liked = ratings > 3
-    to_liked, to_disliked = _row_mean(similarity, liked), _row_mean(similarity, ~liked)
-    return np.column_stack([top_ratings.mean(axis=1), liked[top].mean(axis=1),  # exact: halves and counts
-                            weighted, top_similarity[:, 0], to_liked, to_disliked,
-                            np.nan_to_num(to_liked) - np.nan_to_num(to_disliked)])
+    out = np.full((targets, len(NEIGHBOUR_FEATURES)), np.nan)
+    if n:
+        _block(np.ascontiguousarray(similarity, dtype=np.float64), np.arange(targets), np.arange(n),
+               np.asarray(ratings, dtype=np.float64), k, out, 0)
+    return out
 
 
-def _row_mean(similarity: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """Each row's mean over the selected columns (NaN where none is selected)."""
-    if not columns.any():
-        return np.full(similarity.shape[0], np.nan)
-    return np.ascontiguousarray(similarity[:, columns]).mean(axis=1)
+@numba.njit(cache=True, nogil=True)
+def _sum(values: np.ndarray, n: int) -> float:  # pragma: no cover - compiled
+    """numpy's pairwise summation of values[:n] (np.add.reduce over a contiguous row, float64), step for
+    step: the features equal those the shipped CRMs were trained on, computed with numpy, to the last bit."""
+    if n < 8:
+        total = -0.0
+        for i in range(n):
+            total += values[i]
+        return total
+    if n <= 128:
+        r = values[:8].copy()
+        i = 8
+        while i < n - n % 8:
+            for j in range(8):
+                r[j] += values[i + j]
+            i += 8
+        total = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+        while i < n:
+            total += values[i]
+            i += 1
+        return total
+    half = n // 2
+    half -= half % 8
+    return _sum(values, half) + _sum(values[half:], n - half)
 
 
-def nearest(similarity: np.ndarray, k: int) -> np.ndarray:
-    """Per row, `np.argsort(-row, kind="stable")[:k]` (ties: the earlier behaviour first), sorting only the
-    entries that reach a floor below the row's k-th largest value: the k-th largest of the maxima of about
-    4k blocks of the row (k blocks hold an entry at least that large), a few dozen entries against a history
-    of thousands, found without a selection over the whole row."""
-    n_rows, n = similarity.shape
-    if n <= k:
-        return np.argsort(-similarity, axis=1, kind="stable")
-    size = -(-n // (4 * k))
-    blocks = -(-n // size)  # >= k
-    padded = np.full((n_rows, blocks * size), -np.inf)
-    padded[:, :n] = similarity
-    maxima = padded.reshape(n_rows, blocks, size).max(axis=2)
-    floor = np.partition(maxima, blocks - k, axis=1)[:, blocks - k:blocks - k + 1]
-    rows, columns = np.nonzero(similarity >= floor)  # row-major: within a row, earlier behaviours first
-    order = np.lexsort((columns, -similarity[rows, columns], rows))
-    rows, columns = rows[order], columns[order]
-    rank = np.arange(len(rows)) - np.searchsorted(rows, np.arange(n_rows))[rows]  # place within its row
-    return columns[rank < k].reshape(n_rows, k)
+@numba.njit(cache=True, nogil=True)
+def _block(similarity: np.ndarray, rows: np.ndarray, columns: np.ndarray, ratings: np.ndarray, k: int,
+           out: np.ndarray, offset: int) -> None:  # pragma: no cover - compiled
+    """out[row, offset:offset + 7] = the NEIGHBOUR_FEATURES of each of `rows` over `columns` (ascending,
+    rated): one pass per row, where numpy took a dozen over the whole (rows, columns) block. The K nearest
+    are the stable top K (`np.argsort(-row, kind="stable")[:k]`: ties, the earlier behaviour first)."""
+    n = len(columns)
+    m = min(k, n)
+    top_sim, top_col = np.empty(m), np.empty(m, np.int64)
+    liked, disliked = np.empty(n), np.empty(n)
+    buffer = np.empty(m)
+    for row in rows:
+        kept = 0
+        n_liked = n_disliked = 0
+        for column in columns:
+            s = similarity[row, column]
+            if ratings[column] > 3:
+                liked[n_liked] = s
+                n_liked += 1
+            else:
+                disliked[n_disliked] = s
+                n_disliked += 1
+            if kept == m and not s > top_sim[m - 1]:
+                continue
+            place = kept if kept < m else m - 1
+            while place > 0 and s > top_sim[place - 1]:  # strictly: an equal earlier one stays ahead
+                if place < m:
+                    top_sim[place], top_col[place] = top_sim[place - 1], top_col[place - 1]
+                place -= 1
+            top_sim[place], top_col[place] = s, column
+            kept = min(kept + 1, m)
+        for i in range(m):
+            buffer[i] = ratings[top_col[i]]
+        out[row, offset] = _sum(buffer, m) / m
+        for i in range(m):
+            buffer[i] = 1.0 if ratings[top_col[i]] > 3 else 0.0
+        out[row, offset + 1] = _sum(buffer, m) / m
+        for i in range(m):
+            buffer[i] = (max(top_sim[i], 0.0) + 1e-6) * ratings[top_col[i]]
+        weighted = _sum(buffer, m)
+        for i in range(m):
+            buffer[i] = max(top_sim[i], 0.0) + 1e-6
+        out[row, offset + 2] = weighted / _sum(buffer, m)
+        out[row, offset + 3] = top_sim[0]
+        to_liked = _sum(liked, n_liked) / n_liked if n_liked else np.nan
+        to_disliked = _sum(disliked, n_disliked) / n_disliked if n_disliked else np.nan
+        out[row, offset + 4], out[row, offset + 5] = to_liked, to_disliked
+        out[row, offset + 6] = (0.0 if n_liked == 0 else to_liked) - (0.0 if n_disliked == 0 else to_disliked)
 
 
 def neighbour_rows(table: CoRating, user_id: str, targets: Sequence[str], timeline: Sequence[Behaviour],
@@ -282,8 +322,8 @@ def neighbour_rows(table: CoRating, user_id: str, targets: Sequence[str], timeli
         if others[row]:  # nobody else rated the target: missing
             by_window.setdefault(window, []).append(row)
     for (start, end), rows in by_window.items():
-        keep = rated[start:end]
-        if keep.any():
-            out[rows] = np.hstack([neighbour_block(similarity[rows, start:end][:, keep], ratings[start:end][keep])
-                                   for similarity in similarities])
+        columns = start + np.flatnonzero(rated[start:end])
+        if len(columns):
+            for n, similarity in enumerate(similarities):
+                _block(similarity, np.asarray(rows), columns, ratings, K_NEAREST, out, n * len(NEIGHBOUR_FEATURES))
     return out

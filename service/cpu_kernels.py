@@ -24,6 +24,8 @@ from service.processes import OPS_ENV
 
 logger = logging.getLogger("vllm.plugins.lorec_cpu_lora")
 _announced = False
+# vLLM loads its AVX512_BF16 build by the same test (vllm/platforms/cpu.py import_kernels)
+ROUNDS_BF16 = torch.cpu._is_avx512_bf16_supported()
 
 
 def one_plus_weight(norm: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -38,7 +40,12 @@ def one_plus_weight(norm: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
 def fused_gemma_rms_norm(norm: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None
                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """GemmaRMSNorm.forward_native's result from the fused kernels. With a residual, like vLLM's fused op,
-    x + residual is written into `residual` and its norm into `x` (both are the layer's own fresh tensors)."""
+    x + residual is written into `residual` and its norm into `x` (both are the layer's own fresh tensors).
+    bf16 goes through the kernels only on vLLM's AVX512_BF16 build: its AVX2 and AVX-512 builds convert fp32
+    to bf16 by truncation (x + residual measured one bf16 step low in 27% of elements), so there bf16 keeps
+    the native ops (a CPU without bf16 dot products runs the engine in fp32 by default anyway)."""
+    if x.dtype == torch.bfloat16 and not ROUNDS_BF16:
+        return norm.forward_native(x, residual)
     scale = one_plus_weight(norm, x.dtype)
     global _announced
     if not _announced:  # the engine log shows that the kernels did run (vLLM dispatched to forward_cpu)
@@ -64,14 +71,18 @@ def install_fused_ops() -> None:
     if os.environ.get(OPS_ENV, "fused") != "fused":
         return
     try:
-        import vllm._C  # noqa: F401  registers torch.ops._C
         from vllm.model_executor.layers.layernorm import GemmaRMSNorm
         from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
         from vllm.platforms import current_platform
     except ImportError:
         return
-    kernels = ("fused_add_rms_norm", "rms_norm", "rotary_embedding")
-    if not current_platform.is_cpu() or not all(hasattr(torch.ops._C, k) for k in kernels):
+    if not current_platform.is_cpu():
+        return
+    # Registers torch.ops._C from the build this CPU runs (AVX-512 with BF16, AVX-512, or AVX2): importing
+    # vllm._C by name loads the AVX-512 BF16 build beside the platform's on other CPUs, and the engine aborts
+    # ("Only a single TORCH_LIBRARY can be used to register the namespace _C").
+    current_platform.import_kernels()
+    if not all(hasattr(torch.ops._C, k) for k in ("fused_add_rms_norm", "rms_norm", "rotary_embedding")):
         return
     GemmaRMSNorm.forward_cpu = fused_gemma_rms_norm
     for op in (GemmaRMSNorm, RotaryEmbeddingBase):  # dispatched to forward_cpu when enabled (CustomOp)

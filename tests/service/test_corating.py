@@ -17,7 +17,6 @@ from service.corating import (
     TASTE_STEPS,
     CoRating,
     centred,
-    nearest,
     neighbour_block,
     neighbour_rows,
 )
@@ -200,13 +199,17 @@ def test_a_crm_refuses_a_table_that_is_not_the_one_its_manifest_names(tmp_path):
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_nearest_is_the_stable_top_k_of_each_row(seed):
+def test_the_nearest_are_the_stable_top_k_of_each_row(seed):
+    """Ties everywhere: the K nearest are `np.argsort(-row, kind="stable")[:k]` (the earlier behaviour first),
+    seen through the features that depend on which ones they are (their ratings, their similarities)."""
     rng = np.random.default_rng(seed)
-    n = int(rng.integers(1, 60)) if seed < 10 else int(rng.integers(60, 3000))  # one block per entry, or many
-    similarity = rng.choice([-0.5, 0.0, 0.1, 0.25, 0.5, 1.0], size=(3, n))  # many ties
+    n = int(rng.integers(1, 60)) if seed < 10 else int(rng.integers(60, 3000))
+    similarity = rng.choice([-0.5, 0.0, 0.1, 0.25, 0.5, 1.0], size=(3, n))
     similarity[0] = rng.normal(size=n)  # none
+    ratings = rng.integers(1, 6, n).astype(np.float64)
     for k in (1, 3, 10):
-        assert np.array_equal(nearest(similarity, k), np.argsort(-similarity, axis=1, kind="stable")[:, :k])
+        expected = np.array([one_candidate(row, ratings, k) for row in similarity])
+        assert np.array_equal(neighbour_block(similarity, ratings, k), expected, equal_nan=True)
 
 
 def test_a_rows_features_do_not_depend_on_the_rows_batched_with_it():
