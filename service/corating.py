@@ -22,7 +22,10 @@ similarity, the mean similarity to liked and to disliked items and its gap. Miss
 missing value) where the history has no rating or nobody else rated the candidate. Counts and centred
 ratings are integers, so their products and sums are exact in any order, and every similarity is one
 division: a similarity does not depend on which other items share the batch, and the gateway's vectors
-equal the trainer's.
+equal the trainer's. Both compute them in one compiled pass per target (numba: the similarities where
+they are needed, the nearest kept as they come), in numpy's operations and summation order: the bits of the
+numpy definition the shipped CRMs were trained on (test_corating), at about a quarter of its cost in a
+request's features stage (benchmarks/results/features.json).
 """
 
 from __future__ import annotations
@@ -135,21 +138,40 @@ class CoRating:
         """The co-rating similarity, then the taste similarity where the table holds ratings (one lookup of
         the items for both: a request's history has thousands)."""
         pairing = self._pairing(user_id, targets, history)
-        return [m.cosine(pairing) for m in (self.watched, self.taste) if m is not None]
+        return [m.cosine(pairing) for m in self.matrices]
 
-    def _pairing(self, user_id: str, targets: Sequence[str], history: Sequence[str]) -> _Pairing:
-        t_rows, t_known = self._rows(targets)
-        h_rows, h_known = self._rows(history)
+    def _pairing(self, user_id: str, targets: Sequence[str], history: Sequence[str] | np.ndarray) -> _Pairing:
+        """`history`: item ids, or their `rows_of` where the caller has looked them up."""
+        t_rows, t_known = _known(self.rows_of(targets))
+        h_rows, h_known = _known(history if isinstance(history, np.ndarray) else self.rows_of(history))
         return _Pairing(t_rows, t_known, h_rows, h_known, self.column_of.get(user_id))
 
     def other_raters(self, user_id: str, targets: Sequence[str]) -> np.ndarray:
         """How many people but the user rated each target before the cutoff (none: its features are missing)."""
-        rows, known = self._rows(targets)
+        rows, known = _known(self.rows_of(targets))
         return (self.raters[rows] - self.watched.column(self.column_of.get(user_id))[rows]) * known
 
-    def _rows(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        rows = positions(self.row_of, item_ids)
-        return np.maximum(rows, 0), (rows >= 0).astype(np.float64)
+    def rows_of(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Each item's row in the table, -1 for an item it does not hold."""
+        return positions(self.row_of, item_ids)
+
+    def compile_kernel(self) -> None:
+        """Compile the features kernel for this table's matrices now, not on the first request: numba
+        compiles on a type's first call (about a second each, where its cache under __pycache__ is not
+        writable or not there yet)."""
+        if self.items:
+            first = self.items[0]  # rated by someone: both matrices' kernels run
+            neighbour_rows(self, "", [first], [Behaviour(first, 0, 4.0)], [(0, 1)])
+
+    @property
+    def matrices(self) -> list[_Cosine]:
+        """The co-rating matrix, then the taste one where the table holds ratings (feature_names' order)."""
+        return [m for m in (self.watched, self.taste) if m is not None]
+
+
+def _known(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows usable as indices (0 for an unknown item) and 1.0 where the item is known."""
+    return np.maximum(rows, 0), (rows >= 0).astype(np.float64)
 
 
 def centred(stars: sparse.csr_matrix) -> sparse.csr_matrix:
@@ -193,6 +215,20 @@ class _Cosine:
         norms = np.sqrt(np.outer(squares[p.t_rows] * p.t_known, squares[p.h_rows] * p.h_known))
         return np.divide(products, norms, out=np.zeros_like(products), where=norms > 0)
 
+    def operands(self, p: _Pairing) -> tuple[np.ndarray, ...]:
+        """`cosine(p)` as the features kernel computes each entry itself, in the same operations (the same
+        bits): a table of products and each target's and history item's index in it, the user's entries to
+        take off the products, and each side's squared norm without them (0 for an unknown item)."""
+        mine = self.column(p.column)
+        squares = self.squares - mine * mine
+        if self.pairs is not None:
+            table, t_index, h_index = self.pairs, p.t_rows, p.h_rows
+        else:
+            table = self.products(p.t_rows, p.h_rows)
+            t_index, h_index = np.arange(len(p.t_rows)), np.arange(len(p.h_rows))
+        return (table, t_index, h_index, mine[p.t_rows], mine[p.h_rows], squares[p.t_rows] * p.t_known,
+                squares[p.h_rows] * p.h_known)
+
     def products(self, t_rows: np.ndarray, h_rows: np.ndarray) -> np.ndarray:
         if self.pairs is not None:  # two takes: 5x faster than one np.ix_ gather of (20, 2,000)
             return self.pairs.take(t_rows, axis=0).take(h_rows, axis=1).astype(np.float64)
@@ -224,9 +260,10 @@ def neighbour_block(similarity: np.ndarray, ratings: np.ndarray, k: int = K_NEAR
     (columns, time order) and their ratings."""
     targets, n = similarity.shape
     out = np.full((targets, len(NEIGHBOUR_FEATURES)), np.nan)
-    if n:
-        _block(np.ascontiguousarray(similarity, dtype=np.float64), np.arange(targets), np.arange(n),
-               np.asarray(ratings, dtype=np.float64), k, out, 0)
+    if n:  # the similarity as cosine operands: s - 0 * 0 over sqrt(1 * 1) is s
+        given = (np.asarray(similarity, dtype=np.float64), np.arange(targets), np.arange(n), np.zeros(targets),
+                 np.zeros(n), np.ones(targets), np.ones(n))
+        _block(given, np.arange(targets), np.arange(n), np.asarray(ratings, dtype=np.float64), k, out, 0)
     return out
 
 
@@ -256,23 +293,33 @@ def _sum(values: np.ndarray, n: int) -> float:  # pragma: no cover - compiled
     return _sum(values, half) + _sum(values[half:], n - half)
 
 
-@numba.njit(cache=True, nogil=True)
-def _block(similarity: np.ndarray, rows: np.ndarray, columns: np.ndarray, ratings: np.ndarray, k: int,
-           out: np.ndarray, offset: int) -> None:  # pragma: no cover - compiled
-    """out[row, offset:offset + 7] = the NEIGHBOUR_FEATURES of each of `rows` over `columns` (ascending,
-    rated): one pass per row, where numpy took a dozen over the whole (rows, columns) block. The K nearest
-    are the stable top K (`np.argsort(-row, kind="stable")[:k]`: ties, the earlier behaviour first)."""
+@numba.njit(cache=True, nogil=True, error_model="numpy")  # numpy's: x / 0 is inf, not an exception
+def _block(cosine: tuple, rows: np.ndarray, columns: np.ndarray, ratings: np.ndarray, k: int, out: np.ndarray,
+           offset: int) -> None:  # pragma: no cover - compiled
+    """out[row, offset:offset + 7] = the NEIGHBOUR_FEATURES of each of `rows` (targets) over `columns` (rated
+    history items, ascending), row by row: the row's similarities from `cosine` (_Cosine.operands), then one
+    pass keeping the nearest as they come and the liked and disliked apart, where numpy took a dozen passes
+    over a (rows, columns) similarity matrix. The K nearest are the stable top K (`np.argsort(-row,
+    kind="stable")[:k]`: ties, the earlier behaviour first)."""
+    table, t_index, h_index, t_mine, h_mine, t_square, h_square = cosine
     n = len(columns)
     m = min(k, n)
     top_sim, top_col = np.empty(m), np.empty(m, np.int64)
-    liked, disliked = np.empty(n), np.empty(n)
+    products, similarity, liked, disliked = np.empty(n), np.empty(n), np.empty(n), np.empty(n)
     buffer = np.empty(m)
+    h, h_m, h_s, liking = h_index[columns], h_mine[columns], h_square[columns], ratings[columns] > 3
     for row in rows:
+        t, mine, square = t_index[row], t_mine[row], t_square[row]
+        products[:] = table[t][h]
+        for i in range(n):  # no gather and no branch: vectorised (2x); a zero norm's quotient is dropped
+            norm = np.sqrt(square * h_s[i])
+            quotient = (products[i] - mine * h_m[i]) / norm
+            similarity[i] = quotient if norm > 0 else 0.0
         kept = 0
         n_liked = n_disliked = 0
-        for column in columns:
-            s = similarity[row, column]
-            if ratings[column] > 3:
+        for i in range(n):
+            s, column = similarity[i], columns[i]
+            if liking[i]:
                 liked[n_liked] = s
                 n_liked += 1
             else:
@@ -282,8 +329,7 @@ def _block(similarity: np.ndarray, rows: np.ndarray, columns: np.ndarray, rating
                 continue
             place = kept if kept < m else m - 1
             while place > 0 and s > top_sim[place - 1]:  # strictly: an equal earlier one stays ahead
-                if place < m:
-                    top_sim[place], top_col[place] = top_sim[place - 1], top_col[place - 1]
+                top_sim[place], top_col[place] = top_sim[place - 1], top_col[place - 1]
                 place -= 1
             top_sim[place], top_col[place] = s, column
             kept = min(kept + 1, m)
@@ -307,14 +353,15 @@ def _block(similarity: np.ndarray, rows: np.ndarray, columns: np.ndarray, rating
 
 
 def neighbour_rows(table: CoRating, user_id: str, targets: Sequence[str], timeline: Sequence[Behaviour],
-                   windows: Sequence[tuple[int, int]], history_ids: Sequence[str] | None = None) -> np.ndarray:
+                   windows: Sequence[tuple[int, int]], history_rows: np.ndarray | None = None) -> np.ndarray:
     """(targets, table.feature_names): each target over the rated behaviours of its own window
     timeline[start:end] (the trainer's samples of one user see different windows; a request has one).
-    `history_ids`: the timeline's item ids, where the caller has already listed them."""
+    `history_rows`: the timeline's items' `table.rows_of`, where the caller has already looked them up."""
     ratings = np.array([b.rating for b in timeline], dtype=np.float64).reshape(-1)  # a click (None): NaN
     rated = ~np.isnan(ratings)
-    ids = [b.item_id for b in timeline] if history_ids is None else history_ids
-    similarities = table.similarities(user_id, targets, ids)
+    pairing = table._pairing(user_id, targets, [b.item_id for b in timeline] if history_rows is None
+                             else history_rows)
+    cosines = [m.operands(pairing) for m in table.matrices]
     others = table.other_raters(user_id, targets) > 0
     out = np.full((len(targets), len(table.feature_names)), np.nan)
     by_window: dict[tuple[int, int], list[int]] = {}
@@ -324,6 +371,6 @@ def neighbour_rows(table: CoRating, user_id: str, targets: Sequence[str], timeli
     for (start, end), rows in by_window.items():
         columns = start + np.flatnonzero(rated[start:end])
         if len(columns):
-            for n, similarity in enumerate(similarities):
-                _block(similarity, np.asarray(rows), columns, ratings, K_NEAREST, out, n * len(NEIGHBOUR_FEATURES))
+            for n, cosine in enumerate(cosines):
+                _block(cosine, np.asarray(rows), columns, ratings, K_NEAREST, out, n * len(NEIGHBOUR_FEATURES))
     return out

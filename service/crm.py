@@ -103,7 +103,9 @@ class Crm:
         if not table.is_file() or sha256_of(table) != self.manifest.corating_sha256:
             raise ArtifactError(f"{self.folder}: {self.manifest.corating_file} is missing or not the file its "
                                 "manifest names")
-        return CoRating.load(table)
+        loaded = CoRating.load(table)
+        loaded.compile_kernel()
+        return loaded
 
     @property
     def name(self) -> str:

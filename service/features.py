@@ -44,8 +44,9 @@ class GenreCache:
     """Which of the spec's genres each item has, kept in the gateway for `ttl_s`: a 2,000-event history would
     otherwise read 2,000 catalog entries per request. Items share rows by genre set (a few hundred distinct
     sets), so a history's membership matrix is one fancy index. A changed item's genres reach other gateways'
-    features within `ttl_s`. Each item has a slot (its genre set's row and its expiry, in arrays), so a request
-    looks its history up in one C-level pass and checks the expiries at once."""
+    features within `ttl_s`. Each item has a slot (its genre set's row, its expiry and its row in the spec's
+    co-rating table, in arrays), so a request looks its history up once, in one C-level pass, for both the
+    genres and the neighbour features (2,000 fresh strings to hash cost more than either's arithmetic)."""
 
     def __init__(self, load: Callable[[Iterable[str]], Awaitable[Mapping[str, Item | None]]], spec: FeatureSpec,
                  ttl_s: float = 60.0, max_items: int = 500_000, clock: Callable[[], float] = time.monotonic) -> None:
@@ -58,6 +59,7 @@ class GenreCache:
         self._slots: dict[str, int] = {}  # item -> its slot in the two arrays below
         self._row = np.zeros(0, dtype=np.int64)  # slot -> row of its genre set in _table
         self._expiry = np.zeros(0, dtype=np.float64)
+        self._table_row = np.zeros(0, dtype=np.int64)  # slot -> row in spec.corating (-1: none)
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -75,6 +77,11 @@ class GenreCache:
 
     async def membership(self, item_ids: Sequence[str]) -> np.ndarray:
         """(items, spec genres) 0/1, as genre_membership gives from the catalog."""
+        return (await self.lookup(item_ids))[0]
+
+    async def lookup(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The items' membership, and their rows in the spec's co-rating table (`CoRating.rows_of`; -1 for
+        an item it does not hold, or all -1 without a table)."""
         now = self.clock()
         slots = self._lookup(item_ids)
         stale = slots < 0
@@ -87,13 +94,16 @@ class GenreCache:
             self._store(await self.load(wanted), now)
             slots = self._lookup(item_ids)
             stale = slots < 0
-        return self._table[self._row[slots]]
+        return self._table[self._row[slots]], self._table_row[slots]
 
     def _store(self, items: Mapping[str, Item | None], now: float) -> None:
         new = [i for i in items if i not in self._slots]
         self._slots.update(zip(new, range(len(self._slots), len(self._slots) + len(new))))
         self._row = np.concatenate([self._row, np.zeros(len(new), dtype=np.int64)])
         self._expiry = np.concatenate([self._expiry, np.zeros(len(new))])
+        table = self.spec.corating
+        self._table_row = np.concatenate([self._table_row, table.rows_of(new) if table is not None
+                                          else np.full(len(new), -1, dtype=np.int64)])
         for item_id, item in items.items():
             slot = self._slots[item_id]
             self._row[slot] = self._row_of(item.genres if item is not None else ())
@@ -109,10 +119,9 @@ class RequestFeatures:
 class FeatureReader:
     """Stage 2 online: the feature vectors of a request's candidates, from Redis, at `as_of`."""
 
-    def __init__(self, history: HistoryStore, spec: FeatureSpec, genres: GenreCache | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, history: HistoryStore, spec: FeatureSpec, clock: Callable[[], float] = time.time) -> None:
         self.history, self.spec, self.clock = history, spec, clock
-        self.genres = genres or GenreCache(history.items, spec)
+        self.genres = GenreCache(history.items, spec)  # with the rows of the spec's own co-rating table
 
     async def read(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> RequestFeatures:
         """One row per target in `spec.names` order, and the user's side (`spec.user_names`)."""
@@ -129,14 +138,13 @@ class FeatureReader:
 
     async def _user_side(self, context: UserContext, targets: Sequence[Item], now: int
                          ) -> tuple[UserView, np.ndarray | None]:
-        history_ids = [b.item_id for b in context.behaviours]
-        membership = await self.genres.membership(history_ids)
+        membership, table_rows = await self.genres.lookup([b.item_id for b in context.behaviours])
         view = user_view(self.spec, summarize_history(context.behaviours, membership, now), context.profile, now)
         if self.spec.corating is None:
             return view, None
         whole = [(0, len(context.behaviours))] * len(targets)
         return view, neighbour_rows(self.spec.corating, context.user_id, [t.item_id for t in targets],
-                                    context.behaviours, whole, history_ids)
+                                    context.behaviours, whole, table_rows)
 
     async def vectors(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> np.ndarray:
         return (await self.read(context, targets, as_of)).rows

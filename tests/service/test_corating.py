@@ -261,3 +261,18 @@ def test_a_requests_rows_are_each_similaritys_one_candidate_features():
         expected = [value for s in similarities for value in one_candidate(s[n], ratings)]
         assert np.array_equal(rows[n], expected, equal_nan=True), target
     assert np.isnan(rows[-1]).all() and np.isfinite(rows[:-1]).all()
+
+
+def test_a_loaded_crm_has_its_features_kernel_compiled_for_its_table(tmp_path):
+    """In a fresh process (numba compiles a type on its first call): after loading the CRM, the kernel holds
+    a compiled version for each of its table's matrices, so no request pays the compilation."""
+    import subprocess
+    import sys
+
+    folder = build_crm(tmp_path, ML100K, name="compiled")
+    script = ("import sys; from service.corating import _block; from service.crm import Crm; "
+              "crm = Crm(__import__('pathlib').Path(sys.argv[1])); "
+              "print(sorted({str(s[0].types[0].dtype) for s in _block.signatures}))")
+    shown = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, check=True)
+    matrices = Crm(folder).spec.corating.matrices
+    assert shown.stdout.split("\n")[-2] == str(sorted({str(m.pairs.dtype) for m in matrices}))

@@ -192,3 +192,19 @@ def test_the_genre_cache_stays_bounded_and_right_across_clears():
         ids = [f"i{n}" for n in rng.integers(0, 50, int(rng.integers(1, 10)))]
         assert np.array_equal(run(cache.membership(ids)), genre_membership(ids, lambda i: genres[i], spec))
         assert len(cache) <= 12
+
+
+def test_the_genre_cache_gives_each_items_co_rating_row_across_clears():
+    """The features stage looks a history up once: the cache's rows are the co-rating table's own."""
+    spec = FeatureSpec(genres=("Comedy",), occupations=())
+    ratings = [(f"u{u}", Behaviour(f"i{n}", 10 + n, 4.0)) for u in range(3) for n in range(0, 40, u + 1)]
+    table = CoRating.fit(ratings, 1_000)
+    genres = {f"i{n}": ("Comedy",) for n in range(50)}  # i40..i49 are in the catalog, not in the table
+    cache = GenreCache(_Catalog(genres).items, replace(spec, corating=table), max_items=12)
+    assert run(GenreCache(_Catalog(genres).items, spec).lookup(["i1", "i45"]))[1].tolist() == [-1, -1]
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        ids = [f"i{n}" for n in rng.integers(0, 50, int(rng.integers(1, 10)))]
+        membership, rows = run(cache.lookup(ids))
+        assert np.array_equal(rows, table.rows_of(ids)) and np.array_equal(membership, run(cache.membership(ids)))
+        assert (rows[[int(i[1:]) >= 40 for i in ids]] == -1).all()
