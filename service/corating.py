@@ -126,22 +126,23 @@ class CoRating:
 
     def similarity(self, user_id: str, targets: Sequence[str], history: Sequence[str]) -> np.ndarray:
         """(targets, history) cosine of the items' 0/1 rows without `user_id`'s column; 0 for an unknown item."""
-        return self.watched.cosine(self._pairing(user_id, targets, history))
+        return self.watched.cosine(self.pairing(user_id, targets, history))
 
     def taste_similarity(self, user_id: str, targets: Sequence[str], history: Sequence[str]) -> np.ndarray:
         """(targets, history) cosine of the items' centred rating rows without `user_id`'s column."""
         if self.taste is None:
             raise ValueError("this co-rating table holds no ratings (fitted without taste)")
-        return self.taste.cosine(self._pairing(user_id, targets, history))
+        return self.taste.cosine(self.pairing(user_id, targets, history))
 
     def similarities(self, user_id: str, targets: Sequence[str], history: Sequence[str]) -> list[np.ndarray]:
         """The co-rating similarity, then the taste similarity where the table holds ratings (one lookup of
         the items for both: a request's history has thousands)."""
-        pairing = self._pairing(user_id, targets, history)
+        pairing = self.pairing(user_id, targets, history)
         return [m.cosine(pairing) for m in self.matrices]
 
-    def _pairing(self, user_id: str, targets: Sequence[str], history: Sequence[str] | np.ndarray) -> _Pairing:
-        """`history`: item ids, or their `rows_of` where the caller has looked them up."""
+    def pairing(self, user_id: str, targets: Sequence[str], history: Sequence[str] | np.ndarray) -> _Pairing:
+        """The table rows of the targets and the history (item ids, or their `rows_of` where the caller has
+        looked them up), and the user's column."""
         t_rows, t_known = _known(self.rows_of(targets))
         h_rows, h_known = _known(history if isinstance(history, np.ndarray) else self.rows_of(history))
         return _Pairing(t_rows, t_known, h_rows, h_known, self.column_of.get(user_id))
@@ -157,8 +158,7 @@ class CoRating:
 
     def compile_kernel(self) -> None:
         """Compile the features kernel for this table's matrices now, not on the first request: numba
-        compiles on a type's first call (about a second each, where its cache under __pycache__ is not
-        writable or not there yet)."""
+        compiles on a type's first call (~3 s each here, where its cache under __pycache__ is not there yet)."""
         if self.items:
             first = self.items[0]  # rated by someone: both matrices' kernels run
             neighbour_rows(self, "", [first], [Behaviour(first, 0, 4.0)], [(0, 1)])
@@ -359,7 +359,7 @@ def neighbour_rows(table: CoRating, user_id: str, targets: Sequence[str], timeli
     `history_rows`: the timeline's items' `table.rows_of`, where the caller has already looked them up."""
     ratings = np.array([b.rating for b in timeline], dtype=np.float64).reshape(-1)  # a click (None): NaN
     rated = ~np.isnan(ratings)
-    pairing = table._pairing(user_id, targets, [b.item_id for b in timeline] if history_rows is None
+    pairing = table.pairing(user_id, targets, [b.item_id for b in timeline] if history_rows is None
                              else history_rows)
     cosines = [m.operands(pairing) for m in table.matrices]
     others = table.other_raters(user_id, targets) > 0

@@ -56,7 +56,7 @@ class GenreCache:
         self._clear()
 
     def _clear(self) -> None:
-        self._slots: dict[str, int] = {}  # item -> its slot in the two arrays below
+        self._slots: dict[str, int] = {}  # item -> its slot in the three arrays below
         self._row = np.zeros(0, dtype=np.int64)  # slot -> row of its genre set in _table
         self._expiry = np.zeros(0, dtype=np.float64)
         self._table_row = np.zeros(0, dtype=np.int64)  # slot -> row in spec.corating (-1: none)
