@@ -48,7 +48,9 @@ async def measure(url: str, data_dir: Path, events: int, candidates: int, rounds
     for item in data.items:
         pipe.hset(history.keys.item(item.item_id), mapping=encode_item(item))
     await pipe.execute()
-    await history.add_item_ratings(data.ratings)  # every item's rating sets, as ingestion writes them
+    for start in range(0, len(data.ratings), 5000):  # every item's rating sets, in ingestion's chunks: one
+        # pipeline of ML-1M's 2M writes outran redis-py's 5 s socket timeout on a slow host
+        await history.add_item_ratings(data.ratings[start:start + 5000])
     rng = random.Random(0)
     start = min(b.ts for _, b in data.ratings)
     user = [Behaviour(rng.choice(data.items).item_id, start + i * 3600, float(rng.randint(1, 5)))
