@@ -11,7 +11,7 @@ import typer
 
 from adapters import options as o
 from adapters.bank import BankJob, train_bank
-from adapters.combiner import fit_from_gateway
+from adapters.combiner import TERM_SETS, fit_from_gateway
 from adapters.crm import train_din_from_folder
 from adapters.evaluate import EvalJob, evaluate, evaluate_crm
 from adapters.gbdt import train_from_folder
@@ -143,11 +143,15 @@ def combiner(
     k: o.K = 10, retrieval: Annotated[RetrievalMode, typer.Option(help="history selection")] = "subr",
     name: Annotated[str | None, typer.Option(help="combiner name under LOREC_DATA_DIR/combiners")] = None,
     journal_dir: Annotated[Path | None, typer.Option(help="keep each gateway score in a journal here")] = None,
+    term_sets: Annotated[str, typer.Option(help="candidate term sets, comma-separated (crm: the CRM alone)")]
+    = ",".join(TERM_SETS),
 ) -> None:
     """The hybrid's combiner: logistic stacking of the LLM's and the CRM's logits (and interaction counts),
-    fitted on validation samples scored through the gateway at their own as_of."""
+    fitted on validation samples scored through the gateway at their own as_of; the CRM alone where no term
+    set with the LLM beats it."""
     try:
-        folder, manifest = fit_from_gateway(Settings(), directory, gateway, n, seed, k, retrieval, name, journal_dir)
+        folder, manifest = fit_from_gateway(Settings(), directory, gateway, n, seed, k, retrieval, name, journal_dir,
+                                            term_sets=[t.strip() for t in term_sets.split(",") if t.strip()])
     except (ValueError, JournalMismatch) as error:
         raise _refused(error) from None
     typer.echo(json.dumps({"combiner": manifest.name, "path": str(folder), "terms": manifest.terms,

@@ -4,7 +4,9 @@
 each sample at its own `as_of` (scorer llm, explain: the LLM's and the CRM's scores side by side),
 reads the samples' interaction counts from the offline features (equal to the gateway's), and fits
 logistic stacking. Which terms enter is chosen by cross-validation on those samples; the test split
-is never read (`require_validation` refuses any other sample).
+is never read (`require_validation` refuses any other sample). The CRM alone (its logit recalibrated) is
+one of the candidates, and the first: the LLM enters only where a term set with it beats the CRM alone,
+and otherwise the hybrid calls no engine (service/combine.py).
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from service.ingest import require_store_holds
 from service.personalize import open_personalizer
 from service.routing import AdapterRegistry
 
-# Candidate term sets, simplest first; cross-validation on the validation samples picks one.
+# Candidate term sets, simplest first; cross-validation on the validation samples picks one (a tie: the
+# simpler, so the LLM must beat the CRM alone to enter).
 TERM_SETS: dict[str, tuple[str, ...]] = {
+    "crm": ("crm",),
     "stack": ("llm", "crm"),
     "stack-counts": ("llm", "crm", "log_u_n", "log_i_n", "llm*log_u_n", "llm*log_i_n"),
     "stack-counts-crm": ("llm", "crm", "log_u_n", "log_i_n", "llm*log_u_n", "llm*log_i_n", "crm*log_u_n",
@@ -102,23 +106,34 @@ def cross_validated(rows: FitRows, terms: Sequence[str], seed: int = 0) -> np.nd
     return out
 
 
-def fit_combiner(rows: FitRows, seed: int = 0) -> tuple[Stacking, dict]:
-    """The term set with the best cross-validated AUC, refitted on all rows; the figures behind the choice."""
+def require_term_sets(names: Sequence[str]) -> None:
+    unknown = [name for name in names if name not in TERM_SETS]
+    if unknown or not names:
+        raise ValueError(f"term sets {', '.join(unknown) or '(none)'}: choose among {', '.join(TERM_SETS)}")
+
+
+def fit_combiner(rows: FitRows, seed: int = 0, term_sets: Sequence[str] = tuple(TERM_SETS)
+                 ) -> tuple[Stacking, dict]:
+    """Of `term_sets` (names in TERM_SETS), the one with the best cross-validated AUC (the earlier on a tie),
+    refitted on all rows; the figures behind the choice."""
+    require_term_sets(term_sets)
     labels = rows.labels.tolist()
     report = {"llm": metrics(labels, 1 / (1 + np.exp(-rows.llm))), "crm": metrics(labels, 1 / (1 + np.exp(-rows.crm))),
               "term_sets": {}}
-    for name, terms in TERM_SETS.items():
-        report["term_sets"][name] = metrics(labels, cross_validated(rows, terms, seed))
-    chosen = max(TERM_SETS, key=lambda name: report["term_sets"][name]["auc"])
+    for name in term_sets:
+        report["term_sets"][name] = metrics(labels, cross_validated(rows, TERM_SETS[name], seed))
+    chosen = max(term_sets, key=lambda name: report["term_sets"][name]["auc"])
     report["chosen"] = chosen
     report["hybrid"] = report["term_sets"][chosen]
     return fit_stacking(rows.terms(TERM_SETS[chosen]), rows.labels, TERM_SETS[chosen]), report
 
 
 def fit_from_gateway(settings: Settings, directory: Path, gateway: str, n: int, seed: int, k: int, retrieval: str,
-                     name: str | None, journal_dir: Path | None, concurrency: int = 8) -> tuple[Path, CombinerManifest]:
+                     name: str | None, journal_dir: Path | None, concurrency: int = 8,
+                     term_sets: Sequence[str] = tuple(TERM_SETS)) -> tuple[Path, CombinerManifest]:
     """`lorec train combiner`: score a seeded validation slice through the gateway (the LLM the deployment
     serves by default, the configured CRM), fit, and save the combiner artifact naming both."""
+    require_term_sets(term_sets)  # before minutes of scoring
     if not settings.scoring.crm:
         raise ValueError("set LOREC_CRM to the CRM the gateway serves")
     crm = Crm(crm_dir(settings.data_dir, settings.scoring.crm))
@@ -140,9 +155,10 @@ def fit_from_gateway(settings: Settings, directory: Path, gateway: str, n: int, 
     rows = FitRows.of([s.label for s in samples], [c["llm"] for c in served.components],
                       [c["crm"] for c in served.components],
                       OfflineFeatures(dataset.data, crm.spec).matrix(samples), crm.spec.names)
-    stacking, report = fit_combiner(rows, seed)
+    stacking, report = fit_combiner(rows, seed, term_sets)
+    default_name = f"combiner-{dataset.name}-{crm.version[:6]}-{llm.version[:6]}-{report['chosen']}"
     manifest = CombinerManifest.new(
-        name=name or f"combiner-{dataset.name}-{crm.version[:6]}-{llm.version[:6]}", dataset=dataset.name,
+        name=name or default_name, dataset=dataset.name,
         data_fingerprint=dataset.data.fingerprint, crm=ComponentRef(name=crm.name, version=crm.version), llm=llm,
         terms=list(stacking.terms), weights=stacking.weights, intercept=stacking.intercept, n_fit=len(samples),
         fitted_on={"split": "valid", "seed": seed, "n": len(samples), "k": k, "retrieval": retrieval},

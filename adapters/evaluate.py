@@ -127,6 +127,10 @@ def _llm_score(served: GatewayScores, i: int) -> float:
     return served.scores[i] if llm is None else llm
 
 
+def _llm_scored(served: GatewayScores, kind: str) -> bool:
+    return kind == "llm" or any(c.get("llm") is not None for c in served.components)
+
+
 def offline_check(settings: Settings, job: EvalJob, dataset: Dataset, samples: list[Sample],
                   served: GatewayScores) -> dict:
     """The same computation outside vLLM, on all evaluated samples or a seeded part of them."""
@@ -214,7 +218,9 @@ def evaluate(settings: Settings, job: EvalJob) -> dict:
               "command": recorded_command(), **training_facts(settings, job.adapter, job.mode)}
     if served.resumed:
         result["resumed_from_journal"] = served.resumed
-    if job.offline and job.mode != "cohort":  # no offline reference for cohort routing (personal covers the bank)
+    # No offline reference for cohort routing (personal covers the bank), nor where no LLM scored (the hybrid of
+    # a combiner that kept the CRM alone).
+    if job.offline and job.mode != "cohort" and _llm_scored(served, kind):
         result["offline"] = offline_check(settings, job, dataset, samples, served)
     components = components_of(dataset, samples, served)
     if job.method:

@@ -56,7 +56,8 @@ def component_report(samples: Sequence[Sample], served: GatewayScores, u_n: np.n
     and the served score's gain over the CRM with its paired interval."""
     labels = np.array([s.label for s in samples])
     columns = {"served": np.asarray(served.scores),
-               **{part: np.array([c.get(part, np.nan) for c in served.components]) for part in ("llm", "crm")}}
+               **{part: np.array([np.nan if c.get(part) is None else c[part] for c in served.components], dtype=float)
+                  for part in ("llm", "crm")}}  # a component that did not score (the hybrid of the CRM alone): None
     columns = {k: v for k, v in columns.items() if not np.isnan(v).any()}
     slices = {"all": np.ones(len(samples), bool), "cold_items": i_n < COLD_ITEM, "cold_users": u_n < COLD_USER}
     out: dict = {}

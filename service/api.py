@@ -142,6 +142,8 @@ async def adapters(service: Recommender) -> AdaptersResponse:
                             mode=router_.default_mode,
                             scorers=ScorersOut(default=scorers.default, serving=scorers.serving, crm=crm,
                                                combiner=scorers.combiner.name if scorers.combiner else None,
+                                               hybrid_calls_llm=scorers.combiner.uses_llm if scorers.combiner
+                                               else None,
                                                unavailable=scorers.unavailable))
 
 

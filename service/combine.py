@@ -7,7 +7,10 @@ before the LLM alone: it is the stronger of the two here and costs milliseconds.
 
 A combiner is logistic stacking fitted on validation samples only (`lorec train combiner`): a
 weighted sum of terms built from the LLM's logit (log P(Yes) - log P(No)), the CRM's logit and
-the user's and the item's interaction counts (so a cold item can lean on the LLM). Its artifact,
+the user's and the item's interaction counts (so a cold item can lean on the LLM). The fit may find that
+the LLM earns no place: no term set with it beats the CRM alone on validation. Then the combiner's one
+term is the CRM's logit (recalibrated), and the hybrid calls no engine: it answers in milliseconds what
+the engine's seconds would not improve, and a re-fit for a stronger adapter brings the LLM back. Its artifact,
 `data_dir/combiners/<name>/manifest.json`, names the CRM and the LLM it was fitted for, by name
 and version: at start a combiner whose components are not the ones configured is refused (the
 service starts on the next scorer and says so in `GET /v1/adapters` and in `fallbacks`), and a
@@ -80,22 +83,29 @@ def llm_logit(p_yes: float) -> float:
 
 def term_values(terms: Sequence[str], bases: dict[str, np.ndarray]) -> np.ndarray:
     """(rows, terms): a term is one base or a product of bases joined by '*', e.g. 'llm*log_i_n'."""
+    rows = len(bases["crm"])
     columns = []
     for term in terms:
-        column = np.ones_like(bases["llm"])
+        column = np.ones(rows)
         for base in term.split("*"):
             if base not in bases:
                 raise ArtifactError(f"combiner term {term!r}: unknown input {base!r} (known: {', '.join(BASES)})")
             column = column * bases[base]
         columns.append(column)
-    return np.stack(columns, axis=1) if columns else np.zeros((len(bases["llm"]), 0))
+    return np.stack(columns, axis=1) if columns else np.zeros((rows, 0))
 
 
-def bases_of(llm: np.ndarray, crm: np.ndarray, features: np.ndarray, feature_names: Sequence[str]
+def bases_of(llm: np.ndarray | None, crm: np.ndarray, features: np.ndarray, feature_names: Sequence[str]
              ) -> dict[str, np.ndarray]:
+    """The terms' inputs; without `llm` (a combiner with no LLM term) a term that reads it is refused."""
     index = {name: i for i, name in enumerate(feature_names)}
     counts = {base: np.log1p(np.maximum(features[:, index[name]], 0.0)) for base, name in COUNT_FEATURES.items()}
-    return {"llm": np.asarray(llm, np.float64), "crm": np.asarray(crm, np.float64), **counts}
+    llm_base = {} if llm is None else {"llm": np.asarray(llm, np.float64)}
+    return {**llm_base, "crm": np.asarray(crm, np.float64), **counts}
+
+
+def reads_llm(terms: Sequence[str]) -> bool:
+    return any("llm" in term.split("*") for term in terms)
 
 
 class Combiner:
@@ -110,7 +120,12 @@ class Combiner:
     def name(self) -> str:
         return self.manifest.name
 
-    def logits(self, llm: np.ndarray, crm: np.ndarray, features: np.ndarray, feature_names: Sequence[str]
+    @property
+    def uses_llm(self) -> bool:
+        """False when the fit kept the CRM alone: the hybrid then calls no engine."""
+        return reads_llm(self.manifest.terms)
+
+    def logits(self, llm: np.ndarray | None, crm: np.ndarray, features: np.ndarray, feature_names: Sequence[str]
                ) -> np.ndarray:
         values = term_values(self.manifest.terms, bases_of(llm, crm, features, feature_names))
         return values @ np.asarray(self.manifest.weights) + self.manifest.intercept

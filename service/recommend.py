@@ -7,11 +7,12 @@ Routes only translate HTTP; this object does the work and knows nothing of HTTP
 beyond raising `ApiError` for what the caller got wrong.
 
 Which scorer answers (hybrid, crm, llm: combine.py) is chosen first; the stages a
-scorer does not need are skipped (the CRM alone reads no Qdrant and calls no
-engine). Features and the CRM's scores are computed whenever a CRM is configured:
-the answer, `explain`, a RecLoRA gate or the adapter's prompt (the CRM's estimate)
-may read them, and they cost milliseconds beside the engine's seconds. Routing
-comes before the prompt, since the routed adapter says which prompt it reads.
+scorer does not need are skipped (the CRM alone, or a hybrid whose combiner kept
+the CRM alone, reads no Qdrant and calls no engine). Features and the CRM's
+scores are computed whenever a CRM is configured: the answer, `explain`, a
+RecLoRA gate or the adapter's prompt (the CRM's estimate) may read them, and they
+cost milliseconds beside the engine's seconds. Routing comes before the prompt,
+since the routed adapter says which prompt it reads.
 
 Faults of a dependency other than Redis degrade the answer instead of failing it,
 and the result says so in `degraded`: Qdrant failing or slower than its timeout ->
@@ -160,12 +161,13 @@ class RecommendService:
         items = [candidates[t] for t in targets]
         crm = await self._crm_scores(context, items, query.as_of, timings)
         llm = await self._llm_scores(context, query, targets, candidates, k, mode, deadline, timings, degraded,
-                                     choice, crm) if choice.scorer != "crm" and targets else None
+                                     choice, crm) if self._needs_llm(choice.scorer) and targets else None
         if llm is not None and llm.answers is None and choice.scorer != "crm":  # the CRM stands in
             choice = ScorerChoice("crm", choice.fallbacks + ([llm.fallback] if llm.fallback else []))
         scores, combiner = self._served(choice.scorer, llm, crm, timings)
         route = llm.route if llm is not None else Route(adapter=None, mode="none")
-        adapter, adapter_mode = (f"crm:{self.crm.name}", "crm") if choice.scorer == "crm" and targets \
+        no_llm = choice.scorer == "crm" or llm is None  # the CRM stood in, or no LLM stage ran
+        adapter, adapter_mode = (f"crm:{self.crm.name}", "crm") if no_llm and targets \
             else (route.label, route.mode)
         fallbacks = choice.fallbacks + route.fallbacks
         self.metrics.answers.labels(choice.scorer, adapter_mode).inc(len(targets))
@@ -177,6 +179,10 @@ class RecommendService:
                            catalog={**(llm.catalog if llm else {}), **{i: c for i, c in candidates.items() if c}},
                            scorer=choice.scorer, combiner=combiner, fallbacks=fallbacks,
                            timings=timings, degraded=degraded, skipped=skipped)
+
+    def _needs_llm(self, scorer: Scorer) -> bool:
+        """The CRM alone calls no engine, nor does a hybrid whose combiner kept the CRM alone."""
+        return scorer == "llm" or (scorer == "hybrid" and self.scorers.combiner.uses_llm)
 
     @staticmethod
     def _scored(targets: list[str], scores: np.ndarray, llm: LlmOutcome | None, crm: CrmScores | None
@@ -207,12 +213,12 @@ class RecommendService:
         if scorer == "crm":
             return np.array([sigmoid(float(c)) for c in crm.logits]) if crm is not None else np.zeros(0), None
         answers = llm.answers if llm is not None and llm.answers is not None else []
-        if scorer == "llm" or not answers:
-            return np.array([a.p_yes for a in answers]), None
         combiner = self.scorers.combiner
+        if scorer == "llm" or (combiner.uses_llm and not answers):
+            return np.array([a.p_yes for a in answers]), None
         with self.metrics.stage("combine", timings):
-            logits = combiner.logits(np.array([llm_logit(a.p_yes) for a in answers]), crm.logits, crm.features,
-                                     self.crm.spec.names)
+            logits = combiner.logits(np.array([llm_logit(a.p_yes) for a in answers]) if combiner.uses_llm else None,
+                                     crm.logits, crm.features, self.crm.spec.names)
         return np.array([sigmoid(float(x)) for x in logits]), combiner.name
 
     @staticmethod

@@ -171,6 +171,8 @@ class ScorersOut(BaseModel):
     serving: str = Field(description="the scorer a request without options.scorer gets")
     crm: str | None = Field(None, description="the CRM (name@version)")
     combiner: str | None = Field(None, description="the combiner in use")
+    hybrid_calls_llm: bool | None = Field(None, description="whether the hybrid calls the LLM (false: its combiner "
+                                          "kept the CRM alone, the LLM having beaten it on no validation fit)")
     unavailable: dict[str, str] = Field(default_factory=dict, description="scorers that cannot serve, and why "
                                         "(e.g. a combiner refused at start)")
 

@@ -43,8 +43,9 @@ def hybrid_settings(tiny_settings, tmp_path_factory):
     server = Managed("gateway", [LOREC, "serve"], data_dir.parent / "gateway.log", env=env)
     try:
         server.wait_http(f"http://127.0.0.1:{port}/readyz", 120)
+        # the tiny random model adds nothing to the CRM: the sets with the LLM only, to serve a combination
         fit_from_gateway(settings, ML100K, f"http://127.0.0.1:{port}", n=150, seed=2, k=5, retrieval="recent",
-                         name=COMBINER, journal_dir=None)
+                         name=COMBINER, journal_dir=None, term_sets=("stack", "stack-counts"))
     finally:
         server.stop()
     return settings.replace(**{"combiner": COMBINER})
@@ -127,6 +128,30 @@ def test_engine_failure_in_hybrid_falls_back_to_the_crm_flagged(hybrid_settings)
     with TestClient(create_app(unreachable), headers=AUTH) as c:
         body = ctr13(c, ["1", "50"]).json()
     assert body["scorer"] == "crm" and body["degraded"] == ["llm"] and body["adapter_mode"] == "crm"
+
+
+def test_a_combiner_that_kept_the_crm_alone_serves_the_hybrid_without_the_engine(hybrid_settings):
+    # the fit's outcome where the LLM beat the CRM alone in no term set: the CRM's logit, recalibrated
+    folder = combiner_dir(hybrid_settings.data_dir, "crm-alone")
+    shutil.copytree(combiner_dir(hybrid_settings.data_dir, COMBINER), folder, dirs_exist_ok=True)
+    raw = json.loads((folder / "manifest.json").read_text())
+    raw.update(name="crm-alone", terms=["crm"], weights=[0.8], intercept=-0.1)
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    no_engine = hybrid_settings.replace(**{"combiner": "crm-alone", "qdrant_url": ":memory:",
+                                           "engine_url": f"http://127.0.0.1:{free_port()}"})
+    with TestClient(create_app(no_engine), headers=AUTH) as c:
+        scorers = c.get("/v1/adapters").json()["scorers"]
+        response = ctr13(c, ["1", "50", "100"], explain=True)
+        body = response.json()
+        alone = ctr13(c, ["1", "50", "100"], scorer="crm").json()
+    assert scorers["serving"] == "hybrid" and scorers["hybrid_calls_llm"] is False
+    assert body["scorer"] == "hybrid" and body["combiner"] == "crm-alone" and "degraded" not in body
+    assert body["adapter_mode"] == "crm" and body["adapter"] == f"crm:{CRM}"
+    assert "engine" not in response.headers["server-timing"] and "crm" in response.headers["server-timing"]
+    for s, c in zip(body["scores"], alone["scores"]):
+        assert "llm" not in s["components"] and "logprob_yes" not in s
+        crm_logit = math.log(c["score"] / (1 - c["score"]))
+        assert s["score"] == pytest.approx(1 / (1 + math.exp(-(0.8 * crm_logit - 0.1))), abs=1e-9)
 
 
 def test_a_combiner_fitted_for_another_crm_is_refused_at_start(hybrid_settings):

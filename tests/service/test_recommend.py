@@ -85,6 +85,21 @@ async def test_the_crm_alone_calls_neither_the_engine_nor_the_index(world):
     assert all(s.llm is None and s.score == s.crm for s in result.scored)
 
 
+async def test_a_hybrid_whose_combiner_kept_the_crm_alone_calls_neither_the_engine_nor_the_index(world, tmp_path):
+    manifest = CombinerManifest.load(combiner_dir(tmp_path, "c"))
+    manifest.model_copy(update={"name": "crm-only", "terms": ["crm"], "weights": [0.9], "intercept": -0.2}).save(
+        combiner_dir(tmp_path, "crm-only"))
+    service = world["service"]()
+    service.scorers = Scorers("hybrid", True, open_combiner(tmp_path, "crm-only"), {})
+    world["index"].fail = OSError("qdrant down")
+    result = await service.score(query(explain=True))
+    assert result.scorer == "hybrid" and result.combiner == "crm-only" and not result.degraded
+    assert result.adapter == "crm:fake-crm" and result.adapter_mode == "crm" and world["engine"].calls == []
+    assert "engine" not in result.timings and "combine" in result.timings
+    for s in result.scored:
+        assert s.llm is None and s.score == pytest.approx(sigmoid(0.9 * llm_logit(s.crm) - 0.2), abs=1e-9)
+
+
 async def test_the_llm_alone_serves_the_llms_answer(world):
     explained = await world["service"]().score(query(scorer="llm", explain=True))
     assert all(s.crm is not None for s in explained.scored)  # computed when a CRM is configured: explain shows it
