@@ -148,10 +148,10 @@ def test_a_combiner_that_kept_the_crm_alone_serves_the_hybrid_without_the_engine
     assert body["scorer"] == "hybrid" and body["combiner"] == "crm-alone" and "degraded" not in body
     assert body["adapter_mode"] == "crm" and body["adapter"] == f"crm:{CRM}"
     assert "engine" not in response.headers["server-timing"] and "crm" in response.headers["server-timing"]
-    for s, c in zip(body["scores"], alone["scores"]):
-        assert "llm" not in s["components"] and "logprob_yes" not in s
-        crm_logit = math.log(c["score"] / (1 - c["score"]))
-        assert s["score"] == pytest.approx(1 / (1 + math.exp(-(0.8 * crm_logit - 0.1))), abs=1e-9)
+    for served, crm in zip(body["scores"], alone["scores"]):
+        assert "llm" not in served["components"] and "logprob_yes" not in served
+        crm_logit = math.log(crm["score"] / (1 - crm["score"]))
+        assert served["score"] == pytest.approx(1 / (1 + math.exp(-(0.8 * crm_logit - 0.1))), abs=1e-9)
 
 
 def test_a_combiner_fitted_for_another_crm_is_refused_at_start(hybrid_settings):
