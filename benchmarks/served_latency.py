@@ -55,7 +55,8 @@ def measure(client: httpx.Client, requests: list[dict], scorer: str | None) -> d
     ms = np.asarray(latencies) * 1000
     return {"requests": len(requests), "p50_ms": round(float(np.percentile(ms, 50)), 2),
             "p99_ms": round(float(np.percentile(ms, 99)), 2), "answered_as": dict(answered),
-            "stage_p50_ms": {s: round(float(np.median(v)), 3) for s, v in per_stage.items()}}
+            "stage_p50_ms": {s: round(float(np.median(v)), 3) for s, v in per_stage.items()},
+            "stage_p99_ms": {s: round(float(np.percentile(v, 99)), 3) for s, v in per_stage.items()}}
 
 
 def main(data: Path = typer.Option(..., exists=True, file_okay=False, help="the MovieLens folder the store holds"),

@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import UTC, datetime
 
 import numpy as np
@@ -78,6 +79,10 @@ class FeatureSpec:
         return (*USER_FEATURES, *PROFILE_FEATURES, *(f"ug_{g}" for g in self.genres))
 
     def genre_index(self) -> dict[str, int]:
+        return self._genre_index
+
+    @cached_property
+    def _genre_index(self) -> dict[str, int]:  # once per spec: each candidate's vector looks it up
         return {g: i for i, g in enumerate(self.genres)}
 
 
@@ -138,23 +143,31 @@ def genre_membership(item_ids: Sequence[str], genres_of: Callable[[str], Sequenc
     return out
 
 
-def summarize_history(behaviours: Sequence[Behaviour], membership: np.ndarray, now: int) -> UserSummary:
-    """The online path: one request's history (time order) and its items' genre membership."""
-    ratings = np.array([np.nan if b.rating is None else b.rating for b in behaviours], dtype=np.float64)
+def history_ratings(behaviours: Sequence[Behaviour]) -> np.ndarray:
+    """The ratings of a history in time order, NaN for a click (read once per request: the summary and the
+    neighbour features both need them)."""
+    return np.array([np.nan if b.rating is None else b.rating for b in behaviours], dtype=np.float64).reshape(-1)
+
+
+def summarize_history(behaviours: Sequence[Behaviour], membership: np.ndarray, now: int,
+                      ratings: np.ndarray | None = None) -> UserSummary:
+    """The online path: one request's history (time order), its items' genre membership and, where the caller
+    has them, its `history_ratings`."""
+    ratings = history_ratings(behaviours) if ratings is None else ratings
     rated = ~np.isnan(ratings)
     values = np.where(rated, ratings, 0.0)
-    likes = (values > 3).astype(np.int64)
-    rated_membership = membership * rated[:, None]
+    # Rated count, rating sum and liked count per genre in one product: integers and half stars, so float64
+    # sums are exact in any order (the trainer's prefix sums give the same values).
+    genre_n, genre_sum, genre_liked = np.stack([rated, values, values > 3]).astype(np.float64) @ membership
     times = [b.ts for b in behaviours]
     n = int(rated.sum())
     last, last_from = last_ratings(behaviours, 0, len(behaviours))
     return UserSummary(n=n, clicks=len(behaviours) - n, rating_sum=float(values.sum()),
-                       rating_sq=float((values * values).sum()), liked=int(likes.sum()),
+                       rating_sq=float((values * values).sum()), liked=int((values > 3).sum()),
                        first_ts=times[0] if times else None, last_ts=times[-1] if times else None,
                        recent=len(times) - bisect.bisect_left(times, now - RECENT_S), last_ratings=last,
-                       last_ratings_from=last_from, genre_n=tuple(int(v) for v in rated_membership.sum(0)),
-                       genre_sum=tuple(float(v) for v in values @ rated_membership),
-                       genre_liked=tuple(int(v) for v in likes @ rated_membership))
+                       last_ratings_from=last_from, genre_n=tuple(int(v) for v in genre_n.tolist()),
+                       genre_sum=tuple(genre_sum.tolist()), genre_liked=tuple(int(v) for v in genre_liked.tolist()))
 
 
 def _ratio(a: float, b: float, default: float) -> float:
@@ -240,7 +253,9 @@ def candidate_vector(spec: FeatureSpec, view: UserView, item_stats: ItemStats, t
             math.sqrt(max(i_var, 0.0)), *(_ratio(c, n, 0.0) for c in counts[:5]), float(item_stats.recent),
             _days(now, item_stats.first_ts), float(target.year or -1),
             float(view.year - target.year) if target.year else -1.0, float(len(target.genres))]
-    flags = [1.0 if g in target.genres else 0.0 for g in spec.genres]
+    flags = [0.0] * len(spec.genres)
+    for g in mine:
+        flags[g] = 1.0
     return [*u_features, *match, *item, *p_features, *flags]
 
 

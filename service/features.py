@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from service.feature_vector import (
     UserView,
     candidate_vector,
     genre_membership,
+    history_ratings,
     summarize_history,
     user_view,
 )
@@ -34,10 +36,37 @@ from service.records import Item, UserContext
 if TYPE_CHECKING:  # history.py imports feature_vector for the bucket rule
     from service.history import HistoryStore
 
+T = TypeVar("T")
+
 
 def now_of(as_of: int | None, clock: Callable[[], float] = time.time) -> int:
     """The time features are computed at: the request's as_of, else the present."""
     return int(clock()) if as_of is None else as_of
+
+
+SEND_TURNS = 2  # event-loop turns from a Redis call to its command on the wire (see `started`)
+
+
+@asynccontextmanager
+async def started(call: Coroutine[None, None, T]) -> AsyncIterator[asyncio.Task[T]]:
+    """`call` running as a task whose command is already written, so that work done in the block overlaps
+    its round trip. redis-py writes a command from a task of its own under a socket timeout (Python 3.11's
+    `wait_for`), two loop turns after the call starts: CPU work begun at once would hold the write back
+    until it is done, and the round trip would add to it (1.5 ms a request here). A block left before it
+    awaited the task cancels it and waits for it to end (or retrieves its error: the block's own is the one
+    raised): a failed request leaves no read running."""
+    task = asyncio.ensure_future(call)
+    try:
+        for _ in range(SEND_TURNS):
+            await asyncio.sleep(0)
+        yield task
+    finally:
+        if not task.done():
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+        elif not task.cancelled():
+            task.exception()
 
 
 class GenreCache:
@@ -52,7 +81,7 @@ class GenreCache:
                  ttl_s: float = 60.0, max_items: int = 500_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.load, self.spec, self.ttl_s, self.max_items, self.clock = load, spec, ttl_s, max_items, clock
         self._sets: dict[tuple[str, ...], int] = {}
-        self._table = np.zeros((0, len(spec.genres)), dtype=np.int64)
+        self._table = np.zeros((0, len(spec.genres)), dtype=np.float64)  # float: the summary's one product
         self._clear()
 
     def _clear(self) -> None:
@@ -127,9 +156,10 @@ class FeatureReader:
         """One row per target in `spec.names` order, and the user's side (`spec.user_names`)."""
         now = now_of(as_of, self.clock)
         # The item statistics are a Redis round trip: the user's side and the neighbour features, which do not
-        # need them, are computed while the scripts run (gather starts the pipeline first).
-        stats, (view, neighbours) = await asyncio.gather(
-            self.history.item_stats([t.item_id for t in targets], as_of, now), self._user_side(context, targets, now))
+        # need them, are computed while the scripts run.
+        async with started(self.history.item_stats([t.item_id for t in targets], as_of, now)) as stats_read:
+            view, neighbours = await self._user_side(context, targets, now)
+            stats = await stats_read
         rows = np.asarray([candidate_vector(self.spec, view, stats[t.item_id], t) for t in targets],
                           dtype=np.float64).reshape(len(targets), -1)
         if neighbours is not None:
@@ -139,12 +169,14 @@ class FeatureReader:
     async def _user_side(self, context: UserContext, targets: Sequence[Item], now: int
                          ) -> tuple[UserView, np.ndarray | None]:
         membership, table_rows = await self.genres.lookup([b.item_id for b in context.behaviours])
-        view = user_view(self.spec, summarize_history(context.behaviours, membership, now), context.profile, now)
+        ratings = history_ratings(context.behaviours)
+        summary = summarize_history(context.behaviours, membership, now, ratings)
+        view = user_view(self.spec, summary, context.profile, now)
         if self.spec.corating is None:
             return view, None
         whole = [(0, len(context.behaviours))] * len(targets)
         return view, neighbour_rows(self.spec.corating, context.user_id, [t.item_id for t in targets],
-                                    context.behaviours, whole, table_rows)
+                                    context.behaviours, whole, table_rows, ratings)
 
     async def vectors(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> np.ndarray:
         return (await self.read(context, targets, as_of)).rows

@@ -17,6 +17,7 @@ from service.features import FeatureReader, GenreCache
 from service.history import HistoryStore, Keys, connect
 from service.ingest import read_movielens
 from service.records import Behaviour, Item, Profile, UserContext
+from tests.utils.fakes import FakeHistory
 from tests.utils.stack import ML100K
 
 
@@ -208,3 +209,62 @@ def test_the_genre_cache_gives_each_items_co_rating_row_across_clears():
         membership, rows = run(cache.lookup(ids))
         assert np.array_equal(rows, table.rows_of(ids)) and np.array_equal(membership, run(cache.membership(ids)))
         assert (rows[[int(i[1:]) >= 40 for i in ids]] == -1).all()
+
+
+class _WritesInATask(FakeHistory):
+    """item_stats as redis-py 8 runs a command under a socket timeout on Python 3.11: the command is written
+    from a task of its own (wait_for's), then the reply comes back. Records when each happens."""
+
+    def __init__(self, *args, log: list[str], reply_error: Exception | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.log, self.reply_error = log, reply_error
+
+    async def item_stats(self, item_ids, as_of, now):
+        async def write() -> None:
+            self.log.append("stats written")
+        await asyncio.wait_for(asyncio.ensure_future(write()), 5)
+        await asyncio.sleep(0.01)  # the round trip
+        if self.reply_error is not None:
+            raise self.reply_error
+        self.log.append("stats replied")
+        return await super().item_stats(item_ids, as_of, now)
+
+    async def items(self, item_ids):
+        self.log.append("user side")  # the genres of the history: the first step of the user's side
+        return await super().items(item_ids)
+
+
+def _reader_and_context(log: list[str], **kwargs) -> tuple[FeatureReader, UserContext, Item]:
+    item = Item("a", "A", 1990, ("Drama",))
+    history = _WritesInATask([item], {"u": [Behaviour("a", 10, 4.0)]}, log=log, **kwargs)
+    return (FeatureReader(history, FeatureSpec(genres=("Drama",), occupations=())),
+            UserContext("u", Profile(), [Behaviour("a", 10, 4.0)]), item)
+
+
+def test_the_item_statistics_are_on_the_wire_before_the_users_side_is_computed():
+    log: list[str] = []
+    reader, context, item = _reader_and_context(log)
+    rows = run(reader.vectors(context, [item], 100))
+    assert log == ["stats written", "user side", "stats replied"], "the round trip overlaps the user's side"
+    assert rows.shape == (1, len(reader.spec.names))
+
+
+def test_a_failed_users_side_raises_its_own_error_and_leaves_no_read_running():
+    log: list[str] = []
+    reader, context, item = _reader_and_context(log)
+
+    async def failing_items(item_ids):
+        raise ConnectionError("catalog unreachable")
+    reader.genres.load = failing_items
+
+    async def go():
+        with pytest.raises(ConnectionError, match="catalog unreachable"):
+            await reader.vectors(context, [item], 100)
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert run(go()) == [], "no read left running"
+
+
+def test_a_failed_statistics_read_raises_its_error():
+    reader, context, item = _reader_and_context([], reply_error=TimeoutError("redis timed out"))
+    with pytest.raises(TimeoutError, match="redis timed out"):
+        run(reader.vectors(context, [item], 100))
