@@ -92,7 +92,8 @@ def encode_event(b: Behaviour) -> str:
 
 def decode_event(member: str) -> Behaviour:
     item_id, rating, ts = member.split(SEP)
-    return Behaviour(item_id=item_id, ts=int(ts), rating=float(rating) if rating else None)
+    # positional: a request decodes up to 2,000 of them, and keywords cost a fifth more (~0.7 ms here)
+    return Behaviour(item_id, int(ts), float(rating) if rating else None)
 
 
 def encode_item_rating(user_id: str, b: Behaviour) -> str:
@@ -105,8 +106,7 @@ def decode_item_stats(reply: Sequence[int]) -> ItemStats:
     """ITEM_STATS' reply: counts per bucket, the recent count, the first time (-1: none)."""
     n = len(BUCKETS)
     first = int(reply[n + 1])
-    return ItemStats(counts=tuple(int(c) for c in reply[:n]), recent=int(reply[n]),
-                     first_ts=None if first < 0 else first)
+    return ItemStats(counts=tuple(map(int, reply[:n])), recent=int(reply[n]), first_ts=None if first < 0 else first)
 
 
 def encode_item(item: Item) -> dict[str, str]:
