@@ -32,7 +32,7 @@ from service.feature_vector import (
     user_vector,
 )
 from service.ingest import MovieLens
-from service.records import Behaviour, Profile
+from service.records import Behaviour, Profile, Timeline
 
 
 class TimelineSums:
@@ -139,7 +139,7 @@ class OfflineFeatures:
         for rows in by_timeline.values():
             first = samples[rows[0]]
             out[rows] = neighbour_rows(self.spec.corating, first.user_id, [samples[r].item_id for r in rows],
-                                       first.timeline, [self._window(samples[r]) for r in rows])
+                                       Timeline.of(first.timeline), [self._window(samples[r]) for r in rows])
         return out
 
     def _window(self, sample: Sample) -> tuple[int, int]:

@@ -106,7 +106,7 @@ def main(data: Path = typer.Option(Path("../shared/data/ml-100k"), exists=True, 
     for u in range(20):
         history = [Behaviour(str(i), i, 4.0) for i in range(1, 40 + u)]
         started = time.perf_counter()
-        _, path, _ = personalizer.personal(UserContext(f"bench-user-{u}", Profile(), history))
+        _, path, _ = personalizer.personal(UserContext.of(f"bench-user-{u}", Profile(), history))
         times.append(time.perf_counter() - started)
     adapter_bytes = sum(f.stat().st_size for f in path.iterdir())
     shutil.rmtree(settings.data_dir / "bench-personal", ignore_errors=True)

@@ -118,9 +118,9 @@ async def history(user_id: PathId, service: Recommender,
                   limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
                   as_of: Annotated[int | None, Query(ge=0)] = None) -> HistoryResponse:
     context = await service.history.user_history(user_id, as_of, limit)
-    if not context.behaviours and not await service.history.user_exists(user_id):
+    if not context.timeline and not await service.history.user_exists(user_id):
         raise ApiError(404, "unknown_user", f"no user {user_id!r}", field="user_id")
-    catalog = await service.history.items(b.item_id for b in context.behaviours)
+    catalog = await service.history.items(context.timeline.item_ids)
     known = {i: c for i, c in catalog.items() if c}
     p = context.profile
     return HistoryResponse(user_id=user_id, profile=ProfileOut(gender=p.gender, age=p.age, occupation=p.occupation),

@@ -39,7 +39,7 @@ import numba
 import numpy as np
 from scipy import sparse
 
-from service.records import Behaviour
+from service.records import Behaviour, Timeline
 
 NEIGHBOUR_FEATURES = ("n_knn_mean", "n_knn_like", "n_knn_wmean", "n_top_sim", "n_sim_liked", "n_sim_disliked",
                       "n_sim_gap")
@@ -161,7 +161,7 @@ class CoRating:
         compiles on a type's first call (~3 s each here, where its cache under __pycache__ is not there yet)."""
         if self.items:
             first = self.items[0]  # rated by someone: both matrices' kernels run
-            neighbour_rows(self, "", [first], [Behaviour(first, 0, 4.0)], [(0, 1)])
+            neighbour_rows(self, "", [first], Timeline.of([Behaviour(first, 0, 4.0)]), [(0, 1)])
 
     @property
     def matrices(self) -> list[_Cosine]:
@@ -346,18 +346,14 @@ def _block(cosine: tuple, rows: np.ndarray, columns: np.ndarray, ratings: np.nda
         out[row, offset + 6] = (0.0 if n_liked == 0 else to_liked) - (0.0 if n_disliked == 0 else to_disliked)
 
 
-def neighbour_rows(table: CoRating, user_id: str, targets: Sequence[str], timeline: Sequence[Behaviour],
-                   windows: Sequence[tuple[int, int]], history_rows: np.ndarray | None = None,
-                   ratings: np.ndarray | None = None) -> np.ndarray:
+def neighbour_rows(table: CoRating, user_id: str, targets: Sequence[str], timeline: Timeline,
+                   windows: Sequence[tuple[int, int]], history_rows: np.ndarray | None = None) -> np.ndarray:
     """(targets, table.feature_names): each target over the rated behaviours of its own window
     timeline[start:end] (the trainer's samples of one user see different windows; a request has one).
-    `history_rows` and `ratings`: the timeline's items' `table.rows_of` and its ratings (NaN for a click),
-    where the caller already has them."""
-    if ratings is None:
-        ratings = np.array([b.rating for b in timeline], dtype=np.float64).reshape(-1)  # a click (None): NaN
+    `history_rows`: the timeline's items' `table.rows_of`, where the caller already has them."""
+    ratings = timeline.ratings
     rated = ~np.isnan(ratings)
-    pairing = table.pairing(user_id, targets, [b.item_id for b in timeline] if history_rows is None
-                             else history_rows)
+    pairing = table.pairing(user_id, targets, timeline.item_ids if history_rows is None else history_rows)
     cosines = [m.operands(pairing) for m in table.matrices]
     others = table.other_raters(user_id, targets) > 0
     out = np.full((len(targets), len(table.feature_names)), np.nan)

@@ -10,7 +10,6 @@ Sums of ratings are exact in float64 for star and half-star ratings, whatever th
 
 from __future__ import annotations
 
-import bisect
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -21,7 +20,7 @@ from functools import cached_property
 import numpy as np
 
 from service.corating import CoRating
-from service.records import Behaviour, Item, Profile
+from service.records import Behaviour, Item, Profile, Timeline
 
 DAY_S = 86_400
 RECENT_S = 30 * DAY_S  # "recent" activity: the 30 days before t
@@ -143,31 +142,23 @@ def genre_membership(item_ids: Sequence[str], genres_of: Callable[[str], Sequenc
     return out
 
 
-def history_ratings(behaviours: Sequence[Behaviour]) -> np.ndarray:
-    """The ratings of a history in time order, NaN for a click (read once per request: the summary and the
-    neighbour features both need them)."""
-    return np.array([np.nan if b.rating is None else b.rating for b in behaviours], dtype=np.float64).reshape(-1)
-
-
-def summarize_history(behaviours: Sequence[Behaviour], membership: np.ndarray, now: int,
-                      ratings: np.ndarray | None = None) -> UserSummary:
-    """The online path: one request's history (time order), its items' genre membership and, where the caller
-    has them, its `history_ratings`."""
-    ratings = history_ratings(behaviours) if ratings is None else ratings
-    rated = ~np.isnan(ratings)
-    values = np.where(rated, ratings, 0.0)
+def summarize_timeline(timeline: Timeline, membership: np.ndarray, now: int) -> UserSummary:
+    """The online path: one request's history and its items' genre membership."""
+    rated = ~np.isnan(timeline.ratings)
+    values = np.where(rated, timeline.ratings, 0.0)
     # Rated count, rating sum and liked count per genre in one product: integers and half stars, so float64
     # sums are exact in any order (the trainer's prefix sums give the same values).
     genre_n, genre_sum, genre_liked = np.stack([rated, values, values > 3]).astype(np.float64) @ membership
-    times = [b.ts for b in behaviours]
-    n = int(rated.sum())
-    last, last_from = last_ratings(behaviours, 0, len(behaviours))
-    return UserSummary(n=n, clicks=len(behaviours) - n, rating_sum=float(values.sum()),
+    times, n = timeline.ts, int(rated.sum())
+    last = np.flatnonzero(rated)[-LAST:]  # as last_ratings picks them
+    return UserSummary(n=n, clicks=len(timeline) - n, rating_sum=float(values.sum()),
                        rating_sq=float((values * values).sum()), liked=int((values > 3).sum()),
-                       first_ts=times[0] if times else None, last_ts=times[-1] if times else None,
-                       recent=len(times) - bisect.bisect_left(times, now - RECENT_S), last_ratings=last,
-                       last_ratings_from=last_from, genre_n=tuple(int(v) for v in genre_n.tolist()),
-                       genre_sum=tuple(genre_sum.tolist()), genre_liked=tuple(int(v) for v in genre_liked.tolist()))
+                       first_ts=int(times[0]) if len(times) else None, last_ts=int(times[-1]) if len(times) else None,
+                       recent=len(times) - int(np.searchsorted(times, now - RECENT_S)),
+                       last_ratings=tuple(timeline.ratings[last].tolist()),
+                       last_ratings_from=int(times[last[0]]) if len(last) else None,
+                       genre_n=tuple(int(v) for v in genre_n.tolist()), genre_sum=tuple(genre_sum.tolist()),
+                       genre_liked=tuple(int(v) for v in genre_liked.tolist()))
 
 
 def _ratio(a: float, b: float, default: float) -> float:

@@ -27,8 +27,7 @@ from service.feature_vector import (
     UserView,
     candidate_vector,
     genre_membership,
-    history_ratings,
-    summarize_history,
+    summarize_timeline,
     user_view,
 )
 from service.records import Item, UserContext
@@ -168,15 +167,14 @@ class FeatureReader:
 
     async def _user_side(self, context: UserContext, targets: Sequence[Item], now: int
                          ) -> tuple[UserView, np.ndarray | None]:
-        membership, table_rows = await self.genres.lookup([b.item_id for b in context.behaviours])
-        ratings = history_ratings(context.behaviours)
-        summary = summarize_history(context.behaviours, membership, now, ratings)
-        view = user_view(self.spec, summary, context.profile, now)
+        timeline = context.timeline
+        membership, table_rows = await self.genres.lookup(timeline.item_ids)
+        view = user_view(self.spec, summarize_timeline(timeline, membership, now), context.profile, now)
         if self.spec.corating is None:
             return view, None
-        whole = [(0, len(context.behaviours))] * len(targets)
-        return view, neighbour_rows(self.spec.corating, context.user_id, [t.item_id for t in targets],
-                                    context.behaviours, whole, table_rows, ratings)
+        whole = [(0, len(timeline))] * len(targets)
+        return view, neighbour_rows(self.spec.corating, context.user_id, [t.item_id for t in targets], timeline,
+                                    whole, table_rows)
 
     async def vectors(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> np.ndarray:
         return (await self.read(context, targets, as_of)).rows

@@ -38,10 +38,11 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 from redis.asyncio import Redis, RedisCluster
 
 from service.feature_vector import ALL, BUCKETS, RECENT_S, ItemStats, bucket
-from service.records import Behaviour, Item, Profile, UserContext
+from service.records import NO_BEHAVIOURS, Behaviour, Item, Profile, Timeline, UserContext
 
 SEP = "\x1f"
 
@@ -92,8 +93,39 @@ def encode_event(b: Behaviour) -> str:
 
 def decode_event(member: str) -> Behaviour:
     item_id, rating, ts = member.split(SEP)
-    # positional: a request decodes up to 2,000 of them, and keywords cost a fifth more (~0.7 ms here)
     return Behaviour(item_id, int(ts), float(rating) if rating else None)
+
+
+class _RatingTexts(dict):
+    """A member's rating text -> its value (NaN: a click): a few distinct texts (stars, half stars) make up
+    nearly every member, and a dict hit costs less than float(); bounded, for texts a client made up."""
+
+    def __missing__(self, text: str) -> float:
+        value = float(text) if text else np.nan
+        if len(self) < 1024:
+            self[text] = value
+        return value
+
+
+_RATINGS = _RatingTexts()
+_MEMBER_END = "\x1e"  # between members in decode_timeline's one string: not in any field (ids have no controls)
+
+
+def decode_timeline(members: Sequence[str]) -> Timeline:
+    """Members in time order as columns, from one split of them all with a marker field between members: no
+    object per event (2,000 decode in ~0.7 ms here, against ~3 ms as Behaviours read back field by field). A
+    member not of three fields moves the markers, and is then named by decode_event's error: the columns never
+    shift silently."""
+    n = len(members)
+    if not n:
+        return NO_BEHAVIOURS
+    fields = (SEP + _MEMBER_END + SEP).join(members).split(SEP)
+    if len(fields) != 4 * n - 1 or fields[3::4].count(_MEMBER_END) != n - 1:
+        for member in members:
+            decode_event(member)  # raises on the first malformed one
+        raise ValueError("an event member holds the member separator")
+    return Timeline(fields[0::4], np.fromiter(map(int, fields[2::4]), dtype=np.int64, count=n),
+                    np.fromiter(map(_RATINGS.__getitem__, fields[1::4]), dtype=np.float64, count=n))
 
 
 def encode_item_rating(user_id: str, b: Behaviour) -> str:
@@ -205,8 +237,8 @@ class HistoryStore:
         for item_id in item_ids:
             pipe.hgetall(self.keys.item(item_id))
         members, profile, *items = await pipe.execute()
-        behaviours = [decode_event(m) for m in reversed(members)]
-        context = UserContext(user_id=user_id, profile=decode_profile(profile), behaviours=behaviours)
+        members.reverse()  # newest first off the wire
+        context = UserContext(user_id, decode_profile(profile), decode_timeline(members))
         return context, {i: decode_item(i, f) for i, f in zip(item_ids, items)}
 
     async def items(self, item_ids: Iterable[str]) -> dict[str, Item | None]:
@@ -232,8 +264,7 @@ class HistoryStore:
 
     async def user_history(self, user_id: str, as_of: int | None, limit: int) -> UserContext:
         context, _ = await self.load_request(user_id, [], as_of)
-        context.behaviours = context.behaviours[-limit:]
-        return context
+        return UserContext(user_id, context.profile, context.timeline.tail(limit))
 
     async def user_exists(self, user_id: str) -> bool:
         return bool(await self.redis.sismember(self.keys.users(), user_id))

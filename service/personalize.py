@@ -220,11 +220,11 @@ class Personalizer:
 
     def personal(self, context: UserContext) -> tuple[str, Path, list[str]]:
         """(name, folder, evicted names): the user's adapter for this history, written if new."""
-        name = self.personal_name(context.user_id, len(context.behaviours))
+        name = self.personal_name(context.user_id, len(context.timeline))
         path = self.cache_dir / name
         if not path.exists():
             self.bank.write(self.user_alphas(context), path,
-                            {"kind": "personal", "bank": self.bank.name, "history_size": len(context.behaviours)})
+                            {"kind": "personal", "bank": self.bank.name, "history_size": len(context.timeline)})
         return name, path, self._touch(name, path)
 
     def cohorts(self) -> list[tuple[str, Path]]:

@@ -174,7 +174,7 @@ class RecommendService:
         for step in fallbacks:
             self.metrics.fallbacks.labels(step["mode"]).inc()
         return ScoreResult(user_id=query.user_id, adapter=adapter, adapter_mode=adapter_mode, retrieval=mode,
-                           k=k, history_size=len(context.behaviours),
+                           k=k, history_size=len(context.timeline),
                            scored=self._scored(targets, scores, llm, crm),
                            catalog={**(llm.catalog if llm else {}), **{i: c for i, c in candidates.items() if c}},
                            scorer=choice.scorer, combiner=combiner, fallbacks=fallbacks,

@@ -21,7 +21,7 @@ from service.corating import (
     neighbour_rows,
 )
 from service.crm import Crm
-from service.records import Behaviour
+from service.records import Behaviour, Timeline
 from tests.utils.crm import build_crm
 from tests.utils.stack import ML100K
 
@@ -96,14 +96,14 @@ def test_a_users_own_ratings_never_show_in_their_similarities():
 def test_features_are_missing_without_rated_history_or_other_raters():
     t = table()
     history = [Behaviour("y", 10, 4.0), Behaviour("z", 11, 1.0), Behaviour("w", 12, None)]
-    rows = neighbour_rows(t, "new", ["x", "unknown"], history, [(0, 3), (0, 3)])
+    rows = neighbour_rows(t, "new", ["x", "unknown"], Timeline.of(history), [(0, 3), (0, 3)])
     assert rows.shape == (2, len(NEIGHBOUR_FEATURES))
     # x: y (sim 1, rated 4) then z (0.5, rated 1); K covers both.
     named = dict(zip(NEIGHBOUR_FEATURES, rows[0]))
     assert named["n_top_sim"] == 1.0 and named["n_knn_mean"] == 2.5 and named["n_knn_like"] == 0.5
     assert named["n_sim_liked"] == 1.0 and named["n_sim_disliked"] == 0.5 and named["n_sim_gap"] == 0.5
     assert np.isnan(rows[1]).all(), "nobody rated the candidate"
-    clicks_only = neighbour_rows(t, "new", ["x"], [Behaviour("w", 12, None)], [(0, 1)])
+    clicks_only = neighbour_rows(t, "new", ["x"], Timeline.of([Behaviour("w", 12, None)]), [(0, 1)])
     assert np.isnan(clicks_only).all(), "no rated history"
     # z's only rater other than b is c: for b it is rated by someone else; x for a new user too.
     assert t.other_raters("b", ["z", "x"]).tolist() == [1.0, 1.0]
@@ -114,10 +114,10 @@ def test_a_taste_table_adds_the_taste_features_after_the_co_rating_ones():
     t = CoRating.fit(RATINGS, cutoff=100, taste=True)
     assert t.feature_names == (*NEIGHBOUR_FEATURES, *TASTE_FEATURES) and table().feature_names == NEIGHBOUR_FEATURES
     history = [Behaviour("y", 10, 4.0), Behaviour("z", 11, 1.0), Behaviour("w", 12, None)]
-    rows = neighbour_rows(t, "new", ["x", "unknown"], history, [(0, 3), (0, 3)])
+    rows = neighbour_rows(t, "new", ["x", "unknown"], Timeline.of(history), [(0, 3), (0, 3)])
     assert rows.shape == (2, len(NEIGHBOUR_FEATURES) + len(TASTE_FEATURES))
     assert np.array_equal(rows[:, :len(NEIGHBOUR_FEATURES)], neighbour_rows(table(), "new", ["x", "unknown"],
-                                                                            history, [(0, 3), (0, 3)]),
+                                                                            Timeline.of(history), [(0, 3), (0, 3)]),
                           equal_nan=True)
     named = dict(zip(t.feature_names, rows[0]))
     # x over y (taste -1/sqrt 5, rated 4) and z (0, rated 1): z is the nearer in taste.
@@ -128,7 +128,7 @@ def test_a_taste_table_adds_the_taste_features_after_the_co_rating_ones():
 def test_a_window_limits_the_history_a_target_sees():
     t = table()
     history = [Behaviour("y", 10, 4.0), Behaviour("z", 11, 1.0)]
-    rows = neighbour_rows(t, "new", ["x", "x"], history, [(0, 1), (0, 2)])
+    rows = neighbour_rows(t, "new", ["x", "x"], Timeline.of(history), [(0, 1), (0, 2)])
     assert rows[0][NEIGHBOUR_FEATURES.index("n_knn_mean")] == 4.0
     assert rows[1][NEIGHBOUR_FEATURES.index("n_knn_mean")] == 2.5
 
@@ -253,7 +253,7 @@ def test_a_requests_rows_are_each_similaritys_one_candidate_features():
     history = sorted((b for u, b in data.ratings if u == user), key=lambda b: b.ts)
     history[3] = Behaviour(history[3].item_id, history[3].ts, None)  # a click: left out of the features
     targets = t.items[100:120] + ["unknown"]
-    rows = neighbour_rows(t, user, targets, history, [(0, len(history))] * len(targets))
+    rows = neighbour_rows(t, user, targets, Timeline.of(history), [(0, len(history))] * len(targets))
     rated = [b for b in history if b.rating is not None]
     ratings = np.array([b.rating for b in rated])
     similarities = t.similarities(user, targets, [b.item_id for b in rated])

@@ -12,11 +12,11 @@ import pytest
 from adapters.features import OfflineFeatures
 from adapters.samples import build_samples, draw, split_by_time
 from service.corating import CoRating
-from service.feature_vector import FeatureSpec, ItemStats, genre_membership, star, summarize_history
+from service.feature_vector import FeatureSpec, ItemStats, genre_membership, star, summarize_timeline
 from service.features import FeatureReader, GenreCache
 from service.history import HistoryStore, Keys, connect
 from service.ingest import read_movielens
-from service.records import Behaviour, Item, Profile, UserContext
+from service.records import Behaviour, Item, Profile, Timeline, UserContext
 from tests.utils.fakes import FakeHistory
 from tests.utils.stack import ML100K
 
@@ -115,7 +115,7 @@ def test_an_event_refused_by_its_id_does_not_count_for_the_item(redis_url):
 
 def test_cold_user_and_unrated_item_get_defined_features():
     spec = FeatureSpec(genres=("Comedy", "Drama"), occupations=("writer",))
-    user = summarize_history([], genre_membership([], lambda i: (), spec), 1_000)
+    user = summarize_timeline(Timeline.of([]), genre_membership([], lambda i: (), spec), 1_000)
     from service.feature_vector import feature_vector
 
     row = feature_vector(spec, user, ItemStats.empty(), Item("x", "X"), Profile(), 1_000)
@@ -132,7 +132,7 @@ def test_summary_of_a_history_counts_genres_and_recent_events():
     genres = {"a": ("Comedy",), "b": ("Comedy", "Drama")}
     history = [Behaviour("a", 0, 2.0), Behaviour("b", 86_400 * 40, 5.0), Behaviour("a", 86_400 * 45, None)]
     membership = genre_membership([b.item_id for b in history], lambda i: genres.get(i, ()), spec)
-    user = summarize_history(history, membership, 86_400 * 50)
+    user = summarize_timeline(Timeline.of(history), membership, 86_400 * 50)
     assert (user.n, user.clicks, user.liked, user.recent) == (2, 1, 1, 2)
     assert user.genre_n == (2, 1) and user.genre_sum == (7.0, 5.0) and user.genre_liked == (1, 1)
     assert user.last_ratings == (2.0, 5.0)
@@ -238,7 +238,7 @@ def _reader_and_context(log: list[str], **kwargs) -> tuple[FeatureReader, UserCo
     item = Item("a", "A", 1990, ("Drama",))
     history = _WritesInATask([item], {"u": [Behaviour("a", 10, 4.0)]}, log=log, **kwargs)
     return (FeatureReader(history, FeatureSpec(genres=("Drama",), occupations=())),
-            UserContext("u", Profile(), [Behaviour("a", 10, 4.0)]), item)
+            UserContext.of("u", Profile(), [Behaviour("a", 10, 4.0)]), item)
 
 
 def test_the_item_statistics_are_on_the_wire_before_the_users_side_is_computed():

@@ -5,12 +5,24 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.app import create_app
-from service.history import Keys, decode_event, decode_item, encode_event, encode_item, history_bounds
+from service.history import (
+    SEP,
+    Keys,
+    decode_event,
+    decode_item,
+    decode_timeline,
+    encode_event,
+    encode_item,
+    history_bounds,
+)
 from service.processes import Managed, free_port, redis_command
-from service.records import Behaviour, Item
+from service.records import Behaviour, Item, Timeline, UserContext
 from tests.utils.stack import AUTH
 
 
@@ -23,6 +35,29 @@ def test_event_codec_round_trips_and_keys_share_a_cluster_slot():
     item = Item("9", "Heat", 1995, ("Action", "Crime"))
     assert decode_item("9", encode_item(item)) == item
     assert decode_item("9", {}) is None
+
+
+behaviours = st.builds(Behaviour, st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1),
+                       st.integers(0, 2**40), st.none() | st.sampled_from([1.0, 2.5, 3.0, 4.5, 5.0, 0.5]))
+
+
+@given(st.lists(behaviours, max_size=30))
+def test_the_columnar_decode_gives_each_event_as_decode_event_does(events):
+    members = [encode_event(b) for b in events]
+    timeline = decode_timeline(members)
+    assert len(timeline) == len(events) and timeline.behaviours() == [decode_event(m) for m in members] == events
+    assert timeline.ts.dtype.kind == "i" and timeline.ratings.dtype.kind == "f"
+    assert UserContext.of("u", None, events).behaviours == events
+    assert Timeline.of(events).tail(3).behaviours() == events[-3:]
+
+
+@pytest.mark.parametrize("members", [["1" + SEP + "4"], ["1" + SEP + "4" + SEP + "10" + SEP + "x"],
+                                     ["1" + SEP + "4", "10" + SEP + "2" + SEP + "3" + SEP + "11"],
+                                     ["1" + SEP + "4" + SEP + "later"]])
+def test_a_malformed_member_is_refused_not_misaligned(members):
+    """Two wrong members may add up to the right field count: the columns must not shift by one."""
+    with pytest.raises(ValueError):
+        decode_timeline(members)
 
 
 def test_redis_killed_answers_503_stores_nothing_and_recovers(tiny_settings, tmp_path):

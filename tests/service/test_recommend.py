@@ -199,7 +199,7 @@ async def test_rank_orders_by_the_served_score(world):
 def context():
     from service.records import UserContext
 
-    return UserContext("u", Profile(), EVENTS["u"])
+    return UserContext.of("u", Profile(), EVENTS["u"])
 
 
 async def test_a_missing_shared_adapter_falls_back_to_the_base_model(world):

@@ -45,7 +45,7 @@ class FakeHistory:
     async def load_request(self, user_id: str, item_ids: Sequence[str], as_of: int | None
                            ) -> tuple[UserContext, dict[str, Item | None]]:
         seen = [b for b in self.events.get(user_id, []) if as_of is None or b.ts < as_of]
-        return (UserContext(user_id, self.profiles.get(user_id, Profile()), seen),
+        return (UserContext.of(user_id, self.profiles.get(user_id, Profile()), seen),
                 {i: self.catalog.get(i) for i in item_ids})
 
     async def items(self, item_ids: Iterable[str]) -> dict[str, Item | None]:
