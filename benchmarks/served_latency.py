@@ -6,7 +6,8 @@
 `/v1/rank` with 20 candidates, one client, for the users with the longest histories (the features stage
 reads them all): first the deployment's default scorer (the hybrid; where its combiner kept the CRM alone it
 calls no engine), then the same requests with `scorer: llm` (the engine's prefill of 20 prompts), fewer of
-them. Client latency p50 / p99 and the gateway's own per-stage medians (its Server-Timing header).
+them (`--llm-requests 0`: none, for a gateway without an engine). Client latency p50 / p99 and the gateway's own
+per-stage medians and p99 (its Server-Timing header).
 Writes benchmarks/results/served_latency_<dataset>.json.
 """
 
@@ -74,11 +75,11 @@ def main(data: Path = typer.Option(..., exists=True, file_okay=False, help="the 
         scorers = client.get("/v1/adapters", headers=auth_headers(Settings(), "admin")).json().get("scorers", {})
         measure(client, bodies[:5], None)  # warm: the genre cache and the engine's adapter
         default = measure(client, bodies, None)
-        llm = measure(client, bodies[:llm_requests], "llm")
+        llm = measure(client, bodies[:llm_requests], "llm") if llm_requests else None
     report = {"what": f"/v1/rank, {candidates} candidates, 1 client, users with the {heavy_users} longest histories "
                       f"(median {int(np.median([counts[u] for u in users]))} ratings)",
               "dataset": movielens.name, "scorers": scorers, "default": default, "llm_alone": llm,
-              "llm_p50_over_default_p50": round(llm["p50_ms"] / default["p50_ms"], 1),
+              "llm_p50_over_default_p50": round(llm["p50_ms"] / default["p50_ms"], 1) if llm else None,
               "machine": machine(), "command": command()}
     save(out or Path(f"benchmarks/results/served_latency_{movielens.name}.json"), report)
 
