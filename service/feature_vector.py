@@ -142,13 +142,35 @@ def genre_membership(item_ids: Sequence[str], genres_of: Callable[[str], Sequenc
     return out
 
 
-def summarize_timeline(timeline: Timeline, membership: np.ndarray, now: int) -> UserSummary:
-    """The online path: one request's history and its items' genre membership."""
+@dataclass(frozen=True)
+class GenreSets:
+    """Which of the spec's genres each behaviour's item has, factorised: each behaviour's genre set (`rows`)
+    into the distinct sets' 0/1 rows (`table`). A few hundred sets serve a 2,000-event history, so the summary's
+    sums run over the sets, not over a (behaviours, genres) matrix gathered per request."""
+
+    rows: np.ndarray  # int64, one per behaviour
+    table: np.ndarray  # (sets, spec genres) float64
+
+    @classmethod
+    def dense(cls, membership: np.ndarray) -> GenreSets:
+        """Each behaviour its own set (genre_membership's matrix)."""
+        return cls(np.arange(len(membership)), np.asarray(membership, dtype=np.float64))
+
+    def membership(self) -> np.ndarray:
+        return self.table[self.rows]
+
+    def totals(self, weights: np.ndarray) -> np.ndarray:
+        """(weights, genres): each row of weights (one per behaviour) summed per genre. Integers and half stars
+        are summed exactly in float64 in any order, so these equal the trainer's prefix sums."""
+        per_set = np.stack([np.bincount(self.rows, w, minlength=len(self.table)) for w in weights])
+        return per_set @ self.table
+
+
+def summarize_timeline(timeline: Timeline, genres: GenreSets, now: int) -> UserSummary:
+    """The online path: one request's history and its items' genres."""
     rated = ~np.isnan(timeline.ratings)
     values = np.where(rated, timeline.ratings, 0.0)
-    # Rated count, rating sum and liked count per genre in one product: integers and half stars, so float64
-    # sums are exact in any order (the trainer's prefix sums give the same values).
-    genre_n, genre_sum, genre_liked = np.stack([rated, values, values > 3]).astype(np.float64) @ membership
+    genre_n, genre_sum, genre_liked = genres.totals(np.stack([rated, values, values > 3]).astype(np.float64))
     times, n = timeline.ts, int(rated.sum())
     last = np.flatnonzero(rated)[-LAST:]  # as last_ratings picks them
     return UserSummary(n=n, clicks=len(timeline) - n, rating_sum=float(values.sum()),

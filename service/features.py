@@ -24,6 +24,7 @@ import numpy as np
 from service.corating import neighbour_rows, positions
 from service.feature_vector import (
     FeatureSpec,
+    GenreSets,
     UserView,
     candidate_vector,
     genre_membership,
@@ -105,10 +106,10 @@ class GenreCache:
 
     async def membership(self, item_ids: Sequence[str]) -> np.ndarray:
         """(items, spec genres) 0/1, as genre_membership gives from the catalog."""
-        return (await self.lookup(item_ids))[0]
+        return (await self.lookup(item_ids))[0].membership()
 
-    async def lookup(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The items' membership, and their rows in the spec's co-rating table (`CoRating.rows_of`; -1 for
+    async def lookup(self, item_ids: Sequence[str]) -> tuple[GenreSets, np.ndarray]:
+        """The items' genre sets, and their rows in the spec's co-rating table (`CoRating.rows_of`; -1 for
         an item it does not hold, or all -1 without a table)."""
         now = self.clock()
         slots = self._lookup(item_ids)
@@ -122,7 +123,7 @@ class GenreCache:
             self._store(await self.load(wanted), now)
             slots = self._lookup(item_ids)
             stale = slots < 0
-        return self._table[self._row[slots]], self._table_row[slots]
+        return GenreSets(self._row[slots], self._table), self._table_row[slots]  # _table is replaced, never changed
 
     def _store(self, items: Mapping[str, Item | None], now: float) -> None:
         new = [i for i in items if i not in self._slots]
@@ -168,8 +169,8 @@ class FeatureReader:
     async def _user_side(self, context: UserContext, targets: Sequence[Item], now: int
                          ) -> tuple[UserView, np.ndarray | None]:
         timeline = context.timeline
-        membership, table_rows = await self.genres.lookup(timeline.item_ids)
-        view = user_view(self.spec, summarize_timeline(timeline, membership, now), context.profile, now)
+        genres, table_rows = await self.genres.lookup(timeline.item_ids)
+        view = user_view(self.spec, summarize_timeline(timeline, genres, now), context.profile, now)
         if self.spec.corating is None:
             return view, None
         whole = [(0, len(timeline))] * len(targets)

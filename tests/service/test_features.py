@@ -12,7 +12,14 @@ import pytest
 from adapters.features import OfflineFeatures
 from adapters.samples import build_samples, draw, split_by_time
 from service.corating import CoRating
-from service.feature_vector import FeatureSpec, ItemStats, genre_membership, star, summarize_timeline
+from service.feature_vector import (
+    FeatureSpec,
+    GenreSets,
+    ItemStats,
+    genre_membership,
+    star,
+    summarize_timeline,
+)
 from service.features import FeatureReader, GenreCache
 from service.history import HistoryStore, Keys, connect
 from service.ingest import read_movielens
@@ -115,7 +122,7 @@ def test_an_event_refused_by_its_id_does_not_count_for_the_item(redis_url):
 
 def test_cold_user_and_unrated_item_get_defined_features():
     spec = FeatureSpec(genres=("Comedy", "Drama"), occupations=("writer",))
-    user = summarize_timeline(Timeline.of([]), genre_membership([], lambda i: (), spec), 1_000)
+    user = summarize_timeline(Timeline.of([]), GenreSets.dense(genre_membership([], lambda i: (), spec)), 1_000)
     from service.feature_vector import feature_vector
 
     row = feature_vector(spec, user, ItemStats.empty(), Item("x", "X"), Profile(), 1_000)
@@ -132,7 +139,7 @@ def test_summary_of_a_history_counts_genres_and_recent_events():
     genres = {"a": ("Comedy",), "b": ("Comedy", "Drama")}
     history = [Behaviour("a", 0, 2.0), Behaviour("b", 86_400 * 40, 5.0), Behaviour("a", 86_400 * 45, None)]
     membership = genre_membership([b.item_id for b in history], lambda i: genres.get(i, ()), spec)
-    user = summarize_timeline(Timeline.of(history), membership, 86_400 * 50)
+    user = summarize_timeline(Timeline.of(history), GenreSets.dense(membership), 86_400 * 50)
     assert (user.n, user.clicks, user.liked, user.recent) == (2, 1, 1, 2)
     assert user.genre_n == (2, 1) and user.genre_sum == (7.0, 5.0) and user.genre_liked == (1, 1)
     assert user.last_ratings == (2.0, 5.0)
@@ -206,8 +213,9 @@ def test_the_genre_cache_gives_each_items_co_rating_row_across_clears():
     rng = np.random.default_rng(1)
     for _ in range(30):
         ids = [f"i{n}" for n in rng.integers(0, 50, int(rng.integers(1, 10)))]
-        membership, rows = run(cache.lookup(ids))
-        assert np.array_equal(rows, table.rows_of(ids)) and np.array_equal(membership, run(cache.membership(ids)))
+        genre_sets, rows = run(cache.lookup(ids))
+        assert np.array_equal(rows, table.rows_of(ids))
+        assert np.array_equal(genre_sets.membership(), genre_membership(ids, lambda i: genres[i], spec))
         assert (rows[[int(i[1:]) >= 40 for i in ids]] == -1).all()
 
 
@@ -268,3 +276,14 @@ def test_a_failed_statistics_read_raises_its_error():
     reader, context, item = _reader_and_context([], reply_error=TimeoutError("redis timed out"))
     with pytest.raises(TimeoutError, match="redis timed out"):
         run(reader.vectors(context, [item], 100))
+
+
+def test_genre_totals_over_sets_equal_the_dense_product():
+    """The summary sums per genre set, then over the sets: the same values as over every behaviour's row."""
+    rng = np.random.default_rng(2)
+    table = (rng.random((7, 5)) < 0.4).astype(np.float64)
+    sets = GenreSets(rng.integers(0, 7, 300), table)
+    ratings = rng.integers(1, 11, 300) / 2.0
+    weights = np.stack([np.ones(300), ratings, ratings > 3]).astype(np.float64)
+    assert np.array_equal(sets.totals(weights), weights @ sets.membership())
+    assert np.array_equal(GenreSets.dense(sets.membership()).totals(weights), weights @ sets.membership())
