@@ -276,3 +276,12 @@ def test_a_loaded_crm_has_its_features_kernel_compiled_for_its_table(tmp_path):
     shown = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, check=True)
     matrices = Crm(folder).spec.corating.matrices
     assert shown.stdout.split("\n")[-2] == str(sorted({str(m.pairs.dtype) for m in matrices}))
+
+
+def test_pair_counts_are_kept_in_the_narrowest_exact_type():
+    """int16 where every count fits (either MovieLens), the wider type where one does not: never a wrapped
+    count, so the similarities stay the trainer's."""
+    assert table().watched.pairs.dtype == np.int16
+    many = [(f"u{u}", Behaviour(item, 1, 4.0)) for u in range(40_000) for item in ("x", "y")]
+    wide = CoRating.fit(many, 100)
+    assert wide.watched.pairs.dtype == np.float32 and wide.watched.pairs[0, 1] == 40_000
