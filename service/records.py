@@ -45,7 +45,7 @@ class Profile:
     occupation: str | None = None
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False)  # compared by identity: equal arrays have no single truth value
 class Timeline:
     """A user's behaviours in time order, as columns: what the features stage computes over (a request's
     2,000 events as objects had cost ~2 ms to build and read back here). `behaviours()` gives the objects,
