@@ -41,16 +41,16 @@ class TimelineSums:
 
     def __init__(self, timeline: Sequence[Behaviour], genres_of: Callable[[str], Sequence[str]],
                  spec: FeatureSpec) -> None:
-        rated = np.array([b.rating is not None for b in timeline], dtype=np.int64)
-        ratings = np.array([b.rating or 0.0 for b in timeline], dtype=np.float64)
+        self.columns = Timeline.of(timeline)  # what last_ratings and the neighbour features read
+        rated = (~np.isnan(self.columns.ratings)).astype(np.int64)
+        ratings = np.where(rated, self.columns.ratings, 0.0)
         likes = (ratings > 3).astype(np.int64) * rated
-        membership = genre_membership([b.item_id for b in timeline], genres_of, spec) * rated[:, None]
+        membership = genre_membership(self.columns.item_ids, genres_of, spec) * rated[:, None]
 
         def cumulative(values: np.ndarray) -> np.ndarray:
             return np.concatenate([np.zeros((1, *values.shape[1:]), values.dtype), np.cumsum(values, axis=0)])
 
-        self.timeline = timeline
-        self.ts = [b.ts for b in timeline]
+        self.ts = self.columns.ts.tolist()
         self.rated, self.total = cumulative(rated), cumulative(ratings)
         self.squares, self.liked = cumulative(ratings * ratings), cumulative(likes)
         self.genre_n = cumulative(membership)
@@ -59,7 +59,7 @@ class TimelineSums:
 
     def summary(self, start: int, end: int, now: int) -> UserSummary:
         n = int(self.rated[end] - self.rated[start])
-        last, last_from = last_ratings(self.timeline, start, end)
+        last, last_from = last_ratings(self.columns, start, end)
         recent_from = max(start, bisect.bisect_left(self.ts, now - RECENT_S))
         return UserSummary(
             n=n, clicks=(end - start) - n, rating_sum=float(self.total[end] - self.total[start]),
@@ -139,7 +139,7 @@ class OfflineFeatures:
         for rows in by_timeline.values():
             first = samples[rows[0]]
             out[rows] = neighbour_rows(self.spec.corating, first.user_id, [samples[r].item_id for r in rows],
-                                       Timeline.of(first.timeline), [self._window(samples[r]) for r in rows])
+                                       self._sums(first).columns, [self._window(samples[r]) for r in rows])
         return out
 
     def _window(self, sample: Sample) -> tuple[int, int]:

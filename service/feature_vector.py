@@ -20,7 +20,7 @@ from functools import cached_property
 import numpy as np
 
 from service.corating import CoRating
-from service.records import Behaviour, Item, Profile, Timeline
+from service.records import Item, Profile, Timeline
 
 DAY_S = 86_400
 RECENT_S = 30 * DAY_S  # "recent" activity: the 30 days before t
@@ -118,16 +118,11 @@ class ItemStats:
         return cls((0,) * len(BUCKETS), 0, None)
 
 
-def last_ratings(behaviours: Sequence[Behaviour], start: int, end: int) -> tuple[tuple[float, ...], int | None]:
-    """The last LAST ratings of behaviours[start:end], oldest first, and the time of the oldest."""
-    picked: list[Behaviour] = []
-    for i in range(end - 1, start - 1, -1):
-        if behaviours[i].rating is not None:
-            picked.append(behaviours[i])
-            if len(picked) == LAST:
-                break
-    picked.reverse()
-    return tuple(b.rating for b in picked), (picked[0].ts if picked else None)
+def last_ratings(timeline: Timeline, start: int, end: int) -> tuple[tuple[float, ...], int | None]:
+    """The last LAST ratings of timeline[start:end], oldest first, and the time of the oldest (the gateway's
+    whole history and the trainer's windows alike)."""
+    picked = start + np.flatnonzero(~np.isnan(timeline.ratings[start:end]))[-LAST:]
+    return tuple(timeline.ratings[picked].tolist()), (int(timeline.ts[picked[0]]) if len(picked) else None)
 
 
 def genre_membership(item_ids: Sequence[str], genres_of: Callable[[str], Sequence[str]], spec: FeatureSpec
@@ -172,13 +167,12 @@ def summarize_timeline(timeline: Timeline, genres: GenreSets, now: int) -> UserS
     values = np.where(rated, timeline.ratings, 0.0)
     genre_n, genre_sum, genre_liked = genres.totals(np.stack([rated, values, values > 3]).astype(np.float64))
     times, n = timeline.ts, int(rated.sum())
-    last = np.flatnonzero(rated)[-LAST:]  # as last_ratings picks them
+    last, last_from = last_ratings(timeline, 0, len(timeline))
     return UserSummary(n=n, clicks=len(timeline) - n, rating_sum=float(values.sum()),
                        rating_sq=float((values * values).sum()), liked=int((values > 3).sum()),
                        first_ts=int(times[0]) if len(times) else None, last_ts=int(times[-1]) if len(times) else None,
                        recent=len(times) - int(np.searchsorted(times, now - RECENT_S)),
-                       last_ratings=tuple(timeline.ratings[last].tolist()),
-                       last_ratings_from=int(times[last[0]]) if len(last) else None,
+                       last_ratings=last, last_ratings_from=last_from,
                        genre_n=tuple(int(v) for v in genre_n.tolist()), genre_sum=tuple(genre_sum.tolist()),
                        genre_liked=tuple(int(v) for v in genre_liked.tolist()))
 
