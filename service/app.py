@@ -20,7 +20,7 @@ from service.crm import Crm, open_crm
 from service.encoder import build_encoder
 from service.errors import register_error_handlers
 from service.features import FeatureReader
-from service.history import HistoryStore, Keys, connect
+from service.history import HistoryStore, Keys, compile_decoder, connect
 from service.metrics import Metrics
 from service.personalize import Personalizer, open_personalizer
 from service.prompt import PromptCodec, load_codec
@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         https = [httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) for url in settings.engine.urls]
         try:
             history = HistoryStore(redis, Keys(settings.redis.prefix), settings.requests.max_history_events)
+            compile_decoder()
             engine = EnginePool([EngineClient(http, settings.engine.model_name, codec.answer,
                                               on_load=lambda outcome: metrics.adapter_loads.labels(outcome).inc())
                                  for http in https])

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from service.corating import neighbour_rows, positions
+from service.corating import neighbour_rows
 from service.feature_vector import (
     FeatureSpec,
     GenreSets,
@@ -31,6 +31,7 @@ from service.feature_vector import (
     summarize_timeline,
     user_view,
 )
+from service.item_index import ItemIndex
 from service.records import Item, UserContext
 
 if TYPE_CHECKING:  # history.py imports feature_vector for the bucket rule
@@ -74,8 +75,9 @@ class GenreCache:
     otherwise read 2,000 catalog entries per request. Items share rows by genre set (a few hundred distinct
     sets), so a history's membership matrix is one fancy index. A changed item's genres reach other gateways'
     features within `ttl_s`. Each item has a slot (its genre set's row, its expiry and its row in the spec's
-    co-rating table, in arrays), so a request looks its history up once, in one C-level pass, for both the
-    genres and the neighbour features (2,000 fresh strings to hash cost more than either's arithmetic)."""
+    co-rating table, in arrays), so a request looks its history up once, for both the genres and the neighbour
+    features, in compiled code over the bytes the history was read in (item_index.py: 2,000 fresh strings to
+    hash and probe cost more than either's arithmetic)."""
 
     def __init__(self, load: Callable[[Iterable[str]], Awaitable[Mapping[str, Item | None]]], spec: FeatureSpec,
                  ttl_s: float = 60.0, max_items: int = 500_000, clock: Callable[[], float] = time.monotonic) -> None:
@@ -85,7 +87,7 @@ class GenreCache:
         self._clear()
 
     def _clear(self) -> None:
-        self._slots: dict[str, int] = {}  # item -> its slot in the three arrays below
+        self._slots = ItemIndex()  # item -> its slot in the three arrays below
         self._row = np.zeros(0, dtype=np.int64)  # slot -> row of its genre set in _table
         self._expiry = np.zeros(0, dtype=np.float64)
         self._table_row = np.zeros(0, dtype=np.int64)  # slot -> row in spec.corating (-1: none)
@@ -100,10 +102,6 @@ class GenreCache:
             self._table = np.vstack([self._table, genre_membership(["x"], lambda _: key, self.spec)])
         return self._sets[key]
 
-    def _lookup(self, item_ids: Sequence[str]) -> np.ndarray:
-        """Each item's slot, -1 where it has none."""
-        return positions(self._slots, item_ids)
-
     async def membership(self, item_ids: Sequence[str]) -> np.ndarray:
         """(items, spec genres) 0/1, as genre_membership gives from the catalog."""
         return (await self.lookup(item_ids))[0].membership()
@@ -112,7 +110,7 @@ class GenreCache:
         """The items' genre sets, and their rows in the spec's co-rating table (`CoRating.rows_of`; -1 for
         an item it does not hold, or all -1 without a table)."""
         now = self.clock()
-        slots = self._lookup(item_ids)
+        slots = self._slots.positions(item_ids)
         stale = slots < 0
         stale[~stale] = self._expiry[slots[~stale]] <= now
         while stale.any():  # again if another request cleared the cache while this one loaded
@@ -121,13 +119,13 @@ class GenreCache:
                 self._clear()  # a bounded memory; refilled on the next requests
                 wanted = set(item_ids)
             self._store(await self.load(wanted), now)
-            slots = self._lookup(item_ids)
+            slots = self._slots.positions(item_ids)
             stale = slots < 0
         return GenreSets(self._row[slots], self._table), self._table_row[slots]  # _table is replaced, never changed
 
     def _store(self, items: Mapping[str, Item | None], now: float) -> None:
         new = [i for i in items if i not in self._slots]
-        self._slots.update(zip(new, range(len(self._slots), len(self._slots) + len(new))))
+        self._slots.add(new)
         self._row = np.concatenate([self._row, np.zeros(len(new), dtype=np.int64)])
         self._expiry = np.concatenate([self._expiry, np.zeros(len(new))])
         table = self.spec.corating

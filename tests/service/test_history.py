@@ -5,15 +5,17 @@ from __future__ import annotations
 import signal
 import time
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.app import create_app
 from service.history import (
     SEP,
     Keys,
+    _decode_strings,
     decode_event,
     decode_item,
     decode_timeline,
@@ -21,6 +23,7 @@ from service.history import (
     encode_item,
     history_bounds,
 )
+from service.item_index import EncodedIds
 from service.processes import Managed, free_port, redis_command
 from service.records import Behaviour, Item, Timeline, UserContext
 from tests.utils.stack import AUTH
@@ -41,14 +44,55 @@ behaviours = st.builds(Behaviour, st.text(st.characters(blacklist_categories=("C
                        st.integers(0, 2**40), st.none() | st.sampled_from([1.0, 2.5, 3.0, 4.5, 5.0, 0.5]))
 
 
+@settings(deadline=None)  # the first call loads the compiled parser
 @given(st.lists(behaviours, max_size=30))
 def test_the_columnar_decode_gives_each_event_as_decode_event_does(events):
     members = [encode_event(b) for b in events]
     timeline = decode_timeline(members)
+    assert not events or isinstance(timeline.item_ids, EncodedIds)  # the compiled parser took them all
     assert len(timeline) == len(events) and timeline.behaviours() == [decode_event(m) for m in members] == events
     assert timeline.ts.dtype.kind == "i" and timeline.ratings.dtype.kind == "f"
     assert UserContext.of("u", None, events).behaviours == events
     assert Timeline.of(events).tail(3).behaviours() == events[-3:]
+
+
+# Field texts near the parser's canonical forms, and past them (what int() and float() read besides).
+_numberish = st.text(st.sampled_from("0123456789.-+e _\u0663x\x1e\x1f"), max_size=20)
+_ratings = st.sampled_from(["", "4", "4.5", "-0", "0.1", ".5", "5.", "-", ".", "1e3", "nan", " 3", "2_0",
+                            "123456789012345", "1234567890123456", "0.3333333333333"]) | _numberish
+_times = st.sampled_from(["0", "978300760", "-5", "007", "+5", "", "1_000", " 7", "999999999999999999",
+                          "9999999999999999999"]) | _numberish
+_members = st.builds(lambda i, r, t: f"{i}{SEP}{r}{SEP}{t}", st.text(min_size=0, max_size=6), _ratings, _times)
+
+
+@settings(deadline=None)
+@given(st.lists(_members | st.text(max_size=12), max_size=6))
+def test_the_compiled_parser_reads_members_as_the_string_path_does(members):
+    """Whatever the members, decode_timeline gives the string path's columns, or raises where it raises: the
+    parser takes only what it reads exactly as int() and float() do, and hands the rest to the string path."""
+    try:
+        expected = _decode_strings(members) if members else None
+    except (ValueError, OverflowError) as error:  # a malformed member; a time past int64
+        with pytest.raises(type(error)):
+            decode_timeline(members)
+        return
+    timeline = decode_timeline(members)
+    if expected is None:
+        assert len(timeline) == 0
+        return
+    assert list(timeline.item_ids) == list(expected.item_ids) and timeline.ts.tolist() == expected.ts.tolist()
+    assert np.array_equal(timeline.ratings, expected.ratings, equal_nan=True)
+    assert np.array_equal(np.signbit(timeline.ratings), np.signbit(expected.ratings))  # -0.0 stays -0.0
+
+
+def test_canonical_members_take_the_compiled_path_with_exact_values():
+    members = [f"é{SEP}0.1{SEP}5", f"b{SEP}{SEP}-3", f"{SEP}4.25{SEP}007", f"c{SEP}-0{SEP}0"]
+    timeline = decode_timeline(members)
+    assert isinstance(timeline.item_ids, EncodedIds)
+    assert timeline.item_ids == ["é", "b", "", "c"] and timeline.ts.tolist() == [5, -3, 7, 0]
+    assert timeline.ratings[0] == 0.1 and np.isnan(timeline.ratings[1]) and timeline.ratings[2] == 4.25
+    assert np.signbit(timeline.ratings[3])
+    assert timeline.tail(2).item_ids == ["", "c"] and isinstance(timeline.tail(2).item_ids, EncodedIds)
 
 
 @pytest.mark.parametrize("members", [["1" + SEP + "4"], ["1" + SEP + "4" + SEP + "10" + SEP + "x"],
