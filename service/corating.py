@@ -300,7 +300,8 @@ def _block(cosine: tuple, rows: np.ndarray, columns: np.ndarray, ratings: np.nda
     top_sim, top_col = np.empty(m), np.empty(m, np.int64)
     products, similarity, liked, disliked = np.empty(n), np.empty(n), np.empty(n), np.empty(n)
     buffer = np.empty(m)
-    h, h_m, h_s, liking = h_index[columns], h_mine[columns], h_square[columns], ratings[columns] > 3
+    h, h_m, h_s = h_index[columns], h_mine[columns], h_square[columns]
+    liking = (ratings[columns] > 3).astype(np.int64)
     for row in rows:
         t, mine, square = t_index[row], t_mine[row], t_square[row]
         products[:] = table[t][h]
@@ -312,12 +313,10 @@ def _block(cosine: tuple, rows: np.ndarray, columns: np.ndarray, ratings: np.nda
         n_liked = n_disliked = 0
         for i in range(n):
             s, column = similarity[i], columns[i]
-            if liking[i]:
-                liked[n_liked] = s
-                n_liked += 1
-            else:
-                disliked[n_disliked] = s
-                n_disliked += 1
+            liked[n_liked] = s  # both written, one kept: no branch on the rating (a random one mispredicts)
+            disliked[n_disliked] = s
+            n_liked += liking[i]
+            n_disliked += 1 - liking[i]
             if kept == m and not s > top_sim[m - 1]:
                 continue
             place = kept if kept < m else m - 1
