@@ -13,6 +13,7 @@ its co-rating table and the same history (corating.py, whose table is fixed at t
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -31,8 +32,10 @@ from service.feature_vector import (
     summarize_timeline,
     user_view,
 )
-from service.item_index import ItemIndex
+from service.item_index import ItemIndex, strings_at
 from service.records import Item, UserContext
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # history.py imports feature_vector for the bucket rule
     from service.history import HistoryStore
@@ -71,19 +74,25 @@ async def started(call: Coroutine[None, None, T]) -> AsyncIterator[asyncio.Task[
 
 
 class GenreCache:
-    """Which of the spec's genres each item has, kept in the gateway for `ttl_s`: a 2,000-event history would
-    otherwise read 2,000 catalog entries per request. Items share rows by genre set (a few hundred distinct
-    sets), so a history's membership matrix is one fancy index. A changed item's genres reach other gateways'
-    features within `ttl_s`. Each item has a slot (its genre set's row, its expiry and its row in the spec's
-    co-rating table, in arrays), so a request looks its history up once, for both the genres and the neighbour
-    features, in compiled code over the bytes the history was read in (item_index.py: 2,000 fresh strings to
-    hash and probe cost more than either's arithmetic)."""
+    """Which of the spec's genres each item has, kept in the gateway: a 2,000-event history would otherwise
+    read 2,000 catalog entries per request. Items share rows by genre set (a few hundred distinct sets), so a
+    history's membership matrix is one fancy index. An item held longer than `ttl_s` is reloaded in the
+    background, and requests go on reading what is held meanwhile: a reload of a long history's items takes
+    ~60 ms here, which a request that waited for it would add to its own time. So a changed item's genres reach
+    other gateways' features within `ttl_s` and one reload. Only an item not held at all is waited for.
+
+    Each item has a slot (its genre set's row, its expiry and its row in the spec's co-rating table, in
+    arrays), so a request looks its history up once, for both the genres and the neighbour features, in
+    compiled code over the bytes the history was read in (item_index.py: 2,000 fresh strings to hash and probe
+    cost more than either's arithmetic)."""
 
     def __init__(self, load: Callable[[Iterable[str]], Awaitable[Mapping[str, Item | None]]], spec: FeatureSpec,
                  ttl_s: float = 60.0, max_items: int = 500_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.load, self.spec, self.ttl_s, self.max_items, self.clock = load, spec, ttl_s, max_items, clock
         self._sets: dict[tuple[str, ...], int] = {}
         self._table = np.zeros((0, len(spec.genres)), dtype=np.float64)  # float: the summary's one product
+        self._expired: set[str] = set()  # held past ttl_s, for the next reload
+        self._reload: asyncio.Task[None] | None = None  # at most one running
         self._clear()
 
     def _clear(self) -> None:
@@ -111,17 +120,35 @@ class GenreCache:
         an item it does not hold, or all -1 without a table)."""
         now = self.clock()
         slots = self._slots.positions(item_ids)
-        stale = slots < 0
-        stale[~stale] = self._expiry[slots[~stale]] <= now
-        while stale.any():  # again if another request cleared the cache while this one loaded
-            wanted = {item_ids[i] for i in np.flatnonzero(stale)}
+        while (missing := slots < 0).any():  # again if another request cleared the cache while this one loaded
+            wanted = set(strings_at(item_ids, np.flatnonzero(missing)))
             if len(self._slots) + len(wanted) > self.max_items:
                 self._clear()  # a bounded memory; refilled on the next requests
                 wanted = set(item_ids)
             self._store(await self.load(wanted), now)
             slots = self._slots.positions(item_ids)
-            stale = slots < 0
+        expired = self._expiry[slots] <= now
+        if expired.any():
+            self._reload_later(strings_at(item_ids, np.flatnonzero(expired)))
         return GenreSets(self._row[slots], self._table), self._table_row[slots]  # _table is replaced, never changed
+
+    def _reload_later(self, item_ids: Iterable[str]) -> None:
+        """Reload these items in a task of their own (one at a time: items that expire meanwhile wait for the
+        next). A reload that fails (Redis away) leaves them expired: the next request that reads one tries
+        again, and until then they serve as they are."""
+        self._expired.update(item_ids)
+        if self._reload is None or self._reload.done():
+            self._reload = asyncio.create_task(self._reload_expired())
+
+    async def _reload_expired(self) -> None:
+        wanted, self._expired = self._expired, set()
+        try:
+            items = await self.load(wanted)
+        except Exception as error:  # noqa: BLE001 - the requests are served from the cache meanwhile
+            log.warning("genre cache: reloading %d items failed (%s); they are served as held", len(wanted), error)
+            return
+        self._store({i: item for i, item in items.items() if i in self._slots}, self.clock())  # not cleared away
+        self._expired -= wanted  # asked for again while this reload ran: it answered for them
 
     def _store(self, items: Mapping[str, Item | None], now: float) -> None:
         new = [i for i in items if i not in self._slots]

@@ -68,6 +68,14 @@ class EncodedIds(Sequence[str]):
         return f"EncodedIds({self.strings()!r})"
 
 
+def strings_at(ids: Sequence[str], indices: np.ndarray) -> list[str]:
+    """ids[i] for i in indices, making strings of those alone where the ids are bytes."""
+    if isinstance(ids, EncodedIds) and ids._strings is None:
+        raw = ids.text.tobytes()
+        return [raw[s:e].decode(*UTF8) for s, e in zip(ids.starts[indices].tolist(), ids.ends[indices].tolist())]
+    return [ids[i] for i in indices.tolist()]
+
+
 class ItemIndex:
     """Item id -> position, in the order ids were added: `positions` of a list by a dict, of `EncodedIds` by
     compiled probes of a hash table over the ids' bytes (no strings made); -1 for an id it does not hold."""

@@ -172,7 +172,7 @@ class _Catalog:
         return {i: Item(i, i, genres=self.genres[i]) if i in self.genres else None for i in ids}
 
 
-def test_the_genre_cache_serves_the_catalogs_genres_within_its_ttl_then_reloads():
+def test_the_genre_cache_serves_the_catalogs_genres_within_its_ttl_then_reloads_in_the_background():
     spec = FeatureSpec(genres=("Comedy", "Drama", "Horror"), occupations=())
     catalog = _Catalog({"a": ("Comedy",), "b": ("Drama", "Comedy"), "c": ()})
     now = [0.0]
@@ -182,13 +182,48 @@ def test_the_genre_cache_serves_the_catalogs_genres_within_its_ttl_then_reloads(
     def expected():
         return genre_membership(ids, lambda i: catalog.genres.get(i, ()), spec)
 
-    assert np.array_equal(run(cache.membership(ids)), expected()) and catalog.asked == [{"a", "b", "c", "gone"}]
-    now[0] = 59.0
-    assert np.array_equal(run(cache.membership(ids)), expected()) and len(catalog.asked) == 1, "cached"
-    catalog.genres["a"] = ("Horror",)
-    now[0] = 60.0
-    assert np.array_equal(run(cache.membership(ids)), expected()), "a changed item shows after the ttl"
-    assert run(cache.membership([])).shape == (0, 3)
+    async def go():
+        assert np.array_equal(await cache.membership(ids), expected()) and catalog.asked == [{"a", "b", "c", "gone"}]
+        now[0] = 59.0
+        assert np.array_equal(await cache.membership(ids), expected()) and len(catalog.asked) == 1, "cached"
+        held = expected()
+        catalog.genres["a"] = ("Horror",)
+        now[0] = 60.0
+        assert np.array_equal(await cache.membership(ids), held), "past the ttl: served as held, not waited for"
+        assert np.array_equal(await cache.membership(ids), held) and len(catalog.asked) == 1
+        await cache._reload  # one reload for both requests
+        assert catalog.asked[1:] == [{"a", "b", "c", "gone"}]
+        assert np.array_equal(await cache.membership(ids), expected()), "a changed item shows after the reload"
+        assert await cache.membership(["d"]) is not None and catalog.asked[-1] == {"d"}, "an unknown item: waited"
+        assert len(catalog.asked) == 3 and (await cache.membership([])).shape == (0, 3)
+
+    run(go())
+
+
+def test_a_failed_background_reload_keeps_serving_and_is_tried_again():
+    spec = FeatureSpec(genres=("Comedy", "Drama"), occupations=())
+    catalog = _Catalog({"a": ("Comedy",), "b": ("Drama",)})
+    now, down = [0.0], [False]
+
+    async def load(item_ids):
+        if down[0]:
+            raise ConnectionError("redis away")
+        return await catalog.items(item_ids)
+
+    cache = GenreCache(load, spec, ttl_s=60, clock=lambda: now[0])
+
+    async def go():
+        held = await cache.membership(["a", "b"])
+        catalog.genres["b"] = ("Comedy",)
+        now[0], down[0] = 61.0, True
+        assert np.array_equal(await cache.membership(["a", "b"]), held)
+        await cache._reload  # fails, logged
+        assert np.array_equal(await cache.membership(["b"]), held[1:]), "still served as held"
+        down[0] = False
+        await cache._reload  # the request above started another
+        assert (await cache.membership(["b"])).tolist() == [[1.0, 0.0]]
+
+    run(go())
 
 
 def test_the_genre_cache_stays_bounded_and_right_across_clears():
