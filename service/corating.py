@@ -38,7 +38,7 @@ import numba
 import numpy as np
 from scipy import sparse
 
-from service.item_index import ItemIndex
+from service.item_ids import ItemPositions
 from service.records import Behaviour, Timeline
 
 NEIGHBOUR_FEATURES = ("n_knn_mean", "n_knn_like", "n_knn_wmean", "n_top_sim", "n_sim_liked", "n_sim_disliked",
@@ -55,7 +55,7 @@ class CoRating:
     def __init__(self, items: Sequence[str], users: Sequence[str], rated: sparse.csr_matrix, cutoff: int,
                  dense_items: int = DENSE_ITEMS, stars: sparse.csr_matrix | None = None) -> None:
         self.items, self.users, self.cutoff = list(items), list(users), cutoff
-        self.row_of = ItemIndex(self.items)  # looks a history read from Redis up without making its strings
+        self.row_of = ItemPositions(self.items)  # looks a history read from Redis up without making its strings
         self.column_of = {user_id: n for n, user_id in enumerate(self.users)}
         # Every pair's count, when the catalog is small enough: a request then gathers its counts instead of
         # multiplying its candidates' rows (10x faster on ML-1M). int16 holds counts below 2^15 exactly (either

@@ -32,7 +32,7 @@ from service.feature_vector import (
     summarize_timeline,
     user_view,
 )
-from service.item_index import ItemIndex, strings_at
+from service.item_ids import ItemPositions, strings_at
 from service.records import Item, UserContext
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class GenreCache:
 
     Each item has a slot (its genre set's row, its expiry and its row in the spec's co-rating table, in
     arrays), so a request looks its history up once, for both the genres and the neighbour features, in
-    compiled code over the bytes the history was read in (item_index.py: 2,000 fresh strings to hash and probe
+    compiled code over the bytes the history was read in (item_ids.py: 2,000 fresh strings to hash and probe
     cost more than either's arithmetic)."""
 
     def __init__(self, load: Callable[[Iterable[str]], Awaitable[Mapping[str, Item | None]]], spec: FeatureSpec,
@@ -96,7 +96,7 @@ class GenreCache:
         self._clear()
 
     def _clear(self) -> None:
-        self._slots = ItemIndex()  # item -> its slot in the three arrays below
+        self._slots = ItemPositions()  # item -> its slot in the three arrays below
         self._row = np.zeros(0, dtype=np.int64)  # slot -> row of its genre set in _table
         self._expiry = np.zeros(0, dtype=np.float64)
         self._table_row = np.zeros(0, dtype=np.int64)  # slot -> row in spec.corating (-1: none)

@@ -43,7 +43,7 @@ import numpy as np
 from redis.asyncio import Redis, RedisCluster
 
 from service.feature_vector import ALL, BUCKETS, RECENT_S, ItemStats, bucket
-from service.item_index import UTF8, EncodedIds, ItemIndex
+from service.item_ids import UTF8, EncodedIds, ItemPositions
 from service.records import NO_BEHAVIOURS, Behaviour, Item, Profile, Timeline, UserContext
 
 SEP = "\x1f"
@@ -115,7 +115,7 @@ _MEMBER_END = "\x1e"  # between members in decode_timeline's one string: not in 
 
 def decode_timeline(members: Sequence[str]) -> Timeline:
     """Members in time order as columns, parsed in compiled code from one buffer of them all: no object per
-    event, and the item ids stay bytes (item_index.py). 2,000 members, and their ids' lookup in the features
+    event, and the item ids stay bytes (item_ids.py). 2,000 members, and their ids' lookup in the features
     stage, cost ~0.3 ms here against ~1.7 ms as strings. A member the parser does not take as canonical
     (`_parse_members`) sends the whole history down the string path, which reads what `decode_event` reads and
     raises where it raises: the two give the same columns."""
@@ -142,7 +142,7 @@ def _decode_strings(members: Sequence[str]) -> Timeline:
                     np.fromiter(map(_RATINGS.__getitem__, fields[1::4]), dtype=np.float64, count=n))
 
 
-_POWERS_OF_TEN = np.array([10.0 ** k for k in range(16)])  # exact doubles (10^22 is the last)
+_POWERS_OF_TEN = np.array([10.0 ** k for k in range(16)])  # 10^0..10^15, each an exact double
 _MAX_DIGITS = 15  # a mantissa below 10^15 < 2^53 is exact, so mantissa / 10^k is the correctly rounded value
 
 
@@ -207,10 +207,10 @@ def _parse_members(text: np.ndarray, n: int, powers: np.ndarray
 
 
 def compile_decoder() -> None:
-    """Compile the member parser and the item index's probe now, not on a request: numba compiles on a type's
+    """Compile the member parser and the item positions' probe now, not on a request: numba compiles on a type's
     first call (~1 s each where its cache under __pycache__ is not there yet)."""
     timeline = decode_timeline([encode_event(Behaviour("x", 0, 4.0))])
-    ItemIndex(["x"]).positions(timeline.item_ids)
+    ItemPositions(["x"]).positions(timeline.item_ids)
 
 
 def encode_item_rating(user_id: str, b: Behaviour) -> str:

@@ -51,7 +51,7 @@ class Timeline:
     2,000 events as objects had cost ~2 ms to build and read back here). `behaviours()` gives the objects,
     for the stages that show or search them (retrieval, prompt)."""
 
-    item_ids: Sequence[str]  # a list, or the bytes they were read in (item_index.EncodedIds)
+    item_ids: Sequence[str]  # a list, or the bytes they were read in (item_ids.EncodedIds)
     ts: np.ndarray  # int64 seconds
     ratings: np.ndarray  # float64, NaN for a click
 

@@ -23,7 +23,7 @@ from service.history import (
     encode_item,
     history_bounds,
 )
-from service.item_index import EncodedIds
+from service.item_ids import EncodedIds
 from service.processes import Managed, free_port, redis_command
 from service.records import Behaviour, Item, Timeline, UserContext
 from tests.utils.stack import AUTH

@@ -5,7 +5,7 @@ item's position in its caches (genre set, co-rating row). Made into 2,000 string
 that cost ~0.65 ms of a ~4.4 ms stage here: each fresh string is hashed, and each probe touches a dict key
 object that the request's other work has pushed out of the CPU cache. `EncodedIds` keeps the ids as the
 bytes they were read in (UTF-8, one buffer and each id's span) and makes strings only when asked;
-`ItemIndex` looks them up in compiled code over contiguous arrays (FNV-1a hashes, open addressing, each hit
+`ItemPositions` looks them up in compiled code over contiguous arrays (FNV-1a hashes, open addressing, each hit
 checked byte for byte), and looks up plain lists of strings in a dict, with the same answers.
 """
 
@@ -76,7 +76,7 @@ def strings_at(ids: Sequence[str], indices: np.ndarray) -> list[str]:
     return [ids[i] for i in indices.tolist()]
 
 
-class ItemIndex:
+class ItemPositions:
     """Item id -> position, in the order ids were added: `positions` of a list by a dict, of `EncodedIds` by
     compiled probes of a hash table over the ids' bytes (no strings made); -1 for an id it does not hold."""
 

@@ -1,4 +1,4 @@
-"""ItemIndex and EncodedIds (service/item_index.py): the bytes path answers as the strings path does."""
+"""ItemPositions and EncodedIds (service/item_ids.py): the bytes path answers as the strings path does."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.history import SEP, decode_timeline
-from service.item_index import EncodedIds, ItemIndex
+from service.item_ids import EncodedIds, ItemPositions
 
 # Ids as Redis gives them back: any text without control characters (surrogates have no UTF-8 bytes in Redis)
 _ids = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=5)
@@ -25,7 +25,7 @@ def encoded(ids: list[str]) -> EncodedIds:
 def test_bytes_and_strings_find_the_same_positions(batches, asked):
     """Ids added in batches (the table grows and is rebuilt on the way), then looked up as bytes and as
     strings: the same positions, the order of first addition, -1 for ids never added."""
-    index, order = ItemIndex(), {}
+    index, order = ItemPositions(), {}
     for batch in batches:
         index.add(batch)
         for item_id in batch:
@@ -40,7 +40,7 @@ def test_ids_sharing_a_table_place_are_told_apart_by_their_bytes():
     """Many ids in a small table collide in its places; each still finds its own position, and ids that
     are prefixes of one another or differ only in a multi-byte character are different ids."""
     ids = ["1", "11", "111", "é", "e\u0301", "", "x" * 50, *(str(n) for n in range(300, 600))]
-    index = ItemIndex(ids)
+    index = ItemPositions(ids)
     asked = [*ids, "1111", "ée", "x" * 49, "0"]
     assert index.positions(encoded(asked)).tolist() == [*range(len(ids)), -1, -1, -1, -1]
 
@@ -51,6 +51,6 @@ def test_encoded_ids_make_strings_only_when_asked_and_slice_as_bytes():
     assert isinstance(tail, EncodedIds) and tail._strings is None and ids._strings is None
     assert tail == ["bé", "c"] and ids[0] == "a" and list(ids[::2]) == ["a", "c"] and len(tail) == 2
     assert ids != ["a", "bé"] and ids != "abéc"
-    assert ItemIndex(["c", "bé"]).positions(tail).tolist() == [1, 0]
+    assert ItemPositions(["c", "bé"]).positions(tail).tolist() == [1, 0]
     nothing = EncodedIds(np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
-    assert np.array_equal(ItemIndex(["a"]).positions(nothing), np.zeros(0, dtype=np.int64))
+    assert np.array_equal(ItemPositions(["a"]).positions(nothing), np.zeros(0, dtype=np.int64))
