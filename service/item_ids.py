@@ -36,8 +36,7 @@ class EncodedIds(Sequence[str]):
     def strings(self) -> list[str]:
         """The ids as strings, made on first use (the stages that show or search behaviours)."""
         if self._strings is None:
-            raw = self.text.tobytes()
-            self._strings = [raw[s:e].decode(*UTF8) for s, e in zip(self.starts.tolist(), self.ends.tolist())]
+            self._strings = _decoded(self.text, self.starts, self.ends)
         return self._strings
 
     def __len__(self) -> int:
@@ -71,9 +70,13 @@ class EncodedIds(Sequence[str]):
 def strings_at(ids: Sequence[str], indices: np.ndarray) -> list[str]:
     """ids[i] for i in indices, making strings of those alone where the ids are bytes."""
     if isinstance(ids, EncodedIds) and ids._strings is None:
-        raw = ids.text.tobytes()
-        return [raw[s:e].decode(*UTF8) for s, e in zip(ids.starts[indices].tolist(), ids.ends[indices].tolist())]
+        return _decoded(ids.text, ids.starts[indices], ids.ends[indices])
     return [ids[i] for i in indices.tolist()]
+
+
+def _decoded(text: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[str]:
+    raw = text.tobytes()
+    return [raw[s:e].decode(*UTF8) for s, e in zip(starts.tolist(), ends.tolist())]
 
 
 class ItemPositions:
