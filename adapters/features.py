@@ -25,14 +25,17 @@ from service.feature_vector import (
     ItemStats,
     UserSummary,
     bucket,
+    candidate_rows,
     catalog_genres,
-    feature_vector,
     genre_membership,
     last_ratings,
     user_vector,
+    user_view,
 )
 from service.ingest import MovieLens
 from service.records import Behaviour, Profile, Timeline
+
+BLOCK = 20_000  # samples whose vectors are computed at once (no samples: one empty block, for the width)
 
 
 class TimelineSums:
@@ -121,13 +124,22 @@ class OfflineFeatures:
 
     def matrix(self, samples: Sequence[Sample], progress: str | None = None) -> np.ndarray:
         """(samples, features) in `spec.names` order."""
-        rows = [feature_vector(self.spec, self._summary(s), self.items.stats(s.item_id, s.ts),
-                               self.catalog[s.item_id], self.data.profiles.get(s.user_id, Profile()), s.ts)
-                for s in tqdm(samples, desc=progress, disable=progress is None, unit="sample", mininterval=5)]
-        matrix = np.asarray(rows, dtype=np.float64).reshape(len(samples), -1)
+        blocks = []
+        with tqdm(total=len(samples), desc=progress, disable=progress is None, unit="sample", mininterval=5) as bar:
+            for start in range(0, max(len(samples), 1), BLOCK):  # a block's views at a time: bounded memory
+                blocks.append(self._base_rows(samples[start:start + BLOCK]))
+                bar.update(len(blocks[-1]))
+        matrix = np.vstack(blocks)
         if self.spec.corating is not None:
             matrix = np.hstack([matrix, self._neighbours(samples)])
         return matrix.reshape(len(samples), len(self.spec.names))
+
+    def _base_rows(self, samples: Sequence[Sample]) -> np.ndarray:
+        """The vectors up to the neighbour features, each sample at its own time."""
+        views = [user_view(self.spec, self._summary(s), self.data.profiles.get(s.user_id, Profile()), s.ts)
+                 for s in samples]
+        return candidate_rows(self.spec, views, [self.items.stats(s.item_id, s.ts) for s in samples],
+                              [self.catalog[s.item_id] for s in samples])
 
     def _neighbours(self, samples: Sequence[Sample]) -> np.ndarray:
         """The table's neighbour features of each sample over its window, one similarity product per user's

@@ -27,7 +27,8 @@ from service.feature_vector import (
     FeatureSpec,
     GenreSets,
     UserView,
-    candidate_vector,
+    candidate_rows,
+    compile_candidate_kernel,
     genre_membership,
     summarize_timeline,
     user_view,
@@ -176,6 +177,7 @@ class FeatureReader:
     def __init__(self, history: HistoryStore, spec: FeatureSpec, clock: Callable[[], float] = time.time) -> None:
         self.history, self.spec, self.clock = history, spec, clock
         self.genres = GenreCache(history.items, spec)  # with the rows of the spec's own co-rating table
+        compile_candidate_kernel()
 
     async def read(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> RequestFeatures:
         """One row per target in `spec.names` order, and the user's side (`spec.user_names`)."""
@@ -185,8 +187,7 @@ class FeatureReader:
         async with started(self.history.item_stats([t.item_id for t in targets], as_of, now)) as stats_read:
             view, neighbours = await self._user_side(context, targets, now)
             stats = await stats_read
-        rows = np.asarray([candidate_vector(self.spec, view, stats[t.item_id], t) for t in targets],
-                          dtype=np.float64).reshape(len(targets), -1)
+        rows = candidate_rows(self.spec, view, [stats[t.item_id] for t in targets], targets)
         if neighbours is not None:
             rows = np.hstack([rows, neighbours])
         return RequestFeatures(rows.reshape(len(targets), len(self.spec.names)), [*view.head, *view.means])
