@@ -26,6 +26,7 @@ from service.corating import neighbour_rows
 from service.feature_vector import (
     FeatureSpec,
     GenreSets,
+    ItemStats,
     UserView,
     candidate_rows,
     compile_candidate_kernel,
@@ -53,17 +54,19 @@ SEND_TURNS = 2  # event-loop turns from a Redis call to its command on the wire 
 
 
 @asynccontextmanager
-async def started(call: Coroutine[None, None, T]) -> AsyncIterator[asyncio.Task[T]]:
+async def started(call: Coroutine[None, None, T], behind: bool = False) -> AsyncIterator[asyncio.Task[T]]:
     """`call` running as a task whose command is already written, so that work done in the block overlaps
     its round trip. redis-py writes a command from a task of its own under a socket timeout (Python 3.11's
     `wait_for`), two loop turns after the call starts: CPU work begun at once would hold the write back
-    until it is done, and the round trip would add to it (~1.3 ms of a 2,000-event request here). A block left before it
-    awaited the task cancels it and waits for it to end (or retrieves its error: the block's own is the one
-    raised): a failed request leaves no read running."""
-    task = asyncio.ensure_future(call)
+    until it is done, and the round trip would add to it (~1.3 ms of a 2,000-event request here). `behind`:
+    the block starts at once and the call SEND_TURNS turns later, so that the block's own first Redis call,
+    the one awaited first, is on the wire (and served) before it. A block left before it awaited the task
+    cancels it and waits for it to end (or retrieves its error: the block's own is the one raised): a failed
+    request leaves no read running."""
+    task = asyncio.ensure_future(_after_turns(call) if behind else call)
     try:
-        for _ in range(SEND_TURNS):
-            await asyncio.sleep(0)
+        if not behind:
+            await _turns()
         yield task
     finally:
         if not task.done():
@@ -72,6 +75,17 @@ async def started(call: Coroutine[None, None, T]) -> AsyncIterator[asyncio.Task[
                 await task
         elif not task.cancelled():
             task.exception()
+        call.close()  # a no-op once run; one cancelled before its turns came never starts, and warns unless closed
+
+
+async def _turns() -> None:
+    for _ in range(SEND_TURNS):
+        await asyncio.sleep(0)
+
+
+async def _after_turns(call: Coroutine[None, None, T]) -> T:
+    await _turns()
+    return await call
 
 
 class GenreCache:
@@ -171,6 +185,14 @@ class RequestFeatures:
     user: list[float]  # spec.user_names: user_vector of the same summary
 
 
+@dataclass(frozen=True)
+class StatsRead:
+    """The candidates' item statistics being read (ItemStats by item id), and the time they are read at."""
+
+    now: int
+    task: asyncio.Task[dict[str, ItemStats]]
+
+
 class FeatureReader:
     """Stage 2 online: the feature vectors of a request's candidates, from Redis, at `as_of`."""
 
@@ -179,15 +201,23 @@ class FeatureReader:
         self.genres = GenreCache(history.items, spec)  # with the rows of the spec's own co-rating table
         compile_candidate_kernel()
 
-    async def read(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> RequestFeatures:
-        """One row per target in `spec.names` order, and the user's side (`spec.user_names`)."""
+    @asynccontextmanager
+    async def stats_read(self, item_ids: Sequence[str], as_of: int | None, behind: bool = False
+                         ) -> AsyncIterator[StatsRead]:
+        """The statistics of these items, read while the block runs (`started`). They need only the ids and
+        as_of, so a request begins this read `behind` its history's: the history comes back first, and this
+        round trip overlaps the history's instead of adding to the features stage."""
         now = now_of(as_of, self.clock)
-        # The item statistics are a Redis round trip: the user's side and the neighbour features, which do not
-        # need them, are computed while the scripts run.
-        async with started(self.history.item_stats([t.item_id for t in targets], as_of, now)) as stats_read:
-            view, neighbours = await self._user_side(context, targets, now)
-            stats = await stats_read
-        rows = candidate_rows(self.spec, view, [stats[t.item_id] for t in targets], targets)
+        async with started(self.history.item_stats(list(item_ids), as_of, now), behind) as task:
+            yield StatsRead(now, task)
+
+    async def read(self, context: UserContext, targets: Sequence[Item], stats: StatsRead) -> RequestFeatures:
+        """One row per target in `spec.names` order, and the user's side (`spec.user_names`), at the time of
+        `stats`: a read of (at least) the targets' statistics, begun before. The user's side and the neighbour
+        features, which do not need it, are computed while it comes."""
+        view, neighbours = await self._user_side(context, targets, stats.now)
+        item_stats = await stats.task
+        rows = candidate_rows(self.spec, view, [item_stats[t.item_id] for t in targets], targets)
         if neighbours is not None:
             rows = np.hstack([rows, neighbours])
         return RequestFeatures(rows.reshape(len(targets), len(self.spec.names)), [*view.head, *view.means])
@@ -204,4 +234,6 @@ class FeatureReader:
                                     whole, table_rows)
 
     async def vectors(self, context: UserContext, targets: Sequence[Item], as_of: int | None) -> np.ndarray:
-        return (await self.read(context, targets, as_of)).rows
+        """The rows of `read`, its statistics read started here (and written before the user's side starts)."""
+        async with self.stats_read([t.item_id for t in targets], as_of) as stats:
+            return (await self.read(context, targets, stats)).rows

@@ -3,6 +3,9 @@
 history (Redis) -> features (Redis) -> crm -> retrieval (Qdrant) -> routing (adapter)
 -> prompt -> scoring (vLLM) -> combine.
 
+(The features' one Redis read, the candidates' statistics, needs only the request: it is sent right
+behind the history's, and its reply is there when the features stage starts.)
+
 Routes only translate HTTP; this object does the work and knows nothing of HTTP
 beyond raising `ApiError` for what the caller got wrong.
 
@@ -27,6 +30,7 @@ import asyncio
 import logging
 import math
 import time
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import httpx
@@ -38,7 +42,7 @@ from service.combine import ScorerChoice, Scorers, llm_logit
 from service.config import RequestSettings
 from service.crm import Crm
 from service.errors import ApiError
-from service.features import FeatureReader
+from service.features import FeatureReader, StatsRead
 from service.history import HistoryStore
 from service.metrics import Metrics
 from service.prompt import PromptCodec, PromptTooLong, encode_within_budget
@@ -155,11 +159,12 @@ class RecommendService:
         degraded: list[str] = []
         choice = self.scorers.choose(query.scorer)
 
-        with self.metrics.stage("history", timings):
-            context, candidates = await self.history.load_request(query.user_id, query.item_ids, query.as_of)
-        targets, skipped = self._known_targets(query, candidates)
-        items = [candidates[t] for t in targets]
-        crm = await self._crm_scores(context, items, query.as_of, timings)
+        async with self._stats_read(query) as stats:
+            with self.metrics.stage("history", timings):
+                context, candidates = await self.history.load_request(query.user_id, query.item_ids, query.as_of)
+            targets, skipped = self._known_targets(query, candidates)
+            items = [candidates[t] for t in targets]
+            crm = await self._crm_scores(context, items, stats, timings)
         llm = await self._llm_scores(context, query, targets, candidates, k, mode, deadline, timings, degraded,
                                      choice, crm) if self._needs_llm(choice.scorer) and targets else None
         if llm is not None and llm.answers is None and choice.scorer != "crm":  # the CRM stands in
@@ -195,13 +200,20 @@ class RecommendService:
         return [Scored(t, float(p), a, c, chosen.get(t, []), prompt)
                 for t, p, a, c, prompt in zip(targets, scores, answers, crm_p, prompts)]
 
-    async def _crm_scores(self, context: UserContext, items: list[Item], as_of: int | None,
+    def _stats_read(self, query: ScoreQuery) -> AbstractAsyncContextManager[StatsRead | None]:
+        """The features' item statistics, read behind the history's read (they need only the ids and as_of):
+        their round trip overlaps the history's instead of following it (features.py)."""
+        if self.crm is None or self.features is None:
+            return nullcontext()
+        return self.features.stats_read(query.item_ids, query.as_of, behind=True)
+
+    async def _crm_scores(self, context: UserContext, items: list[Item], stats: StatsRead | None,
                           timings: dict[str, float]) -> CrmScores | None:
         """The features of the candidates and the CRM's logits on them (None without a CRM)."""
-        if self.crm is None or self.features is None:
+        if self.crm is None or self.features is None or stats is None:
             return None
         with self.metrics.stage("features", timings):
-            features = await self.features.read(context, items, as_of)
+            features = await self.features.read(context, items, stats)
         context.user_features = features.user  # what a bank gated on the feature CRM reads (routing)
         with self.metrics.stage("crm", timings):
             logits = self.crm.logits(features.rows)

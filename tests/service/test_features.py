@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 from dataclasses import replace
 
@@ -20,7 +21,7 @@ from service.feature_vector import (
     star,
     summarize_timeline,
 )
-from service.features import FeatureReader, GenreCache
+from service.features import FeatureReader, GenreCache, started
 from service.history import HistoryStore, Keys, connect
 from service.ingest import read_movielens
 from service.records import Behaviour, Item, Profile, Timeline, UserContext
@@ -311,6 +312,43 @@ def test_a_failed_statistics_read_raises_its_error():
     reader, context, item = _reader_and_context([], reply_error=TimeoutError("redis timed out"))
     with pytest.raises(TimeoutError, match="redis timed out"):
         run(reader.vectors(context, [item], 100))
+
+
+async def _redis_like(name: str, log: list[str]) -> str:
+    """A command as redis-py 8 sends it on Python 3.11: written from wait_for's task, then the round trip."""
+    async def write() -> None:
+        log.append(f"{name} written")
+    await asyncio.wait_for(asyncio.ensure_future(write()), 5)
+    await asyncio.sleep(0.01)
+    log.append(f"{name} replied")
+    return name
+
+
+@pytest.mark.parametrize("behind", [False, True])
+def test_a_read_started_behind_the_blocks_first_call_goes_out_after_it(behind):
+    log: list[str] = []
+
+    async def go():
+        async with started(_redis_like("stats", log), behind=behind) as stats:
+            await _redis_like("history", log)
+            return await stats
+    assert run(go()) == "stats"
+    first = "history" if behind else "stats"
+    assert log[0] == f"{first} written", "behind: the block's own call is on the wire first"
+    assert sorted(log) == ["history replied", "history written", "stats replied", "stats written"]
+
+
+def test_a_block_that_fails_before_a_read_behind_it_started_leaves_nothing_running():
+    log: list[str] = []
+    call = _redis_like("stats", log)
+
+    async def go():
+        with pytest.raises(KeyError):
+            async with started(call, behind=True):
+                raise KeyError("unknown item")
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert run(go()) == [] and log == [], "cancelled before its turns came: never sent"
+    assert inspect.getcoroutinestate(call) == inspect.CORO_CLOSED, "closed, not left to warn 'never awaited'"
 
 
 def test_genre_totals_over_sets_equal_the_dense_product():

@@ -3,6 +3,7 @@ degradations and deadlines in milliseconds, without Redis, Qdrant or vLLM."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -235,3 +236,47 @@ async def test_no_bank_is_a_named_fallback(world):
     route = await Router(world["registry"], world["engine"], ADAPTER, "personal").route(context(), None, None)
     assert route.mode == "shared" and [f["mode"] for f in route.fallbacks] == ["personal", "cohort"]
     assert json.dumps(route.fallbacks)  # reasons are plain text
+
+
+def _on_the_wire(history, log: list[str], history_error: Exception | None = None) -> None:
+    """The history's reads as redis-py 8 sends commands on Python 3.11 (written from wait_for's task, then the
+    round trip), recording the order of writes and replies."""
+    load, stats = history.load_request, history.item_stats
+
+    async def sent(name: str) -> None:
+        async def write() -> None:
+            log.append(f"{name} written")
+        await asyncio.wait_for(asyncio.ensure_future(write()), 5)
+        await asyncio.sleep(0.01)
+        log.append(f"{name} replied")
+
+    async def load_request(*args):
+        await sent("history")
+        if history_error is not None:
+            raise history_error
+        return await load(*args)
+
+    async def item_stats(*args):
+        await sent("stats")
+        return await stats(*args)
+    history.load_request, history.item_stats = load_request, item_stats
+
+
+async def test_the_features_statistics_are_read_behind_the_history_and_arrive_with_it(world):
+    service, log = world["service"](), []
+    expected = await service.score(query(scorer="crm", explain=True))
+    _on_the_wire(service.history, log)
+    result = await service.score(query(scorer="crm", explain=True))
+    assert log[:2] == ["history written", "stats written"], "the history, awaited first, goes out first"
+    assert log.index("stats replied") < log.index("history replied") + 2, "the two round trips overlap"
+    assert [s.score for s in result.scored] == [s.score for s in expected.scored]
+
+
+@pytest.mark.parametrize("fault", ["unknown item", "history read fails"])
+async def test_a_request_that_fails_before_its_features_leaves_no_read_running(world, fault):
+    service, log = world["service"](), []
+    _on_the_wire(service.history, log, ConnectionError("redis away") if fault == "history read fails" else None)
+    with pytest.raises(ApiError if fault == "unknown item" else ConnectionError):
+        await service.score(ScoreQuery(user_id="u", item_ids=["6", "nope"], as_of=10_000))
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+    assert "stats replied" not in log or fault == "unknown item"
