@@ -166,19 +166,49 @@ class GenreSets:
 
 
 def summarize_timeline(timeline: Timeline, genres: GenreSets, now: int) -> UserSummary:
-    """The online path: one request's history and its items' genres."""
-    rated = ~np.isnan(timeline.ratings)
-    values = np.where(rated, timeline.ratings, 0.0)
-    genre_n, genre_sum, genre_liked = genres.totals(np.stack([rated, values, values > 3]).astype(np.float64))
-    times, n = timeline.ts, int(rated.sum())
-    last, last_from = last_ratings(timeline, 0, len(timeline))
-    return UserSummary(n=n, clicks=len(timeline) - n, rating_sum=float(values.sum()),
-                       rating_sq=float((values * values).sum()), liked=int((values > 3).sum()),
+    """The online path: one request's history and its items' genres, in one compiled pass (~20 numpy calls
+    cost ~0.35 ms of a 2,000-event request). Its sums are of whole and half stars, exact in any order, so they
+    equal the trainer's prefix sums."""
+    times = timeline.ts
+    n, rating_sum, rating_sq, liked, last, totals = _summarize(timeline.ratings, genres.rows, genres.table, LAST)
+    last_from = int(times[last[0]]) if len(last) else None
+    genre_n, genre_sum, genre_liked = totals
+    return UserSummary(n=n, clicks=len(timeline) - n, rating_sum=rating_sum, rating_sq=rating_sq, liked=liked,
                        first_ts=int(times[0]) if len(times) else None, last_ts=int(times[-1]) if len(times) else None,
                        recent=len(times) - int(np.searchsorted(times, now - RECENT_S)),
-                       last_ratings=last, last_ratings_from=last_from,
+                       last_ratings=tuple(timeline.ratings[last].tolist()), last_ratings_from=last_from,
                        genre_n=tuple(int(v) for v in genre_n.tolist()), genre_sum=tuple(genre_sum.tolist()),
                        genre_liked=tuple(int(v) for v in genre_liked.tolist()))
+
+
+@numba.njit(cache=True, nogil=True)
+def _summarize(ratings: np.ndarray, rows: np.ndarray, table: np.ndarray, last: int
+               ) -> tuple[int, float, float, int, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """The rated count, the sum of ratings and of their squares, the liked count (> 3), the positions of the
+    last `last` ratings (oldest first), and (rated, sum, liked) per genre: per genre set first, then spread
+    over the sets' genres (GenreSets.totals)."""
+    per_set = np.zeros((3, table.shape[0]))
+    n, liked, rating_sum, rating_sq = 0, 0, 0.0, 0.0
+    for i in range(len(ratings)):
+        r = ratings[i]
+        if r == r:  # not NaN: rated, not a click
+            n += 1
+            rating_sum += r
+            rating_sq += r * r
+            per_set[0, rows[i]] += 1.0
+            per_set[1, rows[i]] += r
+            if r > 3:
+                liked += 1
+                per_set[2, rows[i]] += 1.0
+    picked = np.empty(min(last, n), dtype=np.int64)
+    at = len(picked)
+    i = len(ratings) - 1
+    while at > 0:
+        if ratings[i] == ratings[i]:
+            at -= 1
+            picked[at] = i
+        i -= 1
+    return n, rating_sum, rating_sq, liked, picked, per_set @ table
 
 
 def _ratio(a: float, b: float, default: float) -> float:
@@ -269,10 +299,11 @@ def candidate_rows(spec: FeatureSpec, views: UserView | Sequence[UserView], item
         np.array([(t.year or 0, len(t.genres)) for t in targets], dtype=np.int64).reshape(len(targets), 2), flags)
 
 
-def compile_candidate_kernel() -> None:
-    """Compile candidate_rows' kernel now, not on a request (numba compiles on the first call, ~1 s without its
-    cache under __pycache__)."""
+def compile_kernels() -> None:
+    """Compile the summary's and candidate_rows' kernels now, not on a request (numba compiles on the first call,
+    ~1 s each without its cache under __pycache__)."""
     one = np.zeros((1, 1), dtype=np.int64)
+    _summarize(np.zeros(1), np.zeros(1, dtype=np.int64), np.zeros((1, 1)), LAST)
     _candidate_rows(np.zeros((1, _HEAD)), np.zeros((1, 1)), one, one, np.zeros((1, 3), dtype=np.int64),
                     np.zeros(1, dtype=np.int64), np.zeros((1, len(BUCKETS) + 2), dtype=np.int64),
                     np.zeros((1, 2), dtype=np.int64), one.astype(np.bool_))

@@ -29,7 +29,7 @@ from service.feature_vector import (
     ItemStats,
     UserView,
     candidate_rows,
-    compile_candidate_kernel,
+    compile_kernels,
     genre_membership,
     summarize_timeline,
     user_view,
@@ -199,7 +199,7 @@ class FeatureReader:
     def __init__(self, history: HistoryStore, spec: FeatureSpec, clock: Callable[[], float] = time.time) -> None:
         self.history, self.spec, self.clock = history, spec, clock
         self.genres = GenreCache(history.items, spec)  # with the rows of the spec's own co-rating table
-        compile_candidate_kernel()
+        compile_kernels()
 
     @asynccontextmanager
     async def stats_read(self, item_ids: Sequence[str], as_of: int | None, behind: bool = False

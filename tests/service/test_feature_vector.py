@@ -1,4 +1,4 @@
-"""The candidate vectors' compiled kernel computes the formulas as written in Python, bit for bit.
+"""The feature vector's compiled kernels compute what the Python and numpy code before them did, bit for bit.
 
 The parity tests (test_features) hold the gateway's vectors equal to the trainer's, but both call the same
 kernel; here the kernel is held to the formulas themselves (`_formulas`: the vector as it was computed in
@@ -18,17 +18,21 @@ from service.feature_vector import (
     ITEM_PRIOR_WEIGHT,
     PRIOR_LIKE,
     PRIOR_MEAN,
+    RECENT_S,
     STARS,
     USER_FEATURES,
     FeatureSpec,
+    GenreSets,
     ItemStats,
     UserSummary,
     UserView,
     candidate_rows,
     candidate_vector,
+    last_ratings,
+    summarize_timeline,
     user_view,
 )
-from service.records import Item, Profile
+from service.records import Item, Profile, Timeline
 
 GENRES = tuple(f"g{i}" for i in range(18))
 SPEC = FeatureSpec(GENRES, ("artist", "doctor"))
@@ -111,3 +115,31 @@ def test_one_candidate_is_a_row_of_many():
     rows = candidate_rows(SPEC, view, stats, items)
     assert [candidate_vector(SPEC, view, s, t) for s, t in zip(stats, items)] == rows.tolist()
     assert rows[1, len(USER_FEATURES) + 1] == view.head[2]  # no genre: the match falls back to the user's mean
+
+
+def _summary_in_numpy(timeline: Timeline, genres: GenreSets, now: int) -> UserSummary:
+    """summarize_timeline as it was computed with numpy calls before its kernel."""
+    rated = ~np.isnan(timeline.ratings)
+    values = np.where(rated, timeline.ratings, 0.0)
+    genre_n, genre_sum, genre_liked = genres.totals(np.stack([rated, values, values > 3]).astype(np.float64))
+    times, n = timeline.ts, int(rated.sum())
+    last, last_from = last_ratings(timeline, 0, len(timeline))
+    return UserSummary(n=n, clicks=len(timeline) - n, rating_sum=float(values.sum()),
+                       rating_sq=float((values * values).sum()), liked=int((values > 3).sum()),
+                       first_ts=int(times[0]) if len(times) else None, last_ts=int(times[-1]) if len(times) else None,
+                       recent=len(times) - int(np.searchsorted(times, now - RECENT_S)),
+                       last_ratings=last, last_ratings_from=last_from,
+                       genre_n=tuple(int(v) for v in genre_n.tolist()), genre_sum=tuple(genre_sum.tolist()),
+                       genre_liked=tuple(int(v) for v in genre_liked.tolist()))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.none() | st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0]),
+                          st.integers(0, 5), st.integers(0, 10**6)), max_size=300),
+       st.lists(st.lists(st.booleans(), min_size=4, max_size=4), min_size=6, max_size=6), st.integers(0, 10**6))
+def test_the_compiled_summary_equals_the_numpy_one(events, table, now):
+    events = sorted(events, key=lambda e: e[2])
+    timeline = Timeline([f"i{k}" for k in range(len(events))], np.array([e[2] for e in events], dtype=np.int64),
+                        np.array([np.nan if e[0] is None else e[0] for e in events], dtype=np.float64))
+    genres = GenreSets(np.array([e[1] for e in events], dtype=np.int64), np.array(table, dtype=np.float64))
+    assert summarize_timeline(timeline, genres, now) == _summary_in_numpy(timeline, genres, now)
