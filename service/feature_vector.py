@@ -158,12 +158,6 @@ class GenreSets:
     def membership(self) -> np.ndarray:
         return self.table[self.rows]
 
-    def totals(self, weights: np.ndarray) -> np.ndarray:
-        """(weights, genres): each row of weights (one per behaviour) summed per genre. Integers and half stars
-        are summed exactly in float64 in any order, so these equal the trainer's prefix sums."""
-        per_set = np.stack([np.bincount(self.rows, w, minlength=len(self.table)) for w in weights])
-        return per_set @ self.table
-
 
 def summarize_timeline(timeline: Timeline, genres: GenreSets, now: int) -> UserSummary:
     """The online path: one request's history and its items' genres, in one compiled pass (~20 numpy calls
@@ -186,7 +180,8 @@ def _summarize(ratings: np.ndarray, rows: np.ndarray, table: np.ndarray, last: i
                ) -> tuple[int, float, float, int, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
     """The rated count, the sum of ratings and of their squares, the liked count (> 3), the positions of the
     last `last` ratings (oldest first), and (rated, sum, liked) per genre: per genre set first, then spread
-    over the sets' genres (GenreSets.totals)."""
+    over the sets' genres (the same values as over each behaviour's genres: whole and half stars sum exactly
+    in any order)."""
     per_set = np.zeros((3, table.shape[0]))
     n, liked, rating_sum, rating_sq = 0, 0, 0.0, 0.0
     for i in range(len(ratings)):

@@ -5,7 +5,8 @@ training sample sees only those before its own time: no statistic ever counts th
 
 This stage reads what the vector needs from Redis: the user's history (already read by stage 1), the
 genres of its items (cached), and each candidate's `ItemStats` (one script call over the candidates' rating
-sets, one per item on a Redis Cluster, see history.py); feature_vector.py turns them into the vector, exactly
+sets, one per item on a Redis Cluster, see history.py; it needs only the request, so the request sends it
+right behind the history's read: `stats_read`); feature_vector.py turns them into the vector, exactly
 as the trainer does from the raw files (adapters/features.py). A CRM with neighbour features adds them from
 its co-rating table and the same history (corating.py, whose table is fixed at the CRM's training cutoff).
 """

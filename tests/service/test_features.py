@@ -349,14 +349,3 @@ def test_a_block_that_fails_before_a_read_behind_it_started_leaves_nothing_runni
         return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert run(go()) == [] and log == [], "cancelled before its turns came: never sent"
     assert inspect.getcoroutinestate(call) == inspect.CORO_CLOSED, "closed, not left to warn 'never awaited'"
-
-
-def test_genre_totals_over_sets_equal_the_dense_product():
-    """The summary sums per genre set, then over the sets: the same values as over every behaviour's row."""
-    rng = np.random.default_rng(2)
-    table = (rng.random((7, 5)) < 0.4).astype(np.float64)
-    sets = GenreSets(rng.integers(0, 7, 300), table)
-    ratings = rng.integers(1, 11, 300) / 2.0
-    weights = np.stack([np.ones(300), ratings, ratings > 3]).astype(np.float64)
-    assert np.array_equal(sets.totals(weights), weights @ sets.membership())
-    assert np.array_equal(GenreSets.dense(sets.membership()).totals(weights), weights @ sets.membership())
