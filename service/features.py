@@ -35,7 +35,7 @@ from service.feature_vector import (
     summarize_timeline,
     user_view,
 )
-from service.item_ids import ItemPositions, strings_at
+from service.item_ids import GrowingArray, ItemPositions, strings_at
 from service.records import Item, UserContext
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,9 @@ class GenreCache:
 
     def _clear(self) -> None:
         self._slots = ItemPositions()  # item -> its slot in the three arrays below
-        self._row = np.zeros(0, dtype=np.int64)  # slot -> row of its genre set in _table
-        self._expiry = np.zeros(0, dtype=np.float64)
-        self._table_row = np.zeros(0, dtype=np.int64)  # slot -> row in spec.corating (-1: none)
+        self._row = GrowingArray(np.int64)  # slot -> row of its genre set in _table
+        self._expiry = GrowingArray(np.float64)
+        self._table_row = GrowingArray(np.int64)  # slot -> row in spec.corating (-1: none)
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -143,10 +143,11 @@ class GenreCache:
                 wanted = set(item_ids)
             self._store(await self.load(wanted), now)
             slots = self._slots.positions(item_ids)
-        expired = self._expiry[slots] <= now
+        expired = self._expiry.values[slots] <= now
         if expired.any():
             self._reload_later(strings_at(item_ids, np.flatnonzero(expired)))
-        return GenreSets(self._row[slots], self._table), self._table_row[slots]  # _table is replaced, never changed
+        # (_table is replaced, never changed; the fancy indexes copy)
+        return GenreSets(self._row.values[slots], self._table), self._table_row.values[slots]
 
     def _reload_later(self, item_ids: Iterable[str]) -> None:
         """Reload these items in a task of their own (one at a time: items that expire meanwhile wait for the
@@ -169,15 +170,15 @@ class GenreCache:
     def _store(self, items: Mapping[str, Item | None], now: float) -> None:
         new = [i for i in items if i not in self._slots]
         self._slots.add(new)
-        self._row = np.concatenate([self._row, np.zeros(len(new), dtype=np.int64)])
-        self._expiry = np.concatenate([self._expiry, np.zeros(len(new))])
+        self._row.extend(np.zeros(len(new), dtype=np.int64))
+        self._expiry.extend(np.zeros(len(new)))
         table = self.spec.corating
-        self._table_row = np.concatenate([self._table_row, table.rows_of(new) if table is not None
-                                          else np.full(len(new), -1, dtype=np.int64)])
+        self._table_row.extend(table.rows_of(new) if table is not None else np.full(len(new), -1, dtype=np.int64))
+        rows, expiry = self._row.values, self._expiry.values
         for item_id, item in items.items():
             slot = self._slots[item_id]
-            self._row[slot] = self._row_of(item.genres if item is not None else ())
-            self._expiry[slot] = now + self.ttl_s
+            rows[slot] = self._row_of(item.genres if item is not None else ())
+            expiry[slot] = now + self.ttl_s
 
 
 @dataclass(frozen=True)

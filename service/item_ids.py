@@ -79,15 +79,44 @@ def _decoded(text: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[str
     return [raw[s:e].decode(*UTF8) for s, e in zip(starts.tolist(), ends.tolist())]
 
 
+class GrowingArray:
+    """A 1-d array that appends in amortised O(appended): spare capacity, doubled when full (np.concatenate
+    would copy everything held on each append: a cache of 500k items that takes in a few new ones per request
+    copied megabytes per request). `values` is a view of what is held; views taken before an append keep
+    reading what they saw."""
+
+    __slots__ = ("_buffer", "_size")
+
+    def __init__(self, dtype: type, values: Iterable = ()) -> None:
+        self._buffer, self._size = np.zeros(8, dtype=dtype), 0
+        self.extend(np.fromiter(values, dtype=dtype))
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._buffer[:self._size]
+
+    def extend(self, values: np.ndarray) -> None:
+        size = self._size + len(values)
+        if size > len(self._buffer):
+            grown = np.zeros(max(size, 2 * len(self._buffer)), dtype=self._buffer.dtype)
+            grown[:self._size] = self.values
+            self._buffer = grown
+        self._buffer[self._size:size] = values
+        self._size = size
+
+
 class ItemPositions:
     """Item id -> position, in the order ids were added: `positions` of a list by a dict, of `EncodedIds` by
     compiled probes of a hash table over the ids' bytes (no strings made); -1 for an id it does not hold."""
 
     def __init__(self, ids: Iterable[str] = ()) -> None:
         self._position: dict[str, int] = {}
-        self._keys = np.zeros(0, dtype=np.uint8)  # every id's bytes, in position order
-        self._key_starts = np.zeros(1, dtype=np.int64)  # id n: _keys[_key_starts[n]:_key_starts[n + 1]]
-        self._hashes = np.zeros(0, dtype=np.uint64)  # id n's FNV-1a hash
+        self._keys = GrowingArray(np.uint8)  # every id's bytes, in position order
+        self._key_starts = GrowingArray(np.int64, [0])  # id n: _keys[_key_starts[n]:_key_starts[n + 1]]
+        self._hashes = GrowingArray(np.uint64)  # id n's FNV-1a hash
         self._table = np.full(8, _EMPTY, dtype=np.int64)  # open addressing: a position or _EMPTY
         self.add(ids)
 
@@ -107,24 +136,25 @@ class ItemPositions:
             return
         self._position.update(zip(new, range(len(self._position), len(self._position) + len(new))))
         encoded = [i.encode(*UTF8) for i in new]
-        self._keys = np.concatenate([self._keys, np.frombuffer(b"".join(encoded), dtype=np.uint8)])
+        self._keys.extend(np.frombuffer(b"".join(encoded), dtype=np.uint8))
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-        self._key_starts = np.concatenate([self._key_starts, self._key_starts[-1] + np.cumsum(lengths)])
-        self._hashes = np.concatenate([self._hashes, _hashes(self._keys, self._key_starts[-len(new) - 1:-1],
-                                                             self._key_starts[-len(new):])])
+        self._key_starts.extend(self._key_starts.values[-1] + np.cumsum(lengths))
+        starts = self._key_starts.values
+        self._hashes.extend(_hashes(self._keys.values, starts[-len(new) - 1:-1], starts[-len(new):]))
         if 2 * len(self._position) > len(self._table):  # at most half full: probes stay short
             size = len(self._table)
             while 2 * len(self._position) > size:
                 size *= 2
             self._table = np.full(size, _EMPTY, dtype=np.int64)
-            _insert(self._table, self._hashes, 0)
+            _insert(self._table, self._hashes.values, 0)
         else:
-            _insert(self._table, self._hashes, len(self._position) - len(new))
+            _insert(self._table, self._hashes.values, len(self._position) - len(new))
 
     def positions(self, ids: Sequence[str]) -> np.ndarray:
         """Each id's position (int64), -1 where it has none."""
         if isinstance(ids, EncodedIds):
-            return _probe(ids.text, ids.starts, ids.ends, self._table, self._hashes, self._keys, self._key_starts)
+            return _probe(ids.text, ids.starts, ids.ends, self._table, self._hashes.values, self._keys.values,
+                          self._key_starts.values)
         return positions(self._position, ids)
 
 
