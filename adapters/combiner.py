@@ -3,10 +3,12 @@
 `lorec train combiner` draws a seeded slice of the validation split, asks the running gateway for
 each sample at its own `as_of` (scorer llm, explain: the LLM's and the CRM's scores side by side),
 reads the samples' interaction counts from the offline features (equal to the gateway's), and fits
-logistic stacking. Which terms enter is chosen by cross-validation on those samples; the test split
-is never read (`require_validation` refuses any other sample). The CRM alone (its logit recalibrated) is
-one of the candidates, and the first: the LLM enters only where a term set with it beats the CRM alone,
-and otherwise the hybrid calls no engine (service/combine.py).
+logistic stacking. The gateway's CRM scores must equal the CRM's on the data's files, sample for sample, or
+the fit is refused: a store that holds writes dated inside the data's time would fit the combiner to other
+features than the trainer's and the test's. Which terms enter is chosen by cross-validation on those
+samples; the test split is never read (`require_validation` refuses any other sample). The CRM alone (its
+logit recalibrated) is one of the candidates, and the first: the LLM enters only where a term set with it
+beats the CRM alone, and otherwise the hybrid calls no engine (service/combine.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
 from adapters.features import OfflineFeatures
+from adapters.figures import crm_agreement, require_crm_agreement
 from adapters.gateway_scores import score_via_gateway
 from adapters.journal import open_journal
 from adapters.offline import Dataset
@@ -33,6 +36,7 @@ from service.config import Settings
 from service.crm import Crm, crm_dir
 from service.ingest import require_store_holds
 from service.personalize import open_personalizer
+from service.recommend import sigmoid
 from service.routing import AdapterRegistry
 
 # Candidate term sets, simplest first; cross-validation on the validation samples picks one (a tie: the
@@ -152,9 +156,11 @@ def fit_from_gateway(settings: Settings, directory: Path, gateway: str, n: int, 
                                            api_key=client_key(settings), journal=journal, scorer="llm"))
     if served.adapters != {llm.mode: len(samples)}:  # a fallback mixed another LLM into the samples
         raise RuntimeError(f"the gateway answered with adapter modes {served.adapters}, not {llm.mode} throughout")
-    rows = FitRows.of([s.label for s in samples], [c["llm"] for c in served.components],
-                      [c["crm"] for c in served.components],
-                      OfflineFeatures(dataset.data, crm.spec).matrix(samples), crm.spec.names)
+    matrix = OfflineFeatures(dataset.data, crm.spec).matrix(samples)
+    served_crm = [c["crm"] for c in served.components]
+    require_crm_agreement(crm_agreement(samples, served_crm, [sigmoid(x) for x in crm.logits(matrix)]))
+    rows = FitRows.of([s.label for s in samples], [c["llm"] for c in served.components], served_crm, matrix,
+                      crm.spec.names)
     stacking, report = fit_combiner(rows, seed, term_sets)
     default_name = f"combiner-{dataset.name}-{crm.version[:6]}-{llm.version[:6]}-{report['chosen']}"
     manifest = CombinerManifest.new(

@@ -5,7 +5,9 @@ Offline, the same samples are scored with transformers + peft from prompts built
 LLM's served and offline scores must agree (mean |delta p| < 0.01), else the report lists where they
 differ most. With a CRM configured every answer carries each component's score (`explain`), and one
 pass records the served score and its components on the same samples, with the cold slices and the
-served score's gain over the CRM. `--crm` scores the CRM alone offline on the same seeded samples.
+served score's gain over the CRM; the CRM's served scores must equal the CRM's on the data's files (a
+store holding writes dated inside the data's time is refused, its answers kept in the journal). `--crm`
+scores the CRM alone offline on the same seeded samples.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from adapters.export import read_manifest
 from adapters.features import OfflineFeatures
-from adapters.figures import agreement, component_report, summarize
+from adapters.figures import agreement, component_report, crm_agreement, require_crm_agreement, summarize
 from adapters.gateway_scores import GatewayScores, score_slates_via_gateway, score_via_gateway, slates
 from adapters.journal import open_journal
 from adapters.offline import Dataset, prompted
@@ -35,7 +37,9 @@ from service.din import load_crm
 from service.ingest import require_store_holds
 from service.personalize import BankManifest, MetaBank
 from service.prompt import load_codec
+from service.recommend import sigmoid
 from service.routing import BASE, AdapterRegistry
+from service.shipped import install_shipped
 
 
 @dataclass
@@ -148,14 +152,30 @@ def offline_check(settings: Settings, job: EvalJob, dataset: Dataset, samples: l
                         [served.prompts[i] for i in checked], prompts)}
 
 
-def components_of(dataset: Dataset, samples: list[Sample], served: GatewayScores) -> dict | None:
-    """Each component's figures on all samples and the cold slices, when the answers carried them."""
-    if not any(c.get("crm") is not None for c in served.components):
-        return None
-    features = OfflineFeatures(dataset.data)
+def components_of(settings: Settings, dataset: Dataset, samples: list[Sample], served: GatewayScores
+                  ) -> tuple[dict | None, dict | None]:
+    """Each component's figures on all samples and the cold slices, when the answers carried them, and the CRM's
+    served scores against the CRM the gateway serves, run on the data's files (refused where they differ)."""
+    scored = [i for i, c in enumerate(served.components) if c.get("crm") is not None]
+    if not scored:
+        return None, None
+    crm = served_crm(settings, dataset)
+    features = OfflineFeatures(dataset.data, crm.spec if crm else None)
     names = list(features.spec.names)
     matrix = features.matrix(samples, progress="features")
-    return component_report(samples, served, matrix[:, names.index("u_n")], matrix[:, names.index("i_n")])
+    check = None
+    if crm is not None:
+        check = crm_agreement([samples[i] for i in scored], [served.components[i]["crm"] for i in scored],
+                              [sigmoid(x) for x in crm.logits(matrix[scored])])
+        require_crm_agreement(check)
+    components = component_report(samples, served, matrix[:, names.index("u_n")], matrix[:, names.index("i_n")])
+    return components, check
+
+
+def served_crm(settings: Settings, dataset: Dataset) -> Crm | None:
+    """The CRM `lorec serve` answers with on these settings: LOREC_CRM, or the one shipped for this data."""
+    name = install_shipped(settings, dataset.data.fingerprint).scoring.crm
+    return Crm(crm_dir(settings.data_dir, name)) if name else None
 
 
 def record_components(out: Path, dataset: str, method: str, result: dict, components: dict) -> None:
@@ -222,7 +242,9 @@ def evaluate(settings: Settings, job: EvalJob) -> dict:
     # a combiner that kept the CRM alone).
     if job.offline and job.mode != "cohort" and _llm_scored(served, kind):
         result["offline"] = offline_check(settings, job, dataset, samples, served)
-    components = components_of(dataset, samples, served)
+    components, crm_check = components_of(settings, dataset, samples, served)
+    if crm_check is not None:
+        result["crm_offline"] = crm_check
     if job.method:
         record_result(job.out, dataset.name, job.method, result)
         if components is not None:

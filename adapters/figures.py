@@ -12,6 +12,10 @@ from adapters.samples import Sample
 from adapters.train import metrics
 
 AGREEMENT = 0.01  # mean |served - offline| above which the two computations disagree
+# The CRM's served and offline features are the same numbers (tests/service/test_features.py), so its scores
+# are too, but for the JSON round trip: a larger gap means the store is not the data (a write dated inside
+# the data's time changes every later sample's item statistics).
+CRM_AGREEMENT = 1e-9
 
 
 def agreement(samples: Sequence[Sample], served: Sequence[float], offline: Sequence[float],
@@ -24,6 +28,27 @@ def agreement(samples: Sequence[Sample], served: Sequence[float], offline: Seque
             "prompt_mismatches": len(prompt_mismatch),
             "worst": [{"user_id": samples[i].user_id, "item_id": samples[i].item_id, "ts": samples[i].ts,
                        "served": float(served[i]), "offline": float(offline[i])} for i in worst]}
+
+
+def crm_agreement(samples: Sequence[Sample], served: Sequence[float], offline: Sequence[float]) -> dict:
+    """The CRM's served probability of each sample against the trainer's on the raw files."""
+    delta = np.abs(np.asarray(served, dtype=np.float64) - np.asarray(offline, dtype=np.float64))
+    differ = np.flatnonzero(delta > CRM_AGREEMENT)
+    worst = differ[np.argsort(-delta[differ], kind="stable")][:5]
+    return {"n": len(delta), "differ": len(differ), "max_abs_delta_p": float(delta.max(initial=0.0)),
+            "agree": len(differ) == 0,
+            "worst": [{"user_id": samples[i].user_id, "item_id": samples[i].item_id, "ts": samples[i].ts,
+                       "served": float(served[i]), "offline": float(offline[i])} for i in worst]}
+
+
+def require_crm_agreement(check: dict) -> None:
+    """Refuse figures read from a store whose CRM scores are not those of its data's files."""
+    if not check["agree"]:
+        raise RuntimeError(
+            f"the gateway's CRM scores {check['differ']} of {check['n']} samples unlike the CRM on the data's files "
+            f"(max |delta p| {check['max_abs_delta_p']:.2g}; first {check['worst'][:2]}): its store holds writes "
+            "dated inside the data's time (a benchmark's synthetic history?), which change the items' statistics "
+            "that samples see. Ingest the data into a fresh data folder and Redis, then fit or evaluate there.")
 
 
 def summarize(samples: Sequence[Sample], scores: Sequence[float]) -> dict:

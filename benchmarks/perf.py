@@ -99,11 +99,21 @@ def overhead_fraction(records: list[dict]) -> float:
     return float(np.percentile([(r["wall"] - r["stages"]["engine"]) / r["wall"] for r in records], 99))
 
 
-async def long_history_user(url: str, n: int = 2000) -> str:
-    user = f"perf-2000-events-{int(time.time())}"  # a fresh user per run: no events left from earlier runs
+def long_history_events(user: str, n: int, now: int) -> list[dict]:
+    """`n` rated events of a fresh user, one a second up to `now`: after every rating of a data set recorded
+    before the run, so no point-in-time read of it (an evaluation's `as_of`, a trainer's sample) sees them.
+    They used to be dated 1995, before MovieLens' ratings: each run then added 2,000 ratings to the past of
+    the store it ran on, and the items' statistics that every later evaluation read were no longer the data's
+    (the shipped ML-100K CRM's validation AUC 0.7729 -> 0.7725 after one run, 0.7718 after three)."""
     rng = random.Random(7)
-    events = [{"user_id": user, "item_id": str(rng.randint(1, 1682)), "ts": 800_000_000 + i,
-               "rating": rng.randint(1, 5)} for i in range(n)]
+    return [{"user_id": user, "item_id": str(rng.randint(1, 1682)), "ts": now - n + i, "rating": rng.randint(1, 5)}
+            for i in range(n)]
+
+
+async def long_history_user(url: str, n: int = 2000) -> str:
+    now = int(time.time())
+    user = f"perf-{n}-events-{now}"  # a fresh user per run: no events left from earlier runs
+    events = long_history_events(user, n, now)
     async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth_headers(Settings(), "write")) as client:
         for start in range(0, n, 1000):
             (await client.post("/v1/events", json={"events": events[start:start + 1000]})).raise_for_status()
