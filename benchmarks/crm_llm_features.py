@@ -5,12 +5,15 @@ title, year and genres, PCA 512; service/encoder.py) turn into seven point-in-ti
 (user, target) pair over the history the gateway reads (the newest HISTORY_CAP rated behaviours strictly
 before the sample): the mean rating and liked share of the K history items nearest the target, their
 similarity-weighted mean rating, the top similarity, the mean similarity to liked and to disliked items
-and its gap. LightGBM is fitted on the train split with and without them (the same grid and early stopping
-as `lorec train gbdt`) and compared on validation only, overall and on cold items (fewer than 10 earlier
+and its gap. With `--item-dims D`, a third model reads instead the first D principal components of the
+target's own LLM vector (Laser's item knowledge as dense features: what the text says about an item, which
+a cold item's statistics cannot). LightGBM is fitted on the train split with and without them (the same
+grid and early stopping as `lorec train gbdt`, over the shipped CRM's features, neighbours included, unless
+`--no-neighbours`) and compared on validation only, overall and on cold items (fewer than 10 earlier
 ratings). The test split is not read.
 
-    .venv/bin/python benchmarks/crm_llm_features.py --data ../shared/data/ml-100k
-        -> benchmarks/results/crm_llm_features.json (one entry per dataset)
+    .venv/bin/python benchmarks/crm_llm_features.py --data ../shared/data/ml-100k [--item-dims 16]
+        -> benchmarks/results/crm_llm_features.json (one entry per dataset; --out another file)
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_io import command, machine  # noqa: E402
 
 from adapters.features import OfflineFeatures  # noqa: E402
-from adapters.gbdt import fit_gbdt  # noqa: E402
+from adapters.gbdt import feature_spec, fit_gbdt  # noqa: E402
 from adapters.offline import Dataset  # noqa: E402
 from adapters.samples import HISTORY_CAP, Sample  # noqa: E402
 from adapters.train import metrics  # noqa: E402
@@ -75,6 +78,11 @@ def semantic_features(samples: Sequence[Sample], vectors: dict[str, np.ndarray],
     return out
 
 
+def item_components(samples: Sequence[Sample], vectors: dict[str, np.ndarray], dims: int) -> np.ndarray:
+    """(samples, dims): the target's LLM vector in the PCA basis ingestion fitted, its leading components."""
+    return np.stack([vectors[s.item_id][:dims] for s in samples])
+
+
 def scored(fit, x_valid: np.ndarray, y_valid: np.ndarray, cold: np.ndarray) -> dict:
     scores = fit.booster.predict(x_valid, num_iteration=fit.booster.best_iteration)
     return {"valid": fit.validation, "valid_cold_items": metrics(y_valid[cold].tolist(), scores[cold]),
@@ -82,13 +90,14 @@ def scored(fit, x_valid: np.ndarray, y_valid: np.ndarray, cold: np.ndarray) -> d
 
 
 def main(data: Path = typer.Option(..., help="a MovieLens folder"), k: int = typer.Option(10),
-         out: Path = typer.Option(RESULTS)) -> None:
+         out: Path = typer.Option(RESULTS), neighbours: bool = typer.Option(True),
+         item_dims: int = typer.Option(0, help="also fit with the target's first D LLM components")) -> None:
     started = time.monotonic()
     dataset = Dataset.read(data)
     train, valid = dataset.parts["train"], dataset.parts["valid"]
     vectors = item_vectors(dataset, Settings().model_dir)
     s_train, s_valid = semantic_features(train, vectors, k), semantic_features(valid, vectors, k)
-    features = OfflineFeatures(dataset.data)
+    features = OfflineFeatures(dataset.data, feature_spec(dataset, neighbours))
     names = list(features.spec.names)
     x_train, x_valid = features.matrix(train), features.matrix(valid)
     y_train = np.array([s.label for s in train])
@@ -98,6 +107,14 @@ def main(data: Path = typer.Option(..., help="a MovieLens folder"), k: int = typ
     base = fit_gbdt(names, x_train, y_train, x_valid, y_valid, threads=threads)
     with_llm = fit_gbdt(names + list(SEMANTIC), np.hstack([x_train, s_train]), y_train,
                         np.hstack([x_valid, s_valid]), y_valid, threads=threads)
+    content = {}
+    if item_dims:
+        dims = [f"c_{d}" for d in range(item_dims)]
+        c_train, c_valid = item_components(train, vectors, item_dims), item_components(valid, vectors, item_dims)
+        with_items = fit_gbdt(names + dims, np.hstack([x_train, c_train]), y_train,
+                              np.hstack([x_valid, c_valid]), y_valid, threads=threads)
+        content = {"crm_with_item_components": scored(with_items, np.hstack([x_valid, c_valid]), y_valid, cold),
+                   "delta_valid_auc_item_components": round(with_items.validation["auc"] - base.validation["auc"], 5)}
     gain = dict(zip(names + list(SEMANTIC), with_llm.booster.feature_importance("gain").tolist()))
     report = {
         "dataset": dataset.name, "k": k, "n_train": len(train), "n_valid": len(valid),
@@ -105,12 +122,14 @@ def main(data: Path = typer.Option(..., help="a MovieLens folder"), k: int = typ
         "crm_with_llm_features": scored(with_llm, np.hstack([x_valid, s_valid]), y_valid, cold),
         "llm_features_gain_share": round(sum(gain[n] for n in SEMANTIC) / sum(gain.values()), 4),
         "delta_valid_auc": round(with_llm.validation["auc"] - base.validation["auc"], 5),
+        "neighbours": neighbours, "item_dims": item_dims, **content,
         "seconds": round(time.monotonic() - started), "machine": machine(), "command": command(),
     }
     results = json.loads(out.read_text()) if out.exists() else {}
     results[dataset.name] = report
     out.write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps({key: report[key] for key in ("dataset", "delta_valid_auc", "llm_features_gain_share")}))
+    print(json.dumps({key: report[key] for key in ("dataset", "delta_valid_auc", "llm_features_gain_share")}
+                     | {key: value for key, value in content.items() if key.startswith("delta")}))
 
 
 if __name__ == "__main__":
