@@ -173,7 +173,8 @@ def components_of(settings: Settings, dataset: Dataset, samples: list[Sample], s
 
 
 def served_crm(settings: Settings, dataset: Dataset) -> Crm | None:
-    """The CRM `lorec serve` answers with on these settings: LOREC_CRM, or the one shipped for this data."""
+    """The CRM `lorec serve` answers with on these settings: LOREC_CRM, or the one shipped for this data
+    (installed into the data folder, as `lorec serve` installs it, where it is not there yet)."""
     name = install_shipped(settings, dataset.data.fingerprint).scoring.crm
     return Crm(crm_dir(settings.data_dir, name)) if name else None
 

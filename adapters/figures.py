@@ -48,7 +48,8 @@ def require_crm_agreement(check: dict) -> None:
             f"the gateway's CRM scores {check['differ']} of {check['n']} samples unlike the CRM on the data's files "
             f"(max |delta p| {check['max_abs_delta_p']:.2g}; first {check['worst'][:2]}): its store holds writes "
             "dated inside the data's time (a benchmark's synthetic history?), which change the items' statistics "
-            "that samples see. Ingest the data into a fresh data folder and Redis, then fit or evaluate there.")
+            "that samples see (or LOREC_CRM here names another CRM than the gateway's). Ingest the data into a "
+            "fresh data folder and Redis, then fit or evaluate there.")
 
 
 def summarize(samples: Sequence[Sample], scores: Sequence[float]) -> dict:
