@@ -36,7 +36,6 @@ from service.config import Settings
 from service.crm import Crm, crm_dir
 from service.ingest import require_store_holds
 from service.personalize import open_personalizer
-from service.recommend import sigmoid
 from service.routing import AdapterRegistry
 
 # Candidate term sets, simplest first; cross-validation on the validation samples picks one (a tie: the
@@ -158,7 +157,7 @@ def fit_from_gateway(settings: Settings, directory: Path, gateway: str, n: int, 
         raise RuntimeError(f"the gateway answered with adapter modes {served.adapters}, not {llm.mode} throughout")
     matrix = OfflineFeatures(dataset.data, crm.spec).matrix(samples)
     served_crm = [c["crm"] for c in served.components]
-    require_crm_agreement(crm_agreement(samples, served_crm, [sigmoid(x) for x in crm.logits(matrix)]))
+    require_crm_agreement(crm_agreement(samples, served_crm, crm.logits(matrix)))
     rows = FitRows.of([s.label for s in samples], [c["llm"] for c in served.components], served_crm, matrix,
                       crm.spec.names)
     stacking, report = fit_combiner(rows, seed, term_sets)

@@ -37,7 +37,6 @@ from service.din import load_crm
 from service.ingest import require_store_holds
 from service.personalize import BankManifest, MetaBank
 from service.prompt import load_codec
-from service.recommend import sigmoid
 from service.routing import BASE, AdapterRegistry
 from service.shipped import install_shipped
 
@@ -166,7 +165,7 @@ def components_of(settings: Settings, dataset: Dataset, samples: list[Sample], s
     check = None
     if crm is not None:
         check = crm_agreement([samples[i] for i in scored], [served.components[i]["crm"] for i in scored],
-                              [sigmoid(x) for x in crm.logits(matrix[scored])])
+                              crm.logits(matrix[scored]))
         require_crm_agreement(check)
     components = component_report(samples, served, matrix[:, names.index("u_n")], matrix[:, names.index("i_n")])
     return components, check

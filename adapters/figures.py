@@ -10,6 +10,7 @@ import numpy as np
 from adapters.gateway_scores import GatewayScores
 from adapters.samples import Sample
 from adapters.train import metrics
+from service.recommend import sigmoid
 
 AGREEMENT = 0.01  # mean |served - offline| above which the two computations disagree
 # The CRM's served and offline features are the same numbers (tests/service/test_features.py), so its scores
@@ -30,8 +31,10 @@ def agreement(samples: Sequence[Sample], served: Sequence[float], offline: Seque
                        "served": float(served[i]), "offline": float(offline[i])} for i in worst]}
 
 
-def crm_agreement(samples: Sequence[Sample], served: Sequence[float], offline: Sequence[float]) -> dict:
-    """The CRM's served probability of each sample against the trainer's on the raw files."""
+def crm_agreement(samples: Sequence[Sample], served: Sequence[float], offline_logits: Sequence[float]) -> dict:
+    """The CRM's served probability of each sample against the CRM's logit on the raw files, made a probability
+    as the gateway makes it."""
+    offline = [sigmoid(float(x)) for x in offline_logits]
     delta = np.abs(np.asarray(served, dtype=np.float64) - np.asarray(offline, dtype=np.float64))
     differ = np.flatnonzero(delta > CRM_AGREEMENT)
     worst = differ[np.argsort(-delta[differ], kind="stable")][:5]

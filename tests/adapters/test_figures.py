@@ -12,6 +12,7 @@ import pytest
 from adapters.figures import crm_agreement, require_crm_agreement
 from adapters.samples import Sample
 from service.ingest import read_movielens
+from service.recommend import sigmoid
 from tests.utils.stack import ML100K, REPO
 
 
@@ -21,17 +22,19 @@ def _samples(n: int) -> list[Sample]:
 
 
 def test_equal_crm_scores_agree():
-    scores = [0.1, 0.5, 0.73]
-    check = crm_agreement(_samples(3), scores, list(scores))
+    logits = [-2.0, 0.0, 1.0]
+    check = crm_agreement(_samples(3), [sigmoid(x) for x in logits], logits)
     assert check["agree"] and check["differ"] == 0 and check["max_abs_delta_p"] == 0.0
     require_crm_agreement(check)
 
 
 def test_one_sample_scored_from_other_features_refuses_the_figures_naming_it():
-    served, offline = [0.1, 0.5, 0.73, 0.2], [0.1, 0.5, 0.73 + 1e-6, 0.2]
-    check = crm_agreement(_samples(4), served, offline)
+    logits = [-2.0, 0.0, 1.0, -1.5]
+    served = [sigmoid(x) for x in logits]
+    served[2] += 1e-6
+    check = crm_agreement(_samples(4), served, logits)
     assert not check["agree"] and check["differ"] == 1
-    assert check["worst"][0]["user_id"] == "2" and check["worst"][0]["offline"] == offline[2]
+    assert check["worst"][0]["user_id"] == "2" and check["worst"][0]["offline"] == sigmoid(logits[2])
     with pytest.raises(RuntimeError, match="1 of 4 samples"):
         require_crm_agreement(check)
 
